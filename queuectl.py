@@ -52,6 +52,8 @@ DEFAULTS = {
     "output-limit": 1048576,  # bytes of output kept per attempt (the end is kept)
     "max-rescues": 5,  # a job whose worker was lost this many times goes to the DLQ
     "kill-grace": 2.0,  # seconds between SIGTERM and SIGKILL when a job is killed
+    "retention": 0.0,  # purge completed/cancelled jobs older than this many seconds (0 = keep forever)
+    "webhook-url": "",  # POST a JSON event here whenever a job ends
 }
 
 PRIORITIES = {"high": 1, "medium": 2, "low": 3}
@@ -60,6 +62,8 @@ PRIORITY_NAMES = {v: k for k, v in PRIORITIES.items()}
 BUSY_TIMEOUT = 5.0  # seconds a command waits for a locked database
 HOUSEKEEPING_INTERVAL = 2.0  # how often idle workers and supervisors rescue lost jobs
 STOP_WAIT = 60.0  # how long `worker stop` waits for running jobs before a cold stop
+DASHBOARD_HOST = "127.0.0.1"  # `dashboard` and `up` listen here unless told otherwise
+DASHBOARD_PORT = 5000
 MAX_COMMAND_BYTES = 131071  # Linux MAX_ARG_STRLEN minus the terminating NUL
 MAX_ID_LENGTH = 128
 ID_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:@+-]*$")
@@ -74,6 +78,7 @@ EXIT_NOT_FOUND = 3
 EXIT_CONFLICT = 4
 EXIT_DB = 74  # EX_IOERR: database missing, corrupt, read-only, disk full
 EXIT_BUSY = 75  # EX_TEMPFAIL: database locked for longer than the busy timeout; retry later
+EXIT_TIMEOUT = 124  # `wait --timeout` ran out (as timeout(1) does)
 
 ###############################################################################
 # Errors
@@ -122,20 +127,28 @@ class JobState(str, enum.Enum):
     COMPLETED = "completed"
     FAILED = "failed"  # failed, will be retried at run_at
     DEAD = "dead"  # in the dead letter queue
+    WAITING = "waiting"  # waits for the jobs it depends on (--after)
+    CANCELLED = "cancelled"  # cancelled by a user, or a job it depended on failed for good
 
     def __str__(self):
         return self.value
 
 
 STATES = [s.value for s in JobState]
+#: States a job never leaves by itself.
+FINAL_STATES = ("completed", "dead", "cancelled")
+#: States in which a job still holds its unique key.
+ACTIVE_STATES = ("pending", "processing", "failed", "waiting")
 
 #: Allowed state transitions; the store refuses anything else.
 TRANSITIONS = {
-    JobState.PENDING: {JobState.PROCESSING},
-    JobState.FAILED: {JobState.PROCESSING},
-    JobState.PROCESSING: {JobState.COMPLETED, JobState.FAILED, JobState.DEAD, JobState.PENDING},
+    JobState.WAITING: {JobState.PENDING, JobState.CANCELLED},
+    JobState.PENDING: {JobState.PROCESSING, JobState.CANCELLED},
+    JobState.FAILED: {JobState.PROCESSING, JobState.CANCELLED},
+    JobState.PROCESSING: {JobState.COMPLETED, JobState.FAILED, JobState.DEAD, JobState.PENDING, JobState.CANCELLED},
     JobState.DEAD: {JobState.PENDING},
     JobState.COMPLETED: set(),
+    JobState.CANCELLED: set(),
 }
 
 
@@ -144,7 +157,8 @@ def can_transition(old, new):
 
 
 #: Job fields a user may give at enqueue time, with their JSON types.
-JOB_FIELDS = ("id", "command", "priority", "timeout", "max_retries", "run_at", "delay", "cwd", "env")
+JOB_FIELDS = ("id", "command", "priority", "timeout", "max_retries", "run_at", "delay", "cwd", "env", "queue",
+              "after", "unique_key", "webhook")
 
 
 @dataclasses.dataclass
@@ -171,11 +185,17 @@ class Job:
     env: dict = None
     queue: str = "default"
     seq: int = None
+    unique_key: str = None
+    webhook: str = None
+    schedule: str = None  # the schedule that enqueued it
+    cancel_requested: int = 0
+    after: list = None  # ids of the jobs it depends on (filled in by Store.get)
 
     @classmethod
     def from_row(cls, row):
         data = dict(row)
         data["env"] = json.loads(data["env"]) if data.get("env") else None
+        data["after"] = json.loads(data["after_ids"]) if data.get("after_ids") else None
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in names})
 
@@ -206,6 +226,10 @@ class Job:
             "last_error": self.last_error,
             "cwd": self.cwd,
             "env": self.env or {},
+            "unique_key": self.unique_key,
+            "webhook": self.webhook,
+            "schedule": self.schedule,
+            "after": self.after or [],
         }
 
 
@@ -219,7 +243,7 @@ class Attempt:
     pid: int = None
     ended_at: float = None
     exit_code: int = None
-    outcome: str = None  # completed | failed | timeout | error | lost | stopped
+    outcome: str = None  # completed | failed | timeout | error | lost | stopped | cancelled
     error: str = None
     output: str = ""
     output_bytes: int = 0  # bytes the attempt wrote in all (output keeps the end)
@@ -309,6 +333,126 @@ def effective_timeout(job, cfg):
     return float(cfg["job-timeout"]) or None
 
 
+# --- cron ----------------------------------------------------------------------------
+
+CRON_ALIASES = {
+    "@yearly": "0 0 1 1 *", "@annually": "0 0 1 1 *", "@monthly": "0 0 1 * *", "@weekly": "0 0 * * 0",
+    "@daily": "0 0 * * *", "@midnight": "0 0 * * *", "@hourly": "0 * * * *",
+}
+CRON_FIELDS = (  # name, low, high, names
+    ("minute", 0, 59, None),
+    ("hour", 0, 23, None),
+    ("day of month", 1, 31, None),
+    ("month", 1, 12, ["jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec"]),
+    ("day of week", 0, 7, ["sun", "mon", "tue", "wed", "thu", "fri", "sat"]),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Cron:
+    """A parsed five-field cron expression (Vixie cron semantics)."""
+
+    minutes: frozenset
+    hours: frozenset
+    days: frozenset
+    months: frozenset
+    weekdays: frozenset  # 0 = Sunday
+    any_day: bool  # day-of-month field was *
+    any_weekday: bool  # day-of-week field was *
+
+    @classmethod
+    def parse(cls, text):
+        if not isinstance(text, str):
+            raise InvalidInput("cron expression must be a string")
+        expr = CRON_ALIASES.get(text.strip().lower(), text.strip())
+        if expr.startswith("@"):
+            raise InvalidInput("unknown cron alias %s (known: %s)" % (_short(text), ", ".join(CRON_ALIASES)))
+        parts = expr.split()
+        if len(parts) != 5:
+            raise InvalidInput("cron expression %s must have 5 fields (minute hour day month weekday)" % _short(text))
+        sets = [_cron_field(p, *spec) for p, spec in zip(parts, CRON_FIELDS)]
+        weekdays = frozenset(d % 7 for d in sets[4])
+        return cls(sets[0], sets[1], sets[2], sets[3], weekdays, parts[2] == "*", parts[4] == "*")
+
+    def day_matches(self, d):
+        dom = d.day in self.days
+        dow = (d.isoweekday() % 7) in self.weekdays
+        if self.any_day or self.any_weekday:
+            return dom and dow
+        return dom or dow  # both restricted: either one matches, as in Vixie cron
+
+    def next_after(self, ts, tz=None):
+        """The first tick strictly after epoch ``ts``, evaluated in time zone ``tz`` (default UTC)."""
+        tz = tz or datetime.timezone.utc
+        t = datetime.datetime.fromtimestamp(ts, tz).replace(tzinfo=None, second=0, microsecond=0)
+        t += datetime.timedelta(minutes=1)
+        limit = t + datetime.timedelta(days=366 * 8)
+        while t < limit:
+            if t.month not in self.months:
+                t = (t.replace(day=1) + datetime.timedelta(days=32)).replace(day=1, hour=0, minute=0)
+            elif not self.day_matches(t):
+                t = (t + datetime.timedelta(days=1)).replace(hour=0, minute=0)
+            elif t.hour not in self.hours:
+                t = (t + datetime.timedelta(hours=1)).replace(minute=0)
+            elif t.minute not in self.minutes:
+                t += datetime.timedelta(minutes=1)
+            else:
+                when = t.replace(tzinfo=tz).timestamp()
+                if when > ts:
+                    return when
+                t += datetime.timedelta(minutes=1)  # a repeated wall-clock hour (DST) maps to the past
+        raise InvalidInput("cron expression never fires")
+
+
+def _cron_field(text, name, lo, hi, names):
+    values = set()
+    for item in text.lower().split(","):
+        m = re.match(r"^(\*|[a-z0-9]+(?:-[a-z0-9]+)?)(?:/(\d+))?$", item)
+        if not m:
+            raise InvalidInput("bad cron %s field %s" % (name, _short(text)))
+        span, step = m.group(1), int(m.group(2) or 1)
+        if step < 1:
+            raise InvalidInput("bad cron %s step in %s" % (name, _short(text)))
+        if span == "*":
+            a, b = lo, hi if name != "day of week" else 6
+        else:
+            bounds = [_cron_value(v, name, lo, hi, names) for v in span.split("-")]
+            a, b = bounds[0], bounds[-1]
+            if m.group(2) and len(bounds) == 1:
+                b = hi
+            if a > b:
+                raise InvalidInput("bad cron %s range %s" % (name, _short(span)))
+        values.update(range(a, b + 1, step))
+    return frozenset(values)
+
+
+def _cron_value(text, name, lo, hi, names):
+    if names and text[:3] in names and not text.isdigit():
+        return names.index(text[:3]) + (1 if name == "month" else 0)
+    if not text.isdigit() or not lo <= int(text) <= hi:
+        raise InvalidInput("cron %s value %s is out of range %d-%d" % (name, _short(text), lo, hi))
+    return int(text)
+
+
+def resolve_tz(name):
+    """'UTC', 'local' or an IANA name (needs the system's time zone database)."""
+    if name in (None, "", "UTC", "utc", "Z"):
+        return datetime.timezone.utc
+    if name == "local":
+        return datetime.datetime.now().astimezone().tzinfo
+    try:
+        import zoneinfo
+
+        return zoneinfo.ZoneInfo(name)
+    except Exception:
+        raise InvalidInput("unknown time zone %s (use UTC, local, or a name like Europe/Berlin)" % _short(name))
+
+
+def schedule_next_run(schedule, after):
+    """Next tick of a stored schedule (a dict with cron and tz) strictly after ``after``."""
+    return Cron.parse(schedule["cron"]).next_after(after, resolve_tz(schedule["tz"]))
+
+
 def new_job_id():
     return "".join(secrets.choice(ID_ALPHABET) for _ in range(10))
 
@@ -330,6 +474,8 @@ def validate_job(spec, cfg, now, cwd=None):
     unknown = sorted(set(spec) - set(JOB_FIELDS))
     if unknown:
         raise InvalidInput("unknown job field %r (allowed: %s)" % (unknown[0], ", ".join(JOB_FIELDS)))
+    for name, value in spec.items():
+        _check_strings(value, name)
     job = {}
     jid = spec.get("id")
     if jid is None:
@@ -388,23 +534,137 @@ def validate_job(spec, cfg, now, cwd=None):
         if not isinstance(env, dict):
             raise InvalidInput("field 'env' must be an object of strings, got %s" % _json_type(env))
         for k, v in env.items():
-            if not ENV_NAME_RE.match(k):
+            if not ENV_NAME_RE.fullmatch(k):
                 raise InvalidInput("field 'env' has an invalid variable name %s" % _short(k))
             if not isinstance(v, str) or "\x00" in v:
                 raise InvalidInput("field 'env' value of %s must be a string without NUL bytes" % k)
     job["env"] = env or None
+    queue = spec.get("queue")
+    job["queue"] = "default" if queue is None else validate_name(queue, "queue")
+    job["after"] = validate_after(spec.get("after"))
+    key = spec.get("unique_key")
+    if key is not None and (not isinstance(key, str) or not key or len(key) > 200 or "\x00" in key):
+        raise InvalidInput("field 'unique_key' must be a string of 1-200 characters without NUL bytes")
+    job["unique_key"] = key
+    job["webhook"] = None if spec.get("webhook") is None else validate_url(spec["webhook"], "field 'webhook'")
     return job
 
 
-def validate_id(value, what="job id"):
+def _is_utf8(text):
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+def _check_strings(value, field):
+    """Every string in a job field must be valid UTF-8 (JSON can smuggle in lone surrogates)."""
+    if isinstance(value, str):
+        if not _is_utf8(value):
+            raise InvalidInput("field '%s' is not valid UTF-8 text" % field)
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _check_strings(k, field)
+            _check_strings(v, field)
+    elif isinstance(value, list):
+        for v in value:
+            _check_strings(v, field)
+
+
+def validate_id(value, what="job id", field="id"):
     if not isinstance(value, str):
-        raise InvalidInput("field 'id' must be a string, got %s" % _json_type(value))
-    if not value or len(value) > MAX_ID_LENGTH or not ID_RE.match(value):
+        raise InvalidInput("field '%s' must be a string, got %s" % (field, _json_type(value)))
+    if not value or len(value) > MAX_ID_LENGTH or not ID_RE.fullmatch(value):
         raise InvalidInput(
             "invalid %s %s: use 1-%d letters, digits and _.:@+- (not starting with one of .:@+-)"
             % (what, _short(value), MAX_ID_LENGTH)
         )
     return value
+
+
+def validate_name(value, what):
+    """Queue and schedule names follow the job id rules, at most 64 characters."""
+    validate_id(value, what + " name", field=what)
+    if len(value) > 64:
+        raise InvalidInput("%s name %s is longer than 64 characters" % (what, _short(value)))
+    return value
+
+
+def validate_after(value):
+    """``after``: job ids as a list or a comma-separated string -> list of unique ids."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        value = [v.strip() for v in value.split(",") if v.strip()]
+    if not isinstance(value, list):
+        raise InvalidInput("field 'after' must be a list of job ids or a comma-separated string")
+    if len(value) > 100:
+        raise InvalidInput("field 'after' names more than 100 jobs")
+    ids = []
+    for v in value:
+        validate_id(v, "job id in 'after'", field="after")
+        if v not in ids:
+            ids.append(v)
+    return ids
+
+
+def validate_url(value, what):
+    from urllib.parse import urlsplit
+
+    if not isinstance(value, str) or len(value) > 2000 or any(c.isspace() or ord(c) < 32 for c in value):
+        raise InvalidInput("%s must be an http:// or https:// URL" % what)
+    try:
+        parts = urlsplit(value)
+    except ValueError:
+        parts = None
+    if parts is None or parts.scheme not in ("http", "https") or not parts.netloc:
+        raise InvalidInput("%s must be an http:// or https:// URL, got %s" % (what, _short(value)))
+    return value
+
+
+def _dependency_order(jobs):
+    """Order a batch so each job comes after the batch jobs it depends on.
+
+    Raises InvalidInput on a cycle (a job that would wait for itself)."""
+    if not any(j.get("after") for j in jobs):
+        return list(jobs)
+    by_id = {j["id"]: j for j in jobs if j.get("id")}
+    order, done, active = [], set(), set()
+    for root in jobs:
+        stack = [(root, iter(root.get("after") or []))]
+        if id(root) in done:
+            continue
+        active.add(id(root))
+        while stack:
+            job, deps = stack[-1]
+            dep = next(deps, None)
+            if dep is None:
+                stack.pop()
+                active.discard(id(job))
+                if id(job) not in done:
+                    done.add(id(job))
+                    order.append(job)
+                continue
+            child = by_id.get(dep)
+            if child is None or id(child) in done:
+                continue
+            if id(child) in active:
+                raise InvalidInput("dependency cycle in 'after' involving job %s" % dep)
+            active.add(id(child))
+            stack.append((child, iter(child.get("after") or [])))
+    return order
+
+
+DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_duration(text):
+    """'90', '1.5', '90s', '15m', '12h', '7d', '2w' -> seconds (float); ValueError otherwise."""
+    m = re.match(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([smhdw]?)\s*$", str(text).lower())
+    if not m:
+        raise ValueError("not a duration such as 30, 90s, 15m, 12h, 7d")
+    return float(m.group(1)) * DURATION_UNITS.get(m.group(2) or "s", 1)
 
 
 def _json_type(v):
@@ -422,7 +682,7 @@ def _short(v, n=40):
 
 def _validate_number(key, text, kind, lo, hi, lo_open=False):
     try:
-        value = int(text) if kind is int else float(text)
+        value = int(text) if kind is int else parse_duration(text)
     except (TypeError, ValueError):
         raise InvalidInput("config %s must be %s, got %s" % (key, "an integer" if kind is int else "a number", _short(text)))
     if value != value or value in (float("inf"), float("-inf")) or value < lo or (lo_open and value == lo) or value > hi:
@@ -441,6 +701,9 @@ CONFIG_RULES = {
     "output-limit": (int, 1024, 64 * 1048576, False, "bytes of output kept per attempt (the end is kept)"),
     "max-rescues": (int, 0, 1000, False, "lost runs (dead worker, forced stop) before a job goes to the DLQ"),
     "kill-grace": (float, 0, 600, False, "seconds between SIGTERM and SIGKILL when a job is killed"),
+    "retention": (float, 0, 10 * 366 * 86400, False,
+                  "completed and cancelled jobs older than this are purged automatically (0 = keep)"),
+    "webhook-url": (str, None, None, False, "URL that gets a JSON POST when any job ends (empty = none)"),
 }
 
 
@@ -455,6 +718,8 @@ def validate_config(key, value):
     """Return ``(key, value)`` normalised, or raise InvalidInput; nothing is written."""
     k = normalize_config_key(key)
     kind, lo, hi, lo_open, _ = CONFIG_RULES[k]
+    if kind is str:
+        return k, "" if str(value).strip() in ("", "none") else validate_url(str(value), "config " + k)
     return k, _validate_number(k, value, kind, lo, hi, lo_open)
 
 
@@ -582,9 +847,68 @@ class Store:
         """Wake-up addresses of up to ``n`` idle workers on ``host``."""
         raise NotImplementedError
 
+    def wait_fds(self):
+        """File descriptors an idle worker also waits on: readable when work may
+        have arrived (PostgreSQL: the LISTEN connection).  [] when the backend
+        has no notifications of its own (SQLite: workers are woken by datagram)."""
+        return []
+
+    def consume_notifications(self):
+        """Read and discard what made ``wait_fds`` readable; True if anything did."""
+        return False
+
+    # --- dashboard and monitoring reads (bounded cost at any number of jobs) ---------
+
+    def jobs_page(self, state=None, id_prefix=None, limit=50, after=None):
+        """One page of jobs, for browsing a queue of any size.
+
+        Without ``id_prefix``: jobs (of ``state`` if given) newest first, by
+        ``(updated_at, seq)`` descending; ``after`` is the ``(updated_at, seq)``
+        of the last job of the previous page (keyset pagination: no OFFSET).
+        With ``id_prefix``: jobs whose id starts with it (case-sensitive), in
+        id order, served by the id index; ``after`` is the last id of the
+        previous page.  Returns ``(jobs, more)``: at most ``limit`` Jobs and
+        whether another page follows.  The cost depends on ``limit`` (and on
+        how many ids share the prefix), never on the total number of jobs.
+        """
+        raise NotImplementedError
+
+    def oldest_due(self, now):
+        """``run_at`` of the job that has waited longest among those due at
+        ``now`` (pending, or failed and awaiting its retry), or None.  ``now -
+        oldest_due(now)`` is the queue latency.  Index-served."""
+        raise NotImplementedError
+
+    def stats_minutes(self, since, until):
+        """Per-minute outcome totals of finished attempts for epoch minutes
+        ``since..until`` (inclusive; a minute is ``int(epoch_seconds // 60)``),
+        summed over queues: dicts with ``minute``, ``outcome``, ``count``,
+        ``run_sum`` and ``wait_sum`` (seconds), ordered by minute.  Minutes
+        without finished attempts are absent."""
+        raise NotImplementedError
+
+    def attempt_totals(self):
+        """Lifetime totals of finished attempts, one dict per (queue, outcome):
+        ``queue``, ``outcome``, ``count``, ``duration_sum`` (seconds) and
+        ``buckets``, a list of ``(upper_bound, cumulative_count)`` over
+        DURATION_BUCKETS ending with ``(inf, count)``.  Counters: deleting or
+        purging jobs never makes them go down."""
+        raise NotImplementedError
+
+    def retry_all_dead(self, now, reset_attempts=False):
+        """Move every dead job back to pending, as ``retry_dead`` does for one,
+        in one transaction.  A job that cannot move (another active job holds
+        its unique key) stays dead.  Returns ``(retried, skipped)`` counts."""
+        raise NotImplementedError
+
     def close(self):
         raise NotImplementedError
 
+
+#: Upper bounds, in seconds, of the job duration histogram (``/metrics``); +Inf is implied.
+DURATION_BUCKETS = (0.1, 0.5, 1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 3600.0)
+_DURATION = "MAX(0.0, COALESCE(NEW.ended_at, NEW.started_at) - NEW.started_at)"
+_BUCKET = "CASE %s ELSE 1e999 END" % " ".join("WHEN {d} <= %r THEN %r" % (b, b) for b in DURATION_BUCKETS)
 
 SCHEMA = [
     # 1: the initial schema
@@ -668,31 +992,181 @@ SCHEMA = [
             ON CONFLICT(state) DO UPDATE SET n = n + 1;
     END;
     """,
+    # 2: named queues with limits, dependencies, unique keys, cancel, webhooks, schedules
+    """
+    ALTER TABLE jobs ADD COLUMN unique_key TEXT;
+    ALTER TABLE jobs ADD COLUMN webhook TEXT;
+    ALTER TABLE jobs ADD COLUMN schedule TEXT;
+    ALTER TABLE jobs ADD COLUMN after_ids TEXT;
+    ALTER TABLE jobs ADD COLUMN cancel_requested INTEGER NOT NULL DEFAULT 0;
+    CREATE UNIQUE INDEX jobs_unique_key ON jobs(unique_key)
+        WHERE unique_key IS NOT NULL AND state IN ('pending', 'processing', 'failed', 'waiting');
+    CREATE INDEX jobs_queue_ready ON jobs(queue, priority, run_at, seq) WHERE state IN ('pending', 'failed');
+    CREATE INDEX jobs_running ON jobs(queue) WHERE state = 'processing';
+    CREATE TABLE queues (
+        name TEXT PRIMARY KEY,
+        max_running INTEGER,
+        paused INTEGER NOT NULL DEFAULT 0
+    );
+    INSERT INTO queues (name) SELECT DISTINCT queue FROM jobs;
+    CREATE TABLE job_deps (
+        job_id TEXT NOT NULL,
+        depends_on TEXT NOT NULL,
+        PRIMARY KEY (job_id, depends_on)
+    ) WITHOUT ROWID;
+    CREATE INDEX job_deps_reverse ON job_deps(depends_on);
+    CREATE TABLE schedules (
+        name TEXT PRIMARY KEY,
+        cron TEXT NOT NULL,
+        tz TEXT NOT NULL,
+        spec TEXT NOT NULL,
+        missed TEXT NOT NULL,
+        overlap TEXT NOT NULL,
+        paused INTEGER NOT NULL DEFAULT 0,
+        next_run REAL NOT NULL,
+        last_run REAL,
+        last_job TEXT,
+        created_at REAL NOT NULL
+    );
+    CREATE TABLE webhooks (
+        id INTEGER PRIMARY KEY,
+        url TEXT NOT NULL,
+        payload TEXT NOT NULL,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        next_at REAL NOT NULL,
+        lease_until REAL,
+        last_error TEXT,
+        created_at REAL NOT NULL,
+        delivered_at REAL
+    );
+    CREATE INDEX webhooks_due ON webhooks(next_at) WHERE delivered_at IS NULL;
+    """,
+    # 3: lifetime attempt totals and a duration histogram (/metrics); deleting jobs never lowers them
+    """
+    CREATE TABLE attempt_totals (
+        queue TEXT NOT NULL,
+        outcome TEXT NOT NULL,
+        count INTEGER NOT NULL,
+        duration_sum REAL NOT NULL,
+        PRIMARY KEY (queue, outcome)
+    ) WITHOUT ROWID;
+    CREATE TABLE attempt_durations (
+        queue TEXT NOT NULL,
+        outcome TEXT NOT NULL,
+        le REAL NOT NULL,
+        count INTEGER NOT NULL,
+        PRIMARY KEY (queue, outcome, le)
+    ) WITHOUT ROWID;
+    INSERT INTO attempt_totals (queue, outcome, count, duration_sum)
+        SELECT COALESCE(j.queue, 'default'), a.outcome, count(*), SUM({old_duration})
+        FROM attempts a LEFT JOIN jobs j ON j.id = a.job_id WHERE a.outcome IS NOT NULL GROUP BY 1, 2;
+    INSERT INTO attempt_durations (queue, outcome, le, count)
+        SELECT q, outcome, le, count(*) FROM (
+            SELECT COALESCE(j.queue, 'default') AS q, a.outcome AS outcome, {old_bucket} AS le
+            FROM attempts a LEFT JOIN jobs j ON j.id = a.job_id WHERE a.outcome IS NOT NULL
+        ) GROUP BY q, outcome, le;
+    CREATE TRIGGER attempts_totals AFTER UPDATE OF outcome ON attempts
+    WHEN OLD.outcome IS NULL AND NEW.outcome IS NOT NULL BEGIN
+        INSERT INTO attempt_totals (queue, outcome, count, duration_sum)
+            VALUES (COALESCE((SELECT queue FROM jobs WHERE id = NEW.job_id), 'default'), NEW.outcome, 1, {duration})
+            ON CONFLICT(queue, outcome) DO UPDATE SET count = count + 1,
+                duration_sum = duration_sum + excluded.duration_sum;
+        INSERT INTO attempt_durations (queue, outcome, le, count)
+            VALUES (COALESCE((SELECT queue FROM jobs WHERE id = NEW.job_id), 'default'), NEW.outcome, {bucket}, 1)
+            ON CONFLICT(queue, outcome, le) DO UPDATE SET count = count + 1;
+    END;
+    """.format(duration=_DURATION, bucket=_BUCKET.format(d=_DURATION),
+               old_duration=_DURATION.replace("NEW.", "a."),
+               old_bucket=_BUCKET.format(d=_DURATION.replace("NEW.", "a."))),
 ]
 
 JOB_COLUMNS = (
     "seq, id, command, state, priority, queue, timeout, max_retries, attempts, runs, rescues, run_at, "
-    "created_at, updated_at, started_at, finished_at, worker_id, lease_until, exit_code, last_error, cwd, env"
+    "created_at, updated_at, started_at, finished_at, worker_id, lease_until, exit_code, last_error, cwd, env, "
+    "unique_key, webhook, schedule, after_ids, cancel_requested"
 )
 
 SQL_INSERT_JOB = """
-INSERT INTO jobs (id, command, state, priority, timeout, max_retries, run_at, created_at, updated_at, cwd, env)
-VALUES (:id, :command, 'pending', :priority, :timeout, :max_retries, :run_at, :now, :now, :cwd, :env)
+INSERT INTO jobs (id, command, state, priority, queue, timeout, max_retries, run_at, created_at, updated_at, cwd, env,
+                  unique_key, webhook, schedule, after_ids)
+VALUES (:id, :command, :state, :priority, :queue, :timeout, :max_retries, :run_at, :now, :now, :cwd, :env,
+        :unique_key, :webhook, :schedule, :after_ids)
+"""
+SQL_ADD_QUEUE = "INSERT INTO queues (name) VALUES (:queue) ON CONFLICT(name) DO NOTHING"
+SQL_INSERT_DEP = "INSERT OR IGNORE INTO job_deps (job_id, depends_on) VALUES (:id, :dep)"
+SQL_STATES_OF = "SELECT id, state, exit_code FROM jobs WHERE id IN (SELECT value FROM json_each(:ids))"
+SQL_BY_UNIQUE_KEY = """
+SELECT id FROM jobs WHERE unique_key = :key AND state IN ('pending', 'processing', 'failed', 'waiting')
+"""
+SQL_LIMITED_QUEUES = "SELECT name, max_running, paused FROM queues WHERE paused = 1 OR max_running IS NOT NULL"
+SQL_RUNNING_BY_QUEUE = "SELECT queue, count(*) FROM jobs WHERE state = 'processing' GROUP BY queue"
+SQL_QUEUE_NAMES = "SELECT name FROM queues"
+SQL_CLAIM_SELECT_QUEUE = """
+SELECT seq, priority, run_at FROM jobs INDEXED BY jobs_queue_ready
+WHERE state IN ('pending', 'failed') AND queue = :queue AND run_at <= :now
+ORDER BY priority, run_at, seq LIMIT 1
 """
 SQL_CLAIM = """
 UPDATE jobs SET state = 'processing', worker_id = :worker, lease_until = :lease_until,
        attempts = attempts + 1, runs = runs + 1, started_at = :now, updated_at = :now, finished_at = NULL
-WHERE seq = (SELECT seq FROM jobs WHERE state IN ('pending', 'failed') AND run_at <= :now
+WHERE seq = (SELECT seq FROM jobs INDEXED BY jobs_ready WHERE state IN ('pending', 'failed') AND run_at <= :now
              ORDER BY priority, run_at, seq LIMIT 1)
 RETURNING """ + JOB_COLUMNS
 SQL_CLAIM_SELECT = """
-SELECT seq FROM jobs WHERE state IN ('pending', 'failed') AND run_at <= :now
+SELECT seq FROM jobs INDEXED BY jobs_ready WHERE state IN ('pending', 'failed') AND run_at <= :now
 ORDER BY priority, run_at, seq LIMIT 1
 """
 SQL_CLAIM_UPDATE = """
 UPDATE jobs SET state = 'processing', worker_id = :worker, lease_until = :lease_until,
        attempts = attempts + 1, runs = runs + 1, started_at = :now, updated_at = :now, finished_at = NULL
 WHERE seq = :seq
+"""
+SQL_JOB_BY_SEQ = "SELECT " + JOB_COLUMNS + " FROM jobs WHERE seq = :seq"
+SQL_DEPENDENTS_WAITING = """
+SELECT d.job_id FROM job_deps d JOIN jobs j ON j.id = d.job_id WHERE d.depends_on = :id AND j.state = 'waiting'
+"""
+SQL_DROP_EDGES_TO = "DELETE FROM job_deps WHERE depends_on = :id"
+SQL_DROP_EDGES_FROM = "DELETE FROM job_deps WHERE job_id = :id"
+SQL_RELEASE_IF_READY = """
+UPDATE jobs SET state = 'pending', updated_at = :now
+WHERE id = :id AND state = 'waiting' AND NOT EXISTS (SELECT 1 FROM job_deps WHERE job_id = :id)
+"""
+SQL_CANCEL_JOB = """
+UPDATE jobs SET state = 'cancelled', last_error = :error, finished_at = :now, updated_at = :now,
+       worker_id = NULL, lease_until = NULL
+WHERE id = :id AND state IN ('pending', 'failed', 'waiting')
+"""
+SQL_REQUEST_CANCEL = "UPDATE jobs SET cancel_requested = 1 WHERE id = :id AND state = 'processing'"
+SQL_CANCEL_REQUESTED = "SELECT cancel_requested FROM jobs WHERE id = :id AND runs = :n"
+SQL_WEBHOOK_INSERT = """
+INSERT INTO webhooks (url, payload, next_at, created_at) VALUES (:url, :payload, :now, :now)
+"""
+SQL_WEBHOOKS_DUE = """
+SELECT id, url, payload, attempts FROM webhooks
+WHERE delivered_at IS NULL AND next_at <= :now AND (lease_until IS NULL OR lease_until < :now)
+ORDER BY next_at LIMIT :limit
+"""
+SQL_WEBHOOK_LEASE = "UPDATE webhooks SET lease_until = :lease_until WHERE id = :id"
+SQL_WEBHOOK_DONE = """
+UPDATE webhooks SET attempts = attempts + 1, delivered_at = :delivered, last_error = :error,
+       next_at = COALESCE(:next_at, next_at), lease_until = NULL
+WHERE id = :id
+"""
+SQL_WEBHOOK_ANY_DUE = "SELECT 1 FROM webhooks WHERE delivered_at IS NULL AND next_at <= :now LIMIT 1"
+SQL_SCHEDULE_INSERT = """
+INSERT INTO schedules (name, cron, tz, spec, missed, overlap, paused, next_run, created_at)
+VALUES (:name, :cron, :tz, :spec, :missed, :overlap, 0, :next_run, :now)
+"""
+SQL_SCHEDULES = """
+SELECT s.*, j.state AS last_state FROM schedules s LEFT JOIN jobs j ON j.id = s.last_job ORDER BY s.name
+"""
+SQL_SCHEDULES_DUE = "SELECT * FROM schedules WHERE paused = 0 AND next_run <= :now ORDER BY next_run"
+SQL_SCHEDULE_ADVANCE = """
+UPDATE schedules SET next_run = :next_run, last_run = COALESCE(:last_run, last_run), last_job = COALESCE(:job, last_job)
+WHERE name = :name
+"""
+SQL_PURGE_IDS = """
+SELECT id FROM jobs WHERE state = :state AND updated_at < :before ORDER BY updated_at LIMIT :limit
 """
 SQL_INSERT_ATTEMPT = """
 INSERT INTO attempts (job_id, n, worker_id, host, started_at) VALUES (:id, :n, :worker, :host, :now)
@@ -767,6 +1241,33 @@ SQL_WORKER_DELETE = "DELETE FROM workers WHERE id = :worker"
 SQL_WORKERS = "SELECT * FROM workers ORDER BY started_at, id"
 SQL_WORKER_HEARTBEAT = "UPDATE workers SET heartbeat_at = :now WHERE id = :worker"
 SQL_WAKE = "SELECT wake FROM workers WHERE host = :host AND state = 'idle' AND wake IS NOT NULL LIMIT :n"
+# Dashboard reads: keyset pages on the (updated_at, seq) indexes, id-prefix search on the id index.
+SQL_PAGE_ALL = (
+    "SELECT " + JOB_COLUMNS + " FROM jobs WHERE (updated_at, seq) < (:updated_at, :seq) "
+    "ORDER BY updated_at DESC, seq DESC LIMIT :limit"
+)
+SQL_PAGE_STATE = (
+    "SELECT " + JOB_COLUMNS + " FROM jobs WHERE state = :state AND (updated_at, seq) < (:updated_at, :seq) "
+    "ORDER BY updated_at DESC, seq DESC LIMIT :limit"
+)
+SQL_PAGE_PREFIX = (
+    "SELECT " + JOB_COLUMNS + " FROM jobs WHERE id >= :start AND id < :stop ORDER BY id LIMIT :limit"
+)
+SQL_PAGE_PREFIX_STATE = (  # +state: walk the id index, never the state index
+    "SELECT " + JOB_COLUMNS + " FROM jobs WHERE id >= :start AND id < :stop AND +state = :state "
+    "ORDER BY id LIMIT :limit"
+)
+SQL_OLDEST_DUE = """
+SELECT run_at FROM jobs WHERE state IN ('pending', 'failed') AND priority = :priority AND run_at <= :now
+ORDER BY run_at LIMIT 1
+"""
+SQL_STATS_RANGE = """
+SELECT minute, outcome, SUM(count) AS count, SUM(run_sum) AS run_sum, SUM(wait_sum) AS wait_sum
+FROM stats WHERE minute BETWEEN :since AND :until GROUP BY minute, outcome ORDER BY minute, outcome
+"""
+SQL_ATTEMPT_TOTALS = "SELECT queue, outcome, count, duration_sum FROM attempt_totals ORDER BY queue, outcome"
+SQL_ATTEMPT_DURATIONS = "SELECT queue, outcome, le, count FROM attempt_durations ORDER BY queue, outcome, le"
+SQL_DEAD_IDS = "SELECT id FROM jobs WHERE state = 'dead' ORDER BY updated_at, seq"
 
 
 def default_db_path():
@@ -848,6 +1349,8 @@ class SqliteStore(Store):
             return
         if self.readonly:
             raise DatabaseError("database %s is read-only and needs a schema upgrade" % self.path)
+        if version == 0 and self.conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]:
+            raise DatabaseError("%s is an SQLite database but not a queuectl one; refusing to modify it" % self.path)
         if version == 0 and self.path != ":memory:":
             with contextlib.suppress(sqlite3.OperationalError):  # another process may be creating it
                 self.conn.execute("PRAGMA journal_mode = WAL")
@@ -903,37 +1406,82 @@ class SqliteStore(Store):
 
     # --- jobs ---------------------------------------------------------------------
 
-    def enqueue(self, jobs, now):
+    def enqueue(self, jobs, now, existing=None):
         ids = []
+        batch = {}  # id -> state, for dependencies inside this batch
+        keys = {}  # unique_key -> id, inside this batch
+        order = _dependency_order(jobs)
         with self._tx() as conn:
-            for job in jobs:
-                row = dict(job, now=now, env=json.dumps(job["env"]) if job.get("env") else None)
+            queues = set()
+            for job in order:
+                key = job.get("unique_key")
+                if key is not None:
+                    hit = keys.get(key) or conn.execute(SQL_BY_UNIQUE_KEY, {"key": key}).fetchone()
+                    if hit:
+                        job["_result"] = hit if isinstance(hit, str) else hit[0]
+                        if existing is not None:
+                            existing.append(job["_result"])
+                        continue
+                state = "pending"
+                for dep in job.get("after") or []:
+                    dep_state = batch.get(dep)
+                    if dep_state is None:
+                        row = conn.execute("SELECT state FROM jobs WHERE id = :id", {"id": dep}).fetchone()
+                        if row is None:
+                            raise NotFound("job %s depends on %s, which does not exist" % (
+                                job.get("id") or "to enqueue", _short(dep)))
+                        dep_state = row[0]
+                    if dep_state in ("dead", "cancelled"):
+                        raise Conflict("job %s depends on %s, which is %s" % (job.get("id") or "to enqueue", dep, dep_state))
+                    if dep_state != "completed":
+                        state = "waiting"
+                row = dict(job, now=now, state=state, env=json.dumps(job["env"]) if job.get("env") else None,
+                           after_ids=json.dumps(job["after"]) if job.get("after") else None)
+                row.setdefault("queue", "default")
+                for name in ("unique_key", "webhook", "schedule"):
+                    row.setdefault(name, None)
                 given = row.get("id")
                 for _ in range(20):
                     row["id"] = given or new_job_id()
                     try:
                         conn.execute(SQL_INSERT_JOB, row)
                         break
-                    except sqlite3.IntegrityError:
+                    except sqlite3.IntegrityError as e:
+                        if "unique_key" in str(e):  # pragma: no cover - guarded by the lookup above
+                            raise Conflict("unique key %s is taken" % _short(key)) from None
                         if given:
                             raise Conflict("a job with id %s already exists" % _short(given)) from None
                 else:  # pragma: no cover - 20 collisions of 50-bit random ids
                     raise QueuectlError("could not generate a unique job id")
-                ids.append(row["id"])
+                if state == "waiting":  # an edge for each dependency that has not completed yet
+                    for dep in job["after"]:
+                        conn.execute(SQL_INSERT_DEP, {"id": row["id"], "dep": dep})
+                    conn.execute("DELETE FROM job_deps WHERE job_id = :id AND depends_on IN "
+                                 "(SELECT id FROM jobs WHERE state = 'completed')", {"id": row["id"]})
+                batch[row["id"]] = state
+                if key is not None:
+                    keys[key] = row["id"]
+                if row["queue"] not in queues:
+                    queues.add(row["queue"])
+                    conn.execute(SQL_ADD_QUEUE, row)
+                job["_result"] = row["id"]
+        for job in jobs:
+            ids.append(job.pop("_result"))
         return ids
 
-    def claim(self, worker_id, host, now, lease):
+    def claim(self, worker_id, host, now, lease, queues=None):
         params = {"worker": worker_id, "now": now, "lease_until": now + lease, "host": host}
         with self._tx() as conn:
-            if self._has_returning:
-                rows = conn.execute(SQL_CLAIM, params).fetchall()
+            limited = conn.execute(SQL_LIMITED_QUEUES).fetchall()
+            if not limited and not queues and self._has_returning:
+                rows = conn.execute(SQL_CLAIM, params).fetchall()  # the common case: one statement
                 row = rows[0] if rows else None
-            else:  # pragma: no cover - SQLite before 3.35
-                hit = conn.execute(SQL_CLAIM_SELECT, params).fetchone()
+            else:
+                seq = self._pick(conn, params, limited, queues)
                 row = None
-                if hit:
-                    conn.execute(SQL_CLAIM_UPDATE, dict(params, seq=hit[0]))
-                    row = conn.execute("SELECT " + JOB_COLUMNS + " FROM jobs WHERE seq = ?", (hit[0],)).fetchone()
+                if seq is not None:
+                    conn.execute(SQL_CLAIM_UPDATE, dict(params, seq=seq))
+                    row = conn.execute(SQL_JOB_BY_SEQ, {"seq": seq}).fetchone()
             if row is None:
                 conn.execute(SQL_WORKER_STATE, {"state": "idle", "job": None, "now": now, "worker": worker_id})
                 return None
@@ -941,6 +1489,25 @@ class SqliteStore(Store):
             conn.execute(SQL_INSERT_ATTEMPT, {"id": job.id, "n": job.runs, "worker": worker_id, "host": host, "now": now})
             conn.execute(SQL_WORKER_STATE, {"state": "busy", "job": job.id, "now": now, "worker": worker_id})
         return job
+
+    @staticmethod
+    def _pick(conn, params, limited, queues):
+        """The next due job's seq among the queues this worker may take from now (paused and
+        full queues left out), using the per-queue index: one lookup per queue."""
+        running = dict(conn.execute(SQL_RUNNING_BY_QUEUE).fetchall()) if limited else {}
+        blocked = {name for name, cap, paused in limited if paused or (cap is not None and running.get(name, 0) >= cap)}
+        if not blocked and not queues:
+            hit = conn.execute(SQL_CLAIM_SELECT, params).fetchone()
+            return hit[0] if hit else None
+        names = queues or [r[0] for r in conn.execute(SQL_QUEUE_NAMES)]
+        best = None
+        for name in names:
+            if name in blocked:
+                continue
+            hit = conn.execute(SQL_CLAIM_SELECT_QUEUE, dict(params, queue=name)).fetchone()
+            if hit and (best is None or (hit[1], hit[2], hit[0]) < (best[1], best[2], best[0])):
+                best = hit
+        return best[0] if best else None
 
     def started(self, job_id, run, pid):
         with self._tx() as conn:
@@ -977,7 +1544,40 @@ class SqliteStore(Store):
             started = row["started_at"] or now
             conn.execute(SQL_STATS, {"minute": int(now // 60), "queue": row["queue"], "outcome": outcome,
                                      "run": now - started, "wait": max(0.0, started - row["run_at"])})
+            if state.value in FINAL_STATES:
+                self._ended(conn, job_id, state.value, now)
         return True
+
+    def _ended(self, conn, job_id, state, now):
+        """A job reached a final state: release or cancel its dependents, queue webhooks."""
+        self._queue_webhook(conn, job_id, now)
+        dependents = [r[0] for r in conn.execute(SQL_DEPENDENTS_WAITING, {"id": job_id})]
+        conn.execute(SQL_DROP_EDGES_TO, {"id": job_id})
+        for dep in dependents:
+            if state == "completed":
+                conn.execute(SQL_RELEASE_IF_READY, {"id": dep, "now": now})
+            elif conn.execute(SQL_CANCEL_JOB, {"id": dep, "now": now,
+                                                "error": "dependency %s ended %s" % (job_id, state)}).rowcount:
+                conn.execute(SQL_DROP_EDGES_FROM, {"id": dep})
+                self._ended(conn, dep, "cancelled", now)
+
+    def _queue_webhook(self, conn, job_id, now):
+        row = conn.execute(SQL_GET_JOB, {"id": job_id}).fetchone()
+        if row is None:
+            return
+        urls = [row["webhook"]]
+        glob = conn.execute("SELECT value FROM config WHERE key = 'webhook-url'").fetchone()
+        if glob:
+            urls.append(json.loads(glob[0]))
+        urls = [u for i, u in enumerate(urls) if u and u not in urls[:i]]
+        if not urls:
+            return
+        job = Job.from_row(row)
+        doc = job.to_dict()
+        doc.pop("env", None)  # may hold secrets
+        payload = json.dumps({"event": "job." + job.state, "job": doc, "sent_by": "queuectl " + __version__})
+        for url in urls:
+            conn.execute(SQL_WEBHOOK_INSERT, {"url": url, "payload": payload, "now": now})
 
     def release(self, job_id, run, worker_id, now, reason):
         p = {"id": job_id, "n": run, "worker": worker_id, "now": now, "state": "pending", "lost": 1,
@@ -1022,6 +1622,8 @@ class SqliteStore(Store):
                 conn.execute(SQL_LOSE_ATTEMPT, p)
                 conn.execute(SQL_STATS, {"minute": int(now // 60), "queue": row["queue"], "outcome": "lost",
                                          "run": 0.0, "wait": 0.0})
+                if state == "dead":
+                    self._ended(conn, row["id"], state, now)
                 rescued.append(row["id"])
             for worker_id in dead:
                 conn.execute(SQL_WORKER_DELETE, {"worker": worker_id})
@@ -1030,6 +1632,9 @@ class SqliteStore(Store):
     def get(self, job_id):
         row = self._read(SQL_GET_JOB, {"id": job_id}, one=True)
         return Job.from_row(row) if row else None
+
+    def states_of(self, job_ids):
+        return {r[0]: (r[1], r[2]) for r in self._read(SQL_STATES_OF, {"ids": json.dumps(list(job_ids))})}
 
     def attempts(self, job_id, with_output=False):
         sql = SQL_ATTEMPTS.format(output=", output" if with_output else "")
@@ -1057,7 +1662,10 @@ class SqliteStore(Store):
 
     def retry_dead(self, job_id, now, reset_attempts=False):
         with self._tx() as conn:
-            cur = conn.execute(SQL_RETRY_DEAD, {"id": job_id, "now": now, "reset": bool(reset_attempts)})
+            try:
+                cur = conn.execute(SQL_RETRY_DEAD, {"id": job_id, "now": now, "reset": bool(reset_attempts)})
+            except sqlite3.IntegrityError:
+                raise Conflict("job %s cannot be retried: another active job holds its unique key" % job_id) from None
             if cur.rowcount == 1:
                 return True
             row = conn.execute("SELECT state FROM jobs WHERE id = :id", {"id": job_id}).fetchone()
@@ -1072,9 +1680,195 @@ class SqliteStore(Store):
         deleted = 0
         with self._tx() as conn:
             for s in states:
+                orphans = [r[0] for r in conn.execute(
+                    "SELECT DISTINCT d.job_id FROM job_deps d JOIN jobs p ON p.id = d.depends_on "
+                    "WHERE p.state = :state", {"state": s})]
                 conn.execute(SQL_DELETE_ATTEMPTS_STATE, {"state": s})
                 deleted += conn.execute(SQL_DELETE_JOBS_STATE, {"state": s}).rowcount
+                self._drop_dependencies_on_deleted(conn, orphans)
         return deleted
+
+    def _drop_dependencies_on_deleted(self, conn, dependents, now=None):
+        """Jobs that waited on deleted jobs can never run: cancel them, saying why."""
+        now = time.time() if now is None else now
+        for dep in dependents:
+            gone = [r[0] for r in conn.execute(
+                "SELECT depends_on FROM job_deps WHERE job_id = :id AND depends_on NOT IN (SELECT id FROM jobs)",
+                {"id": dep})]
+            if gone and conn.execute(SQL_CANCEL_JOB, {"id": dep, "now": now,
+                                                       "error": "dependency %s was deleted" % gone[0]}).rowcount:
+                conn.execute(SQL_DROP_EDGES_FROM, {"id": dep})
+                self._ended(conn, dep, "cancelled", now)
+        conn.execute("DELETE FROM job_deps WHERE job_id NOT IN (SELECT id FROM jobs)")
+
+    def purge(self, states, before, batch=1000):
+        """Delete jobs in ``states`` (final states only) last updated before ``before``, with their
+        attempts, in batches of ``batch`` per transaction so workers are never held up long.
+        Statistics are kept.  Returns the number deleted."""
+        total = 0
+        for state in states:
+            if state not in FINAL_STATES:
+                raise InvalidInput("only finished jobs can be purged (%s), not %s" % (", ".join(FINAL_STATES), state))
+            while True:
+                with self._tx() as conn:
+                    ids = [r[0] for r in conn.execute(SQL_PURGE_IDS, {"state": state, "before": before, "limit": batch})]
+                    if ids:
+                        doc = json.dumps(ids)
+                        conn.execute("DELETE FROM attempts WHERE job_id IN (SELECT value FROM json_each(:ids))", {"ids": doc})
+                        conn.execute("DELETE FROM jobs WHERE id IN (SELECT value FROM json_each(:ids))", {"ids": doc})
+                total += len(ids)
+                if len(ids) < batch:
+                    break
+        return total
+
+    # --- cancel --------------------------------------------------------------------
+
+    def cancel(self, job_id, now):
+        """Cancel a job: a waiting, pending or failed one at once (returns 'cancelled'); a
+        running one is flagged for its worker, which kills the process tree and records
+        the job as cancelled (returns 'requested').  Dependents of a cancelled job are
+        cancelled too.  NotFound / Conflict (already finished) otherwise."""
+        with self._tx() as conn:
+            if conn.execute(SQL_CANCEL_JOB, {"id": job_id, "now": now, "error": "cancelled by a user"}).rowcount:
+                conn.execute(SQL_DROP_EDGES_FROM, {"id": job_id})
+                self._ended(conn, job_id, "cancelled", now)
+                return "cancelled"
+            if conn.execute(SQL_REQUEST_CANCEL, {"id": job_id}).rowcount:
+                return "requested"
+            row = conn.execute("SELECT state FROM jobs WHERE id = :id", {"id": job_id}).fetchone()
+        if row is None:
+            raise NotFound("no job with id %s" % _short(job_id))
+        raise Conflict("job %s is already %s" % (job_id, row[0]))
+
+    def cancel_requested(self, job_id, run):
+        """True when a user asked to cancel this run of the job."""
+        row = self._read(SQL_CANCEL_REQUESTED, {"id": job_id, "n": run}, one=True)
+        return bool(row and row[0])
+
+    # --- queues ----------------------------------------------------------------------
+
+    def queues(self):
+        """Every known queue: name, max_running (None = no limit), paused, and job counts by state."""
+        rows = self._read("SELECT name, max_running, paused FROM queues ORDER BY name")
+        counts = {}
+        for queue, state, n in self._read(
+                "SELECT queue, state, count(*) FROM jobs WHERE state IN ('pending', 'processing', 'failed', 'waiting') "
+                "GROUP BY queue, state"):
+            counts.setdefault(queue, {})[state] = n
+        return [{"name": r["name"], "max_running": r["max_running"], "paused": bool(r["paused"]),
+                 "counts": counts.get(r["name"], {})} for r in rows]
+
+    def set_queue(self, name, max_running=False, paused=None):
+        """Create or change a queue: ``max_running`` (None = no limit; False = leave as is),
+        ``paused`` (None = leave as is).  Running jobs are never affected."""
+        with self._tx() as conn:
+            conn.execute(SQL_ADD_QUEUE, {"queue": name})
+            if max_running is not False:
+                conn.execute("UPDATE queues SET max_running = :m WHERE name = :q", {"m": max_running, "q": name})
+            if paused is not None:
+                conn.execute("UPDATE queues SET paused = :p WHERE name = :q", {"p": int(bool(paused)), "q": name})
+
+    # --- schedules -------------------------------------------------------------------
+
+    def add_schedule(self, name, cron, tz, spec, missed, overlap, next_run, now):
+        """Store a recurring schedule; Conflict if the name is taken."""
+        with self._tx() as conn:
+            try:
+                conn.execute(SQL_SCHEDULE_INSERT, {"name": name, "cron": cron, "tz": tz, "spec": json.dumps(spec),
+                                                   "missed": missed, "overlap": overlap, "next_run": next_run,
+                                                   "now": now})
+            except sqlite3.IntegrityError:
+                raise Conflict("a schedule named %s already exists" % _short(name)) from None
+
+    def schedules(self):
+        """Every schedule as a dict (spec decoded), with the state of its last job."""
+        out = []
+        for r in self._read(SQL_SCHEDULES):
+            d = dict(r)
+            d["spec"] = json.loads(d["spec"])
+            d["paused"] = bool(d["paused"])
+            out.append(d)
+        return out
+
+    def remove_schedule(self, name):
+        with self._tx() as conn:
+            if not conn.execute("DELETE FROM schedules WHERE name = :n", {"n": name}).rowcount:
+                raise NotFound("no schedule named %s" % _short(name))
+
+    def pause_schedule(self, name, paused, next_run=None):
+        """Pause or resume a schedule (resuming sets the next run, so paused ticks are not 'missed')."""
+        with self._tx() as conn:
+            cur = conn.execute("UPDATE schedules SET paused = :p, next_run = COALESCE(:next_run, next_run) "
+                               "WHERE name = :n", {"p": int(paused), "n": name, "next_run": next_run})
+            if not cur.rowcount:
+                raise NotFound("no schedule named %s" % _short(name))
+
+    def fire_schedules(self, now, next_run, cfg):
+        """Enqueue one job for each due schedule tick, exactly once however many processes
+        call this (one transaction), then advance each schedule with ``next_run(schedule,
+        after)``.  Applies the missed-tick policy (a tick over 60 s late: 'skip' drops it,
+        'once' runs one job for all missed ticks) and the overlap policy ('skip' enqueues
+        nothing while the previous job is unfinished).  Returns the new job ids."""
+        created = []
+        if self._read("SELECT 1 FROM schedules WHERE paused = 0 AND next_run <= :now LIMIT 1", {"now": now},
+                      one=True) is None:
+            return created
+        with self._tx() as conn:
+            for s in conn.execute(SQL_SCHEDULES_DUE, {"now": now}).fetchall():
+                tick = s["next_run"]
+                upcoming = next_run(dict(s), now)
+                job_id = None
+                late = now - tick > 60
+                busy = False
+                if s["overlap"] == "skip" and s["last_job"]:
+                    prev = conn.execute("SELECT state FROM jobs WHERE id = :id", {"id": s["last_job"]}).fetchone()
+                    busy = prev is not None and prev[0] in ACTIVE_STATES
+                if not busy and not (late and s["missed"] == "skip"):
+                    spec = dict(json.loads(s["spec"]))
+                    spec["id"] = "%s.%s" % (s["name"], time.strftime("%Y%m%dT%H%MZ", time.gmtime(tick)))
+                    if conn.execute("SELECT 1 FROM jobs WHERE id = :id", {"id": spec["id"]}).fetchone():
+                        spec["id"] += "." + new_job_id()[:4]
+                    job = validate_job(spec, cfg, now, cwd=spec.get("cwd") or "/")
+                    job["schedule"] = s["name"]
+                    job_id = self._insert_in_tx(conn, job, now)
+                    if job_id:
+                        created.append(job_id)
+                conn.execute(SQL_SCHEDULE_ADVANCE, {"name": s["name"], "next_run": upcoming,
+                                                    "last_run": tick if job_id else None, "job": job_id})
+        return created
+
+    def _insert_in_tx(self, conn, job, now):
+        row = dict(job, now=now, state="pending", env=json.dumps(job["env"]) if job.get("env") else None,
+                   after_ids=None)
+        if row.get("unique_key") and conn.execute(SQL_BY_UNIQUE_KEY, {"key": row["unique_key"]}).fetchone():
+            return None
+        conn.execute(SQL_INSERT_JOB, row)
+        conn.execute(SQL_ADD_QUEUE, row)
+        return row["id"]
+
+    # --- webhooks --------------------------------------------------------------------
+
+    def webhooks_due(self, now):
+        """True when a webhook delivery is due."""
+        return self._read(SQL_WEBHOOK_ANY_DUE, {"now": now}, one=True) is not None
+
+    def claim_webhooks(self, now, limit, lease):
+        """Take up to ``limit`` due webhook deliveries for ``lease`` seconds."""
+        if not self.webhooks_due(now):
+            return []
+        with self._tx() as conn:
+            rows = [dict(r) for r in conn.execute(SQL_WEBHOOKS_DUE, {"now": now, "limit": limit})]
+            for r in rows:
+                conn.execute(SQL_WEBHOOK_LEASE, {"id": r["id"], "lease_until": now + lease})
+        return rows
+
+    def webhook_result(self, delivery_id, now, error=None, next_at=None):
+        """Record a delivery: delivered (no error), retry at ``next_at``, or given up (neither)."""
+        with self._tx() as conn:
+            conn.execute(SQL_WEBHOOK_DONE, {"id": delivery_id, "error": error, "next_at": next_at,
+                                            "delivered": now if error is None else None})
+            if error is not None and next_at is None:  # given up: keep the row, stop retrying
+                conn.execute("UPDATE webhooks SET delivered_at = -1 WHERE id = :id", {"id": delivery_id})
 
     # --- configuration ---------------------------------------------------------------
 
@@ -1108,6 +1902,56 @@ class SqliteStore(Store):
     def wake_addresses(self, host, n):
         return [r[0] for r in self._read(SQL_WAKE, {"host": host, "n": n})]
 
+    # --- dashboard and monitoring reads ---------------------------------------------
+
+    def jobs_page(self, state=None, id_prefix=None, limit=50, after=None):
+        p = {"limit": int(limit) + 1, "state": str(state) if state else None}
+        if id_prefix:
+            if not re.match(r"^[A-Za-z0-9_.:@+-]{1,%d}$" % MAX_ID_LENGTH, id_prefix):
+                return [], False  # no id can start with it
+            p["start"] = max(id_prefix, after + "\x00") if after else id_prefix
+            p["stop"] = id_prefix[:-1] + chr(ord(id_prefix[-1]) + 1)
+            rows = self._read(SQL_PAGE_PREFIX_STATE if state else SQL_PAGE_PREFIX, p)
+        else:
+            p["updated_at"], p["seq"] = after if after else (float("inf"), 2 ** 63 - 1)
+            rows = self._read(SQL_PAGE_STATE if state else SQL_PAGE_ALL, p)
+        return [Job.from_row(r) for r in rows[:limit]], len(rows) > limit
+
+    def oldest_due(self, now):
+        found = [r[0] for r in (self._read(SQL_OLDEST_DUE, {"priority": prio, "now": now}, one=True)
+                                for prio in sorted(set(PRIORITIES.values()))) if r]
+        return min(found) if found else None
+
+    def stats_minutes(self, since, until):
+        return [dict(r) for r in self._read(SQL_STATS_RANGE, {"since": int(since), "until": int(until)})]
+
+    def attempt_totals(self):
+        buckets = {}
+        for r in self._read(SQL_ATTEMPT_DURATIONS):
+            buckets.setdefault((r["queue"], r["outcome"]), {})[r["le"]] = r["count"]
+        out = []
+        for r in self._read(SQL_ATTEMPT_TOTALS):
+            per_bucket = buckets.get((r["queue"], r["outcome"]), {})
+            cumulative, running = [], 0
+            for le in DURATION_BUCKETS:
+                running += per_bucket.get(le, 0)
+                cumulative.append((le, running))
+            cumulative.append((float("inf"), r["count"]))
+            out.append({"queue": r["queue"], "outcome": r["outcome"], "count": r["count"],
+                        "duration_sum": r["duration_sum"], "buckets": cumulative})
+        return out
+
+    def retry_all_dead(self, now, reset_attempts=False):
+        retried = skipped = 0
+        with self._tx() as conn:
+            for (job_id,) in conn.execute(SQL_DEAD_IDS).fetchall():
+                try:
+                    retried += conn.execute(SQL_RETRY_DEAD, {"id": job_id, "now": now,
+                                                             "reset": bool(reset_attempts)}).rowcount
+                except sqlite3.IntegrityError:  # its unique key is held by an active job
+                    skipped += 1
+        return retried, skipped
+
     def close(self):
         with contextlib.suppress(Exception):
             self.conn.close()
@@ -1133,10 +1977,37 @@ def _split_sql(script):
     return statements
 
 
+def is_db_url(db):
+    """Is ``db`` a PostgreSQL URL (postgresql://... or postgres://...) rather than an SQLite file?"""
+    return bool(re.match(r"^postgres(ql)?://", str(db or "")))
+
+
+def db_location(db):
+    """A database as processes pass it on: a file's absolute path, or the URL unchanged."""
+    return str(db) if is_db_url(db) else os.path.abspath(db)
+
+
+def db_label(db):
+    """A database as it is shown: a file's absolute path, or the URL without its password."""
+    if not is_db_url(db):
+        return os.path.abspath(db)
+    url = re.sub(r"^(postgres(?:ql)?://[^:/@?#]*):[^@/?#]*@", r"\1:***@", str(db))
+    return re.sub(r"([?&]password=)[^&#]*", r"\1***", url)
+
+
 def open_store(db, create=True):
-    """Open the store named by a path (SQLite) or a URL."""
-    if re.match(r"^postgres(ql)?://", db or ""):
-        raise InvalidInput("PostgreSQL URLs are not supported by this build yet")
+    """Open the store named by a path (SQLite) or a postgresql:// URL (queuectl_pg, imported only then)."""
+    if is_db_url(db):
+        if __name__ != "queuectl":  # run as a script: let queuectl_pg's `import queuectl` find this module
+            sys.modules.setdefault("queuectl", sys.modules[__name__])
+        try:
+            import queuectl_pg
+        except ImportError as e:
+            if getattr(e, "name", None) == "queuectl_pg":
+                raise QueuectlError("this queuectl has no PostgreSQL support (queuectl_pg.py is missing)") from None
+            raise QueuectlError("PostgreSQL needs the psycopg driver (%s): pip install 'queuectl[postgres]', "
+                                "or build the .pyz with ./build.sh --with-postgres" % e) from None
+        return queuectl_pg.PostgresStore(db, create=create)
     return SqliteStore(db, create=create)
 
 
@@ -1293,7 +2164,7 @@ def run_command(job, timeout, output_limit, kill_grace, events):
     """Run one job's command in its own session and process group.
 
     ``events`` is an object with ``poll_fds()`` (extra fds to wake on),
-    ``on_start(pid)``, ``tick(now, output_buffer) -> None | 'stop' | 'lost'``
+    ``on_start(pid)``, ``tick(now, output_buffer) -> None | 'stopped' | 'lost' | 'cancelled'``
     (called on wake-ups and at least every ``events.interval`` seconds).  A
     timeout, a stop or a lost lease kills the whole group: SIGTERM, then
     SIGKILL after ``kill_grace`` seconds.
@@ -1351,10 +2222,9 @@ def run_command(job, timeout, output_limit, kill_grace, events):
             if stream_open and fd in ready:
                 stream_open = _drain(fd, buf)
             verdict = events.tick(time.time(), buf)
-            if verdict in ("stop", "lost"):
+            if verdict in VERDICTS:
                 _terminate(proc, kill_grace)
-                result = RunResult("stopped" if verdict == "stop" else "lost", proc.returncode,
-                                   "stopped by a forced worker stop" if verdict == "stop" else "lease lost")
+                result = RunResult(verdict, proc.returncode, VERDICTS[verdict])
                 break
         if stream_open:
             _drain(fd, buf)
@@ -1373,6 +2243,14 @@ def run_command(job, timeout, output_limit, kill_grace, events):
     result.output = buf.text()
     result.output_bytes = buf.total
     return result
+
+
+#: What a monitor may ask of a running job -> the error recorded for it.
+VERDICTS = {
+    "stopped": "stopped by a forced worker stop",
+    "lost": "lease lost",
+    "cancelled": "cancelled by a user; process group killed",
+}
 
 
 def _drain(fd, buf):
@@ -1408,7 +2286,9 @@ def _terminate(proc, grace):
 # Worker and supervisor
 ###############################################################################
 
-HOST = socket.gethostname()
+#: This machine's identity in worker records and attempts.  QUEUECTL_HOST overrides it (tests run
+#: workers of several "machines" on one host; only workers of the same host are judged by pid).
+HOST = os.environ.get("QUEUECTL_HOST") or socket.gethostname()
 
 
 def wake_address(db_path, worker_id):
@@ -1447,9 +2327,10 @@ class Worker:
     for a cold stop (kill the job's process group, give the job back).
     """
 
-    def __init__(self, db_path, store=None, supervisor_pid=None, poll_interval=None, burst=False):
+    def __init__(self, db_path, store=None, supervisor_pid=None, poll_interval=None, burst=False, queues=None):
         self.db_path = db_path
         self.burst = burst
+        self.queues = queues or None  # serve only these queues (None = all)
         self.store = store or open_store(db_path)
         self.pid = os.getpid()
         self.id = "%s-%d-%s" % (HOST, self.pid, secrets.token_hex(2))
@@ -1475,13 +2356,19 @@ class Worker:
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
 
     def wake_fds(self):
+        return self._local_wake_fds() + self.store.wait_fds()
+
+    def _local_wake_fds(self):
         return [self._wake_r] + ([self._sock.fileno()] if self._sock else [])
 
     def drain_wakeups(self):
-        for fd in self.wake_fds():
+        """Empty the wake-up pipe and socket, and the store's notifications; True if anything woke us."""
+        woken = False
+        for fd in self._local_wake_fds():
             with contextlib.suppress(OSError):
                 while os.read(fd, 4096):
-                    pass
+                    woken = True
+        return self.store.consume_notifications() or woken
 
     def _open_wake_socket(self):
         addr = wake_address(self.db_path, self.id)
@@ -1503,9 +2390,13 @@ class Worker:
         return self.cfg
 
     def register(self):
+        # A store with its own notifications (LISTEN/NOTIFY) starts listening here, before the first
+        # claim, and needs no wake-up socket.
+        notified = bool(self.store.wait_fds())
         self.store.register_worker({
             "id": self.id, "host": HOST, "pid": self.pid, "pid_started": process_started_at(self.pid),
-            "supervisor_pid": self.supervisor_pid, "now": time.time(), "wake": self._open_wake_socket(),
+            "supervisor_pid": self.supervisor_pid, "now": time.time(),
+            "wake": None if notified else self._open_wake_socket(),
         })
 
     def run(self):
@@ -1542,7 +2433,7 @@ class Worker:
             if now - self._beat_at >= lease / 3.0:
                 self._beat_at = now
                 self.store.heartbeat(self.id, now=now)
-            job = self.store.claim(self.id, HOST, now, lease)
+            job = self.store.claim(self.id, HOST, now, lease, queues=self.queues)
         except DatabaseBusy as e:
             log.warning("worker %s: %s", self.id, e)
             return False
@@ -1574,6 +2465,8 @@ class Worker:
             return
         if result.outcome == "completed":
             state, retry_at = JobState.COMPLETED, None
+        elif result.outcome == "cancelled":
+            state, retry_at = JobState.CANCELLED, None
         else:
             state, retry_at = after_failure(job, cfg, now)
         ok = self._retrying(lambda: self.store.finish(
@@ -1609,6 +2502,7 @@ class JobMonitor:
         self.interval = max(0.05, min(lease / 3.0, 1.0))
         self.next_beat = time.time() + lease / 3.0
         self.flushed_at = time.time()
+        self.checked_at = time.time()
 
     def poll_fds(self):
         return self.worker.wake_fds()
@@ -1618,10 +2512,16 @@ class JobMonitor:
             self.worker.store.started(self.job.id, self.job.runs, pid)
 
     def tick(self, now, buf):
-        """Called on every wake-up; returns None, 'stop' (cold stop) or 'lost' (lease gone)."""
-        self.worker.drain_wakeups()
+        """Called on every wake-up; returns None, 'stopped' (cold stop), 'lost' (lease gone)
+        or 'cancelled' (a user cancelled the job; `queuectl cancel` also sends a wake-up)."""
+        woken = self.worker.drain_wakeups()
         if self.worker.stop_level >= 2:
-            return "stop"
+            return "stopped"
+        if woken or now - self.checked_at >= 1.0:
+            self.checked_at = now
+            with contextlib.suppress(DatabaseBusy):
+                if self.worker.store.cancel_requested(self.job.id, self.job.runs):
+                    return "cancelled"
         flush = buf.dirty and now - self.flushed_at >= 1.0
         if now < self.next_beat and not flush:
             return None
@@ -1646,17 +2546,21 @@ def _one_line(text, n):
 
 class Supervisor:
     """Runs ``count`` worker processes (forked), restarts any that die, rescues
-    their jobs at once, and passes stop requests on to them."""
+    their jobs at once, and passes stop requests on to them.  It also does the
+    housekeeping no single worker should block on: firing schedules, purging
+    old jobs (``retention``), and starting a webhook sender when deliveries are due."""
 
-    def __init__(self, db_path, count, poll_interval=None, burst=False):
+    def __init__(self, db_path, count, poll_interval=None, burst=False, queues=None):
         self.db_path = db_path
         self.burst = burst
         self.count = count
         self.poll_interval = poll_interval
-        self.children = {}  # pid -> started (monotonic)
+        self.queues = queues
+        self.children = {}  # pid -> (started (monotonic), role: "worker" | "webhooks")
         self.stop_level = 0
         self.pid = os.getpid()
         self._failures = 0
+        self._purged_at = float("-inf")
 
     def _on_signal(self, signum, frame):
         if signum == signal.SIGQUIT:
@@ -1667,7 +2571,7 @@ class Supervisor:
             with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGQUIT if self.stop_level >= 2 else signal.SIGTERM)
 
-    def _spawn(self):
+    def _spawn(self, role="worker"):
         for stream in (sys.stdout, sys.stderr):  # or the child would write the parent's buffered text again
             with contextlib.suppress(Exception):
                 stream.flush()
@@ -1679,21 +2583,30 @@ class Supervisor:
                 for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGCHLD):
                     signal.signal(sig, signal.SIG_DFL)
                 signal.set_wakeup_fd(-1)
-                code = Worker(self.db_path, supervisor_pid=self.pid, poll_interval=self.poll_interval,
-                              burst=self.burst).run()
+                if role == "webhooks":
+                    code = WebhookSender(self.db_path, self.pid).run()
+                else:
+                    code = Worker(self.db_path, supervisor_pid=self.pid, poll_interval=self.poll_interval,
+                                  burst=self.burst, queues=self.queues).run()
             except QueuectlError as e:
-                log.error("worker: %s", e)
+                log.error("%s: %s", role, e)
             except BaseException:  # pragma: no cover - logged, then the supervisor restarts us
-                log.exception("worker crashed")
+                log.exception("%s crashed", role)
             finally:
                 logging.shutdown()
                 os._exit(code)
-        self.children[pid] = time.monotonic()
+        self.children[pid] = (time.monotonic(), role)
         return pid
+
+    def workers_running(self):
+        return sum(1 for _, role in self.children.values() if role == "worker")
 
     def run(self):
         store = open_store(self.db_path)
-        store.close()  # open once to create/migrate before forking; children open their own
+        try:
+            self.housekeeping(store, time.time())  # also creates/migrates the database before forking
+        finally:
+            store.close()  # children open their own connections
         r, w = os.pipe()
         os.set_blocking(r, False)
         os.set_blocking(w, False)
@@ -1704,9 +2617,9 @@ class Supervisor:
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
         for _ in range(self.count):
             self._spawn()
-        log.info("supervisor %d: started %d worker(s) on %s", self.pid, self.count, self.db_path)
+        log.info("supervisor %d: started %d worker(s) on %s", self.pid, self.count, db_label(self.db_path))
         store = open_store(self.db_path)
-        last_housekeeping = 0.0
+        last_housekeeping = time.time()
         restart_at = None
         announced = 0
         try:
@@ -1715,8 +2628,9 @@ class Supervisor:
                     announced = self.stop_level
                     log.info("supervisor %d: %s stop requested", self.pid, "cold" if announced >= 2 else "graceful")
                 self._reap(store)
+                now = time.time()
                 if self.stop_level == 0 and not self.burst:
-                    missing = self.count - len(self.children)
+                    missing = self.count - self.workers_running()
                     if missing > 0:
                         if restart_at is None:
                             restart_at = time.monotonic() + min(30.0, 0.1 * 2 ** min(self._failures, 8))
@@ -1724,11 +2638,9 @@ class Supervisor:
                             for _ in range(missing):
                                 self._spawn()
                             restart_at = None
-                    now = time.time()
-                    if now - last_housekeeping >= HOUSEKEEPING_INTERVAL:
-                        last_housekeeping = now
-                        with contextlib.suppress(QueuectlError):
-                            store.rescue(now, HOST, pid_alive, kill_lost_group)
+                if self.stop_level == 0 and now - last_housekeeping >= HOUSEKEEPING_INTERVAL:
+                    last_housekeeping = now
+                    self.housekeeping(store, now)
                 with contextlib.suppress(InterruptedError):
                     select.select([r], [], [], 0.5)
                 with contextlib.suppress(OSError):
@@ -1739,6 +2651,26 @@ class Supervisor:
         log.info("supervisor %d: all workers stopped", self.pid)
         return 0
 
+    def housekeeping(self, store, now):
+        """Rescue lost jobs, fire due schedules, purge old jobs, start the webhook sender."""
+        try:
+            store.rescue(now, HOST, pid_alive, kill_lost_group)
+            cfg = store.config()
+            created = store.fire_schedules(now, schedule_next_run, cfg)
+            if created:
+                log.info("schedules enqueued %s", ", ".join(created))
+                wake_workers(store, len(created))
+            retention = float(cfg.get("retention") or 0)
+            if retention and now - self._purged_at >= 60:
+                self._purged_at = now
+                n = store.purge(("completed", "cancelled"), now - retention)
+                if n:
+                    log.info("retention: purged %d job(s) finished more than %s ago", n, human_duration(retention))
+            if "webhooks" not in [role for _, role in self.children.values()] and store.webhooks_due(now):
+                self._spawn("webhooks")
+        except QueuectlError as e:
+            log.warning("supervisor: housekeeping: %s", e)
+
     def _reap(self, store):
         while True:
             try:
@@ -1747,8 +2679,8 @@ class Supervisor:
                 return
             if pid == 0:
                 return
-            started = self.children.pop(pid, None)
-            if started is None:
+            started, role = self.children.pop(pid, (None, None))
+            if started is None or role != "worker":
                 continue
             code = os.waitstatus_to_exitcode(status)
             if code != 0 or (self.stop_level == 0 and not self.burst):
@@ -1756,6 +2688,67 @@ class Supervisor:
                 self._failures = self._failures + 1 if time.monotonic() - started < 5 else 0
                 with contextlib.suppress(QueuectlError):
                     store.rescue(time.time(), HOST, pid_alive, kill_lost_group)
+
+
+class WebhookSender:
+    """Delivers queued webhook events (a JSON POST per finished job) from its own
+    process, so a slow or dead endpoint never holds up a worker.  Each delivery has
+    a short timeout and is retried with exponential backoff; the sender exits when
+    nothing has been due for a while (its supervisor starts a new one when needed)."""
+
+    TIMEOUT = 5.0
+    MAX_ATTEMPTS = 8
+    IDLE_EXIT = 30.0
+
+    def __init__(self, db_path, supervisor_pid):
+        self.store = open_store(db_path)
+        self.supervisor_pid = supervisor_pid
+        self.stop = False
+
+    def run(self):
+        import concurrent.futures
+
+        signal.signal(signal.SIGTERM, lambda s, f: setattr(self, "stop", True))
+        signal.signal(signal.SIGQUIT, lambda s, f: setattr(self, "stop", True))
+        idle_since = time.monotonic()
+        with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
+            while not self.stop and os.getppid() == self.supervisor_pid:
+                batch = self.store.claim_webhooks(time.time(), 16, self.TIMEOUT * 3)
+                if not batch:
+                    if time.monotonic() - idle_since > self.IDLE_EXIT:
+                        break
+                    time.sleep(0.5)
+                    continue
+                idle_since = time.monotonic()
+                for delivery, error in zip(batch, pool.map(self.post, batch)):
+                    now = time.time()
+                    attempt = delivery["attempts"] + 1
+                    if error is None:
+                        self.store.webhook_result(delivery["id"], now)
+                    elif attempt >= self.MAX_ATTEMPTS:
+                        log.warning("webhook %s: giving up after %d attempts: %s", delivery["url"], attempt, error)
+                        self.store.webhook_result(delivery["id"], now, error=error)
+                    else:
+                        self.store.webhook_result(delivery["id"], now, error=error, next_at=now + 2.0 ** attempt)
+        self.store.close()
+        return 0
+
+    def post(self, delivery):
+        """POST one event; None on a 2xx answer, else the error text."""
+        import urllib.error
+        import urllib.request
+
+        request = urllib.request.Request(
+            delivery["url"], data=delivery["payload"].encode(), method="POST",
+            headers={"Content-Type": "application/json", "User-Agent": "queuectl/" + __version__})
+        try:
+            with urllib.request.urlopen(request, timeout=self.TIMEOUT) as response:
+                response.read(65536)
+                return None
+        except urllib.error.HTTPError as e:
+            return "HTTP %d" % e.code
+        except Exception as e:  # noqa: BLE001 - any network failure is retried
+            return str(getattr(e, "reason", e)) or type(e).__name__
 
 
 def self_command():
@@ -1883,7 +2876,8 @@ def _fail(message, code):
 def build_parser():
     common = ArgParser(add_help=False)
     common.add_argument("--db", default=argparse.SUPPRESS, metavar="PATH",
-                        help="database file (default: $QUEUECTL_DB, else the per-user data directory)")
+                        help="database file, or a postgresql://USER@HOST/DB[?schema=NAME] URL "
+                             "(default: $QUEUECTL_DB, else the per-user data directory)")
     p = ArgParser(prog="queuectl", description="A background job queue for shell commands.",
                   epilog=EPILOG_MAIN, formatter_class=_Formatter, parents=[common])
     p.add_argument("--version", action="version", version="queuectl " + __version__)
@@ -1905,19 +2899,22 @@ def build_parser():
   queuectl enqueue @jobs.json
   printf '%s\\n' '{"command":"true"}' '{"command":"false"}' | queuectl enqueue -
 
-Prints the id of each job added, one per line.  Job fields: id, command,
-priority (high|medium|low), timeout, max_retries, run_at (RFC 3339),
-delay (seconds), cwd, env.  Options override the same fields in the JSON.""")
+  queuectl enqueue -q reports --after build1,build2 -- ./make-report.sh
+  queuectl enqueue --unique-key nightly-sync -- rsync -a /srv/ backup:/srv/
+
+Prints the id of each job added, one per line (for a --unique-key already
+queued: the id of the job that holds it).  Job fields: id, command, priority
+(high|medium|low), timeout, max_retries, run_at (RFC 3339), delay (seconds),
+cwd, env, queue, after, unique_key, webhook.  Options override the same fields
+in the JSON.  Durations take s/m/h/d/w suffixes (90, 90s, 15m, 2h).""")
     e.add_argument("spec", nargs="?", metavar="JOB",
                    help="a JSON object, @FILE (a JSON object, array or JSON Lines), or - (JSON Lines on stdin)")
-    e.add_argument("-p", "--priority", choices=list(PRIORITIES), help="high, medium (default) or low")
-    e.add_argument("-t", "--timeout", type=float, metavar="SECONDS", help="kill the job after this long")
+    add_job_options(e)
     e.add_argument("--id", dest="job_id", help="job id (default: generated)")
-    e.add_argument("-r", "--max-retries", type=int, metavar="N", help="retries after the first run")
-    e.add_argument("--delay", type=float, metavar="SECONDS", help="start no earlier than this many seconds from now")
+    e.add_argument("--delay", type=_duration_arg, metavar="DURATION", help="start no earlier than this from now")
     e.add_argument("--run-at", metavar="TIME", help="start no earlier than this RFC 3339 time")
-    e.add_argument("--cwd", metavar="DIR", help="working directory (default: the current one)")
-    e.add_argument("-e", "--env", action="append", metavar="NAME=VALUE", default=[], help="extra environment variable")
+    e.add_argument("-a", "--after", metavar="ID[,ID...]",
+                   help="wait until these jobs completed (cancelled if one ends dead or cancelled)")
 
     w = add("worker", "start, stop and inspect workers", """\
   queuectl worker start --count 3
@@ -1934,6 +2931,7 @@ delay (seconds), cwd, env.  Options override the same fields in the JSON.""")
     ws.add_argument("-c", "--count", type=int, default=1, metavar="N", help="number of workers (default 1)")
     ws.add_argument("-f", "--foreground", action="store_true",
                     help="run in the foreground until SIGTERM/Ctrl-C (twice: cold stop)")
+    ws.add_argument("-q", "--queue", metavar="NAME[,NAME...]", help="serve only these queues (default: all)")
     ws.add_argument("-b", "--burst", action="store_true",
                     help="run in the foreground until no job is due, then exit (for cron and CI)")
     ws.add_argument("--log-file", metavar="PATH", help="where detached workers log (default: next to the database)")
@@ -1967,9 +2965,13 @@ delay (seconds), cwd, env.  Options override the same fields in the JSON.""")
 
     lg = add("logs", "print the captured output of a job's attempt", """\
   queuectl logs hello              # the latest attempt
-  queuectl logs hello --attempt 1""")
+  queuectl logs hello --attempt 1
+  queuectl logs build1 --follow""")
     lg.add_argument("job_id", metavar="ID")
     lg.add_argument("-a", "--attempt", type=_positive_int, metavar="N", help="attempt number (default: the latest)")
+    lg.add_argument("-f", "--follow", action="store_true",
+                    help="stream the output as it is written, across retries, until the job ends "
+                         "(exit status as for wait)")
 
     d = add("dlq", "the dead letter queue: jobs that used up their retries", """\
   queuectl dlq list
@@ -2008,7 +3010,158 @@ delay (seconds), cwd, env.  Options override the same fields in the JSON.""")
   queuectl clear --yes              # everything but running jobs""")
     cl.add_argument("-s", "--state", type=_state_arg, metavar="STATE", help="only jobs in this state")
     cl.add_argument("-y", "--yes", action="store_true", help="do not ask for confirmation")
+
+    for name, text, epilog in (
+            ("dashboard", "serve the live dashboard and HTTP API (http://127.0.0.1:5000/ by default)", """\
+  queuectl dashboard                        # then open http://127.0.0.1:5000/
+  queuectl dashboard --port 8080 --read-only
+  QUEUECTL_DASHBOARD_TOKEN=$(cat /etc/queuectl.token) queuectl dashboard --host 0.0.0.0
+
+Runs in the foreground until Ctrl-C or SIGTERM; prints its URL on stdout.
+Listening on anything but a loopback address needs a token."""),
+            ("up", "run workers and the dashboard together in the foreground", """\
+  queuectl up                               # 1 worker, dashboard on http://127.0.0.1:5000/
+  queuectl up --count 4 --port 8080
+
+Ctrl-C or SIGTERM: running jobs finish, then everything exits (a second one
+stops the jobs now and puts them back in the queue).""")):
+        dp = add(name, text, epilog)
+        if name == "up":
+            dp.add_argument("-c", "--count", type=int, default=1, metavar="N", help="number of workers (default 1)")
+            dp.add_argument("--poll-interval", type=float, metavar="SECONDS", help=argparse.SUPPRESS)
+        dp.add_argument("--host", default=DASHBOARD_HOST,
+                        help="address to listen on (default %s; any other needs a token)" % DASHBOARD_HOST)
+        dp.add_argument("--port", type=_port_arg, default=DASHBOARD_PORT,
+                        help="port to listen on (default %d; 0 = any free port)" % DASHBOARD_PORT)
+        dp.add_argument("--read-only", action="store_true", help="refuse every change (enqueue, retry, clear)")
+        dp.add_argument("--token", metavar="TOKEN",
+                        help="require this token for every request (default $QUEUECTL_DASHBOARD_TOKEN); "
+                             "without one a random token guards changes only")
+        dp.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                        help="also answer to this host name, e.g. behind a reverse proxy (repeatable)")
+
+    cn = add("cancel", "cancel jobs: waiting ones at once, running ones by killing their process tree", """\
+  queuectl cancel backup-42
+  queuectl cancel job1 job2 job3""")
+    cn.add_argument("job_ids", nargs="+", metavar="ID")
+
+    wt = add("wait", "block until jobs finish (completed, dead or cancelled)", """\
+  queuectl wait build1 && echo built
+  queuectl wait job1 job2 --timeout 10m
+
+Exit status: for one job its own exit code (0 when completed, 1 when it was
+cancelled or killed); for several, 0 if all completed, else 1; 124 on timeout.""")
+    wt.add_argument("job_ids", nargs="+", metavar="ID")
+    wt.add_argument("--timeout", type=_duration_arg, metavar="DURATION", help="give up after this long (exit 124)")
+    wt.add_argument("--quiet", action="store_true", help="print nothing")
+
+    pg = add("purge", "delete finished jobs older than a given age (statistics are kept)", """\
+  queuectl purge --state completed --older-than 7d
+  queuectl purge --older-than 30d          # completed, dead and cancelled
+  queuectl config set retention 7d         # purge completed/cancelled automatically""")
+    pg.add_argument("-s", "--state", action="append", choices=list(FINAL_STATES), metavar="STATE",
+                    help="completed, dead or cancelled (repeatable; default: all three)")
+    pg.add_argument("--older-than", type=_duration_arg, required=True, metavar="DURATION",
+                    help="finished at least this long ago, e.g. 12h, 7d")
+
+    qu = add("queue", "named queues: concurrency limits and pausing", """\
+  queuectl queue list
+  queuectl queue set-limit reports 2      # at most 2 running at once, across all workers
+  queuectl queue set-limit reports none
+  queuectl queue pause reports            # running jobs finish; nothing new starts
+  queuectl queue resume reports""")
+    qsub = qu.add_subparsers(dest="queue_command", metavar="ACTION")
+    qsub.required = True
+    ql = add("list", "queues with their limit, state and job counts", "  queuectl queue list --json", parent=qsub)
+    json_flag(ql)
+    qs = add("set-limit", "set how many jobs of a queue may run at once (none = no limit)",
+             "  queuectl queue set-limit reports 2", parent=qsub)
+    qs.add_argument("name", metavar="NAME")
+    qs.add_argument("limit", metavar="N|none")
+    for action, text in (("pause", "stop starting jobs from a queue"), ("resume", "start jobs from a queue again")):
+        qa = add(action, text, "  queuectl queue %s reports" % action, parent=qsub)
+        qa.add_argument("name", metavar="NAME")
+
+    sc = add("schedule", "recurring jobs from cron expressions", """\
+  queuectl schedule add nightly '0 3 * * *' -p high -t 1h -- /usr/local/bin/backup.sh
+  queuectl schedule add report @hourly --tz Europe/Berlin -- make -C /srv report
+  queuectl schedule list
+  queuectl schedule pause nightly""")
+    ssub = sc.add_subparsers(dest="schedule_command", metavar="ACTION")
+    ssub.required = True
+    sa = add("add", "add a schedule: NAME 'CRON' [job options] -- COMMAND", """\
+  queuectl schedule add nightly '0 3 * * *' -- /usr/local/bin/backup.sh
+  queuectl schedule add sync '*/15 * * * *' --overlap allow --missed skip -- ./sync.sh
+
+CRON is five fields (minute hour day-of-month month day-of-week) with *, lists,
+ranges, steps and names (jan, mon), or @yearly, @monthly, @weekly, @daily,
+@hourly.  Evaluated in UTC unless --tz says otherwise.""", parent=ssub)
+    sa.add_argument("name", metavar="NAME")
+    sa.add_argument("cron", metavar="CRON")
+    add_job_options(sa)
+    sa.add_argument("--tz", default="UTC", metavar="ZONE", help="UTC (default), local, or a name like Europe/Berlin")
+    sa.add_argument("--missed", choices=["once", "skip"], default="once",
+                    help="ticks missed while nothing ran: run once (default) or skip")
+    sa.add_argument("--overlap", choices=["skip", "allow"], default="skip",
+                    help="when the previous run is unfinished: skip this tick (default) or allow")
+    sl = add("list", "list schedules with their next run", "  queuectl schedule list --json", parent=ssub)
+    json_flag(sl)
+    for action, text in (("remove", "delete a schedule (its jobs stay)"), ("pause", "stop firing a schedule"),
+                         ("resume", "fire a schedule again, from its next tick")):
+        sx = add(action, text, "  queuectl schedule %s nightly" % action, parent=ssub)
+        sx.add_argument("name", metavar="NAME")
     return p
+
+
+def add_job_options(parser):
+    """Options that describe a job, shared by `enqueue` and `schedule add`."""
+    parser.add_argument("-p", "--priority", choices=list(PRIORITIES), help="high, medium (default) or low")
+    parser.add_argument("-t", "--timeout", type=_duration_arg, metavar="DURATION", help="kill the job after this long")
+    parser.add_argument("-r", "--max-retries", type=int, metavar="N", help="retries after the first run")
+    parser.add_argument("-q", "--queue", metavar="NAME", help="named queue (default: default)")
+    parser.add_argument("--unique-key", metavar="KEY",
+                        help="while a job with this key is unfinished, add nothing and print that job's id")
+    parser.add_argument("--webhook", metavar="URL", help="POST a JSON event here when the job ends")
+    parser.add_argument("--cwd", metavar="DIR", help="working directory (default: the current one)")
+    parser.add_argument("-e", "--env", action="append", metavar="NAME=VALUE", default=[],
+                        help="extra environment variable (repeatable)")
+
+
+def job_overrides(args):
+    """The job fields given as options (they override the same fields of a JSON job)."""
+    fields = {"priority": args.priority, "timeout": args.timeout, "max_retries": args.max_retries,
+              "queue": args.queue, "unique_key": args.unique_key, "webhook": args.webhook, "cwd": args.cwd}
+    for name in ("delay", "run_at", "after"):
+        fields[name] = getattr(args, name, None)
+    if getattr(args, "job_id", None) is not None:
+        fields["id"] = args.job_id
+    overrides = {k: v for k, v in fields.items() if v is not None}
+    env = {}
+    for item in args.env:
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise InvalidInput("--env wants NAME=VALUE, got %s" % _short(item))
+        env[name] = value
+    if env:
+        overrides["env"] = env
+    return overrides
+
+
+def _duration_arg(text):
+    try:
+        return parse_duration(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError("%s: got %s" % (e, _short(text)))
+
+
+def _port_arg(text):
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("must be a port number, got %s" % _short(text))
+    if not 0 <= n <= 65535:
+        raise argparse.ArgumentTypeError("must be from 0 to 65535, got %d" % n)
+    return n
 
 
 def _state_arg(text):
@@ -2032,8 +3185,8 @@ def _positive_int(text):
         n = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError("must be a whole number, got %s" % _short(text))
-    if n < 1:
-        raise argparse.ArgumentTypeError("must be 1 or more, got %s" % n)
+    if not 1 <= n <= 2 ** 31:
+        raise argparse.ArgumentTypeError("must be from 1 to %d, got %s" % (2 ** 31, n))
     return n
 
 
@@ -2062,29 +3215,44 @@ def confirm(question, args):
     return sys.stdin.readline().strip().lower() in ("y", "yes")
 
 
+class JobDocuments(list):
+    """Job objects read from one input, with a label for each ("line 3") for error messages."""
+
+    def __init__(self, docs, labels):
+        super().__init__(docs)
+        self.labels = labels
+
+
+def parse_json(text, where):
+    """json.loads with a one-line InvalidInput for any malformed input (including absurd nesting)."""
+    try:
+        return json.loads(text)
+    except ValueError as e:
+        raise InvalidInput("%sinvalid JSON: %s (line %d column %d)" % (where, e.msg, e.lineno, e.colno)) from None
+    except RecursionError:
+        raise InvalidInput("%sinvalid JSON: nested too deeply" % where) from None
+
+
 def parse_job_documents(text, source):
-    """A JSON object, a JSON array of objects, or JSON Lines -> list of objects."""
+    """A JSON object, a JSON array of objects, or JSON Lines -> JobDocuments."""
     stripped = text.strip()
     if not stripped:
         raise InvalidInput("%s holds no job" % source)
     try:
-        doc = json.loads(stripped)
-    except ValueError:
-        doc = None
-        docs = []
+        doc = parse_json(stripped, "")
+    except InvalidInput:
+        docs, labels = [], []
         for number, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue
-            try:
-                docs.append(json.loads(line))
-            except ValueError as e:
-                raise InvalidInput("%s line %d: invalid JSON: %s" % (source, number, e.msg)) from None
-        return docs
+            docs.append(parse_json(line, "%s line %d: " % (source, number)))
+            labels.append("%s line %d" % (source, number))
+        return JobDocuments(docs, labels)
     if isinstance(doc, list):
         if not doc:
             raise InvalidInput("%s holds an empty list" % source)
-        return doc
-    return [doc]
+        return JobDocuments(doc, ["%s job %d" % (source, i) for i in range(1, len(doc) + 1)])
+    return JobDocuments([doc], [source])
 
 
 def _read_spec(spec):
@@ -2101,13 +3269,12 @@ def _read_spec(spec):
         except OSError as e:
             raise InvalidInput("cannot read %s: %s" % (path, e.strerror))
         return parse_job_documents(_decode(data, path), path)
-    try:
-        doc = json.loads(spec)
-    except ValueError as e:
-        if not spec.lstrip().startswith(("{", "[")):
-            raise InvalidInput("JOB must be a JSON object; to queue a plain command use: queuectl enqueue -- COMMAND")
-        raise InvalidInput("invalid JSON: %s (line %d column %d)" % (e.msg, e.lineno, e.colno)) from None
-    return doc if isinstance(doc, list) and doc else [doc]
+    if not spec.lstrip().startswith(("{", "[")):
+        raise InvalidInput("JOB must be a JSON object; to queue a plain command use: queuectl enqueue -- COMMAND")
+    doc = parse_json(spec, "")
+    if isinstance(doc, list) and doc:
+        return JobDocuments(doc, ["job %d" % i for i in range(1, len(doc) + 1)])
+    return JobDocuments([doc], [""])
 
 
 def _decode(data, source):
@@ -2140,33 +3307,15 @@ def cmd_enqueue(args, store):
         raise InvalidInput("nothing to enqueue: give a JSON job, @FILE, - or -- COMMAND (see queuectl enqueue --help)")
     else:
         docs = _read_spec(args.spec)
-    overrides = {}
-    if args.priority:
-        overrides["priority"] = args.priority
-    if args.timeout is not None:
-        overrides["timeout"] = args.timeout
-    if args.max_retries is not None:
-        overrides["max_retries"] = args.max_retries
-    if args.delay is not None:
-        overrides["delay"] = args.delay
-    if args.run_at is not None:
-        overrides["run_at"] = args.run_at
-    if args.cwd is not None:
-        overrides["cwd"] = args.cwd
-    if args.job_id is not None:
-        if len(docs) > 1:
-            raise InvalidInput("--id names one job, but %d were given" % len(docs))
-        overrides["id"] = args.job_id
-    env = {}
-    for item in args.env:
-        name, sep, value = item.partition("=")
-        if not sep:
-            raise InvalidInput("--env wants NAME=VALUE, got %s" % _short(item))
-        env[name] = value
+    overrides = job_overrides(args)
+    env = overrides.pop("env", None)
+    if "id" in overrides and len(docs) > 1:
+        raise InvalidInput("--id names one job, but %d were given" % len(docs))
     jobs = []
     seen = set()
     for index, doc in enumerate(docs, 1):
-        where = "" if len(docs) == 1 else "job %d: " % index
+        label = docs.labels[index - 1] if isinstance(docs, JobDocuments) else ""
+        where = label + ": " if label else ""
         try:
             if isinstance(doc, dict):
                 doc = dict(doc)
@@ -2184,9 +3333,12 @@ def cmd_enqueue(args, store):
                 raise Conflict("%sjob id %s appears twice in the input" % (where, job["id"]))
             seen.add(job["id"])
         jobs.append(job)
-    ids = store.enqueue(jobs, now)
+    existing = []
+    ids = store.enqueue(jobs, now, existing=existing)
     sys.stdout.write("".join(i + "\n" for i in ids))
     sys.stdout.flush()
+    for jid in existing:
+        sys.stderr.write("queuectl: unique key already queued: job %s\n" % jid)
     due = sum(1 for j in jobs if j["run_at"] <= now)
     if due:
         wake_workers(store, due)
@@ -2200,21 +3352,34 @@ def cmd_worker(args, store):
 def cmd_worker_start(args, store):
     if not 1 <= args.count <= 256:
         raise InvalidInput("--count must be from 1 to 256, got %d" % args.count)
-    db = os.path.abspath(args.db_path)
+    db = db_location(args.db_path)
     if args.foreground or args.burst:
         store.close()
-        return Supervisor(db, args.count, poll_interval=args.poll_interval, burst=args.burst).run()
+        return Supervisor(db, args.count, poll_interval=args.poll_interval, burst=args.burst,
+                          queues=_queue_list(args.queue)).run()
     log_path = args.log_file or os.path.splitext(db)[0] + ".workers.log"
+    if is_db_url(db) and not args.log_file:  # a URL has no directory: log to the per-user data directory
+        import hashlib
+
+        log_dir = os.path.dirname(default_db_path())
+        with contextlib.suppress(OSError):
+            os.makedirs(log_dir, exist_ok=True)
+        log_path = os.path.join(log_dir, "workers-%s.log" % hashlib.sha1(db.encode()).hexdigest()[:12])
     try:
         logf = open(log_path, "ab")
     except OSError as e:
         raise QueuectlError("cannot open worker log %s: %s" % (log_path, e.strerror))
-    argv = self_command() + ["--db", db, "worker", "start", "--foreground", "--count", str(args.count)]
+    # A URL may hold a password: hand it over in the environment, not on the command line `ps` shows.
+    env = dict(os.environ, QUEUECTL_DB=db) if is_db_url(db) else None
+    argv = self_command() + ([] if env else ["--db", db]) + ["worker", "start", "--foreground", "--count",
+                                                             str(args.count)]
     if args.poll_interval:
         argv += ["--poll-interval", str(args.poll_interval)]
+    if args.queue:
+        argv += ["--queue", ",".join(_queue_list(args.queue))]
     with logf:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, start_new_session=True,
-                                close_fds=True, cwd="/")
+                                close_fds=True, cwd="/", env=env)
     deadline = time.monotonic() + 15
     mine = []
     while time.monotonic() < deadline:
@@ -2311,12 +3476,12 @@ def cmd_status(args, store):
     workers = [worker_view(w, now) for w in store.workers()]
     live = [w for w in workers if w["state"] != "gone"]
     if args.json:
-        print_json({"db": os.path.abspath(args.db_path), "version": __version__, "job_counts": counts,
+        print_json({"db": db_label(args.db_path), "version": __version__, "job_counts": counts,
                     "total": sum(counts.values()), "workers": {"running": len(live),
                     "busy": sum(1 for w in live if w["state"] == "busy")}})
         return EXIT_OK
     out = sys.stdout
-    out.write("database: %s\n" % os.path.abspath(args.db_path))
+    out.write("database: %s\n" % db_label(args.db_path))
     out.write("jobs:     %d total\n" % sum(counts.values()))
     for state in STATES:
         out.write("  %s %d\n" % (paint(state.ljust(11), state), counts[state]))
@@ -2387,6 +3552,10 @@ def cmd_get(args, store):
 
 def cmd_logs(args, store):
     job = _get_job(store, args.job_id)
+    if args.follow:
+        if args.attempt:
+            raise InvalidInput("--follow streams the latest attempt; leave out --attempt")
+        return follow_output(store, job.id)
     attempt = store.attempt(job.id, args.attempt)
     if attempt is None:
         if args.attempt:
@@ -2401,6 +3570,45 @@ def cmd_logs(args, store):
     else:
         sys.stdout.write(out)
     return EXIT_OK
+
+
+def _write_bytes(data):
+    if hasattr(sys.stdout, "buffer"):
+        sys.stdout.flush()
+        sys.stdout.buffer.write(data)
+        sys.stdout.buffer.flush()
+    else:
+        sys.stdout.write(data.decode("utf-8", "replace"))
+        sys.stdout.flush()
+
+
+def follow_output(store, job_id, poll=0.2):
+    """Print a job's output as it is written (workers store it every second), attempt
+    after attempt, until the job is completed, dead or cancelled.  Returns the exit status
+    `wait` would give."""
+    current, printed = None, 0
+    while True:
+        job = store.get(job_id)
+        attempt = store.attempt(job_id) if job else None
+        if attempt is not None:
+            if attempt.n != current:
+                if current is not None:
+                    sys.stderr.write("queuectl: --- attempt %d ---\n" % attempt.n)
+                current, printed = attempt.n, 0
+            data = (attempt.output or "").encode("utf-8", "replace")
+            new = attempt.output_bytes - printed
+            if new > 0:
+                if new > len(data):  # more was written than is kept: say so, print what is kept
+                    _write_bytes(data)
+                else:
+                    _write_bytes(data[-new:])
+                printed = attempt.output_bytes
+        if job is None:
+            sys.stderr.write("queuectl: job %s was deleted\n" % job_id)
+            return EXIT_ERROR
+        if job.state in FINAL_STATES:
+            return wait_exit_status(job.state, job.exit_code)
+        time.sleep(poll)
 
 
 def cmd_dlq(args, store):
@@ -2444,6 +3652,172 @@ def _fmt_value(v):
     return str(v)
 
 
+def _queue_list(text):
+    if not text:
+        return None
+    return [validate_name(q.strip(), "queue") for q in text.split(",") if q.strip()] or None
+
+
+def cmd_cancel(args, store):
+    now = time.time()
+    requested = []
+    for job_id in args.job_ids:
+        validate_id(job_id)
+        if store.cancel(job_id, now) == "requested":
+            requested.append(job_id)
+        else:
+            sys.stdout.write("job %s cancelled\n" % job_id)
+    if requested:
+        _wake_owners(store, requested)
+        deadline = time.monotonic() + 30
+        while requested and time.monotonic() < deadline:
+            states = store.states_of(requested)
+            for job_id in [j for j in requested if states.get(j, ("?",))[0] != "processing"]:
+                requested.remove(job_id)
+                state = states.get(job_id, ("deleted",))[0]
+                sys.stdout.write("job %s %s\n" % (job_id, "cancelled (its process tree was killed)"
+                                                   if state == "cancelled" else "ended %s before it could be cancelled" % state))
+            time.sleep(0.05)
+        for job_id in requested:
+            sys.stdout.write("job %s: cancel requested; its worker will stop it at its next check\n" % job_id)
+    return EXIT_OK
+
+
+def _wake_owners(store, job_ids):
+    """Nudge the local workers running these jobs so they notice a cancel at once."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    try:
+        s.setblocking(False)
+        for w in store.workers():
+            if w["job_id"] in job_ids and w["host"] == HOST and w["wake"]:
+                with contextlib.suppress(OSError):
+                    s.sendto(b"!", "\0" + w["wake"])
+    finally:
+        s.close()
+
+
+def wait_exit_status(state, exit_code):
+    """Exit status of `wait` for one finished job."""
+    if state == "completed":
+        return 0
+    if state == "dead" and exit_code and 0 < exit_code < 256:
+        return exit_code
+    return 1
+
+
+def cmd_wait(args, store):
+    for job_id in args.job_ids:
+        validate_id(job_id)
+    missing = [j for j in args.job_ids if j not in store.states_of(args.job_ids)]
+    if missing:
+        raise NotFound("no job with id %s" % _short(missing[0]))
+    deadline = None if args.timeout is None else time.monotonic() + args.timeout
+    while True:
+        states = store.states_of(args.job_ids)
+        if all(states.get(j, ("deleted",))[0] in FINAL_STATES + ("deleted",) for j in args.job_ids):
+            break
+        if deadline is not None and time.monotonic() >= deadline:
+            if not args.quiet:
+                sys.stderr.write("queuectl: timed out waiting for %s\n" % ", ".join(
+                    j for j in args.job_ids if states.get(j, ("",))[0] not in FINAL_STATES))
+            return EXIT_TIMEOUT
+        time.sleep(0.1)
+    if not args.quiet:
+        for j in args.job_ids:
+            state, code = states.get(j, ("deleted", None))
+            sys.stdout.write("%s %s%s\n" % (j, state, "" if code is None else " (exit code %d)" % code))
+    if len(args.job_ids) == 1:
+        return wait_exit_status(*states.get(args.job_ids[0], ("deleted", None)))
+    return 0 if all(states.get(j, ("",))[0] == "completed" for j in args.job_ids) else 1
+
+
+def cmd_purge(args, store):
+    states = args.state or list(FINAL_STATES)
+    n = store.purge(states, time.time() - args.older_than)
+    sys.stdout.write("purged %d job(s)\n" % n)
+    return EXIT_OK
+
+
+def cmd_queue(args, store):
+    action = args.queue_command
+    if action == "list":
+        queues = store.queues()
+        if args.json:
+            print_json(queues)
+            return EXIT_OK
+        if not queues:
+            sys.stdout.write("no queues yet\n")
+            return EXIT_OK
+        table(["QUEUE", "LIMIT", "STATE", "PENDING", "RUNNING", "WAITING", "FAILED"], [
+            [q["name"], "-" if q["max_running"] is None else str(q["max_running"]),
+             "paused" if q["paused"] else "active", str(q["counts"].get("pending", 0)),
+             str(q["counts"].get("processing", 0)), str(q["counts"].get("waiting", 0)),
+             str(q["counts"].get("failed", 0))] for q in queues])
+        return EXIT_OK
+    name = validate_name(args.name, "queue")
+    if action == "set-limit":
+        if args.limit.lower() in ("none", "0", "unlimited"):
+            limit = None
+        else:
+            limit = _validate_number("limit", args.limit, int, 1, 100000)
+        store.set_queue(name, max_running=limit)
+        sys.stdout.write("queue %s: %s\n" % (name, "no limit" if limit is None else "at most %d running" % limit))
+    else:
+        store.set_queue(name, paused=(action == "pause"))
+        sys.stdout.write("queue %s %s\n" % (name, "paused" if action == "pause" else "resumed"))
+        if action == "resume":
+            wake_workers(store, 64)
+    return EXIT_OK
+
+
+def cmd_schedule(args, store):
+    action = args.schedule_command
+    now = time.time()
+    if action == "add":
+        name = validate_name(args.name, "schedule")
+        cron = Cron.parse(args.cron)
+        tz = resolve_tz(args.tz)
+        if not args.argv_command:
+            raise InvalidInput("give the command after --: queuectl schedule add NAME 'CRON' -- COMMAND")
+        words = args.argv_command
+        spec = {"command": words[0] if len(words) == 1 else shlex.join(words)}
+        spec.update(job_overrides(args))
+        job = validate_job(dict(spec, id="check"), store.config(), now)  # refuse a bad job now, not at 3 a.m.
+        spec["cwd"] = job["cwd"]
+        next_run = cron.next_after(now, tz)
+        store.add_schedule(name, args.cron.strip(), args.tz, spec, args.missed, args.overlap, next_run, now)
+        sys.stdout.write("schedule %s added; next run %s\n" % (name, rfc3339(next_run, precise=False)))
+        return EXIT_OK
+    if action == "list":
+        rows = store.schedules()
+        if args.json:
+            print_json([dict(r, next_run=rfc3339(r["next_run"]), last_run=rfc3339(r["last_run"]),
+                             created_at=rfc3339(r["created_at"])) for r in rows])
+            return EXIT_OK
+        if not rows:
+            sys.stdout.write("no schedules\n")
+            return EXIT_OK
+        table(["NAME", "CRON", "TZ", "NEXT RUN", "LAST JOB", "STATE", "COMMAND"], [
+            [r["name"], r["cron"], r["tz"], "paused" if r["paused"] else rfc3339(r["next_run"], precise=False),
+             r["last_job"] or "-", r["last_state"] or "-", _one_line(r["spec"]["command"], 40)] for r in rows])
+        return EXIT_OK
+    name = validate_name(args.name, "schedule")
+    if action == "remove":
+        store.remove_schedule(name)
+        sys.stdout.write("schedule %s removed\n" % name)
+    elif action == "pause":
+        store.pause_schedule(name, True)
+        sys.stdout.write("schedule %s paused\n" % name)
+    else:
+        found = [s for s in store.schedules() if s["name"] == name]
+        if not found:
+            raise NotFound("no schedule named %s" % _short(name))
+        next_run = schedule_next_run(found[0], now)
+        store.pause_schedule(name, False, next_run)
+        sys.stdout.write("schedule %s resumed; next run %s\n" % (name, rfc3339(next_run, precise=False)))
+    return EXIT_OK
+
+
 def cmd_clear(args, store):
     if args.state is None and not confirm("delete every job except running ones", args):
         sys.stderr.write("nothing deleted\n")
@@ -2453,9 +3827,114 @@ def cmd_clear(args, store):
     return EXIT_OK
 
 
+def _web():
+    """The dashboard package, imported only by `dashboard` and `up` (the core needs nothing else)."""
+    if __name__ == "__main__":  # run as a script: let `import queuectl` find this module, not a second copy
+        sys.modules.setdefault("queuectl", sys.modules[__name__])
+    try:
+        from queuectl_web import server
+    except ImportError as e:
+        raise QueuectlError("the dashboard needs the queuectl_web package next to queuectl.py (%s)" % e)
+    return server
+
+
+def _dashboard_server(args):
+    """A bound (not yet serving) dashboard server for `dashboard` and `up`."""
+    token = args.token or os.environ.get("QUEUECTL_DASHBOARD_TOKEN") or None
+    return _web().make_server(db_location(args.db_path), host=args.host, port=args.port, token=token,
+                              read_only=args.read_only, allow_hosts=args.allow_host)
+
+
+def _serve_in_foreground(server, supervisor_pid=None):
+    """Serve until SIGINT/SIGTERM, or, with ``supervisor_pid``, until that process exits.
+
+    Signals are passed on to the supervisor: the first as SIGTERM (finish the
+    running jobs), later ones as SIGQUIT (cold stop).  Returns the
+    supervisor's exit status (None without one).
+    """
+    r, w = os.pipe()
+    for fd in (r, w):
+        os.set_blocking(fd, False)
+    received = []
+
+    def on_signal(signum, frame):
+        received.append(signum)
+        if supervisor_pid:
+            if len(received) == 1:
+                log.info("stopping: running jobs finish first (Ctrl-C again to stop them now)")
+            with contextlib.suppress(OSError):
+                os.kill(supervisor_pid, signal.SIGTERM if len(received) == 1 else signal.SIGQUIT)
+
+    old_fd = signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+    old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    status = None
+    try:
+        server.start()
+        sys.stdout.write("dashboard: %s\n" % server.url)
+        sys.stdout.flush()
+        while True:
+            if supervisor_pid:
+                pid, raw = os.waitpid(supervisor_pid, os.WNOHANG)
+                if pid:
+                    status = os.waitstatus_to_exitcode(raw)
+                    break
+            elif received:
+                break
+            with contextlib.suppress(InterruptedError):
+                select.select([r], [], [], 0.5)
+            with contextlib.suppress(OSError):
+                while os.read(r, 4096):
+                    pass
+    finally:
+        server.stop()
+        for sig, handler in old_handlers.items():
+            signal.signal(sig, handler)
+        signal.set_wakeup_fd(old_fd)
+        os.close(r)
+        os.close(w)
+    return status
+
+
+def cmd_dashboard(args, store):
+    store.close()
+    server = _dashboard_server(args)
+    _serve_in_foreground(server)
+    return EXIT_OK
+
+
+def cmd_up(args, store):
+    if not 1 <= args.count <= 256:
+        raise InvalidInput("--count must be from 1 to 256, got %d" % args.count)
+    store.close()
+    db = db_location(args.db_path)
+    server = _dashboard_server(args)  # bind first: a busy port fails before any worker starts
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    pid = os.fork()  # before any thread exists: the server starts its threads after this
+    if pid == 0:
+        code = 1
+        try:
+            os.setpgid(0, 0)  # a terminal's Ctrl-C reaches `up` only, which passes it on once
+            server.socket.close()
+            code = Supervisor(db, args.count, poll_interval=args.poll_interval).run()
+        except BaseException:  # pragma: no cover - logged; `up` notices the exit
+            log.exception("supervisor crashed")
+        finally:
+            logging.shutdown()
+            os._exit(code)
+    with contextlib.suppress(OSError):
+        os.setpgid(pid, pid)
+    status = _serve_in_foreground(server, supervisor_pid=pid)
+    if status != 0:
+        raise QueuectlError("the workers' supervisor exited unexpectedly (%s)" % describe_exit(status))
+    return EXIT_OK
+
+
 COMMANDS = {
     "enqueue": cmd_enqueue, "worker": cmd_worker, "status": cmd_status, "list": cmd_list, "get": cmd_get,
-    "logs": cmd_logs, "dlq": cmd_dlq, "config": cmd_config, "clear": cmd_clear,
+    "logs": cmd_logs, "dlq": cmd_dlq, "config": cmd_config, "clear": cmd_clear, "cancel": cmd_cancel,
+    "wait": cmd_wait, "purge": cmd_purge, "queue": cmd_queue, "schedule": cmd_schedule,
+    "dashboard": cmd_dashboard, "up": cmd_up,
 }
 
 
@@ -2480,14 +3959,17 @@ def setup_logging(verbose):
 def main(argv=None):
     """Run the CLI; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    for arg in argv:
+        if not _is_utf8(arg):
+            return _fail("argument %s is not valid UTF-8 text" % ascii(arg), EXIT_USAGE)
     head, words = _split_command(argv)
     parser = build_parser()
     try:
         args = parser.parse_args(head)
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else EXIT_USAGE
-    if words is not None and args.command != "enqueue":
-        return _fail("'--' followed by a command is only for enqueue", EXIT_USAGE)
+    if words is not None and args.command not in ("enqueue", "schedule"):
+        return _fail("'--' followed by a command is only for enqueue and schedule add", EXIT_USAGE)
     if words is not None and not words:
         return _fail("no command after --", EXIT_USAGE)
     args.argv_command = words

@@ -1,0 +1,774 @@
+"""The Store contract, and the SQLite specifics of SqliteStore.
+
+``StoreContract`` is backend-agnostic: its tests talk to the ``store`` fixture
+only through the Store interface and pass time explicitly (``NOW + 10`` stands
+for ten seconds later; nothing sleeps).  A backend reuses it by subclassing
+and providing three fixtures:
+
+- ``store``: a fresh, empty store;
+- ``open_store``: a callable returning another, independent connection to the
+  same database (closed by the fixture);
+- ``raw_counts``: a callable returning ``{state: n}`` counted straight from the
+  backend's job table (not from the store's maintained counters).
+"""
+
+import os
+import sqlite3
+import threading
+
+import pytest
+
+import queuectl
+from conftest import db_rows
+from queuectl import Conflict, DatabaseError, JobState, NotFound
+
+NOW = 1_700_000_000.0
+LEASE = 15.0
+HOST = "host-a"
+OTHER_HOST = "host-b"
+
+
+def spec(now=NOW, **fields):
+    """A validated job dict, as the CLI would hand it to the store."""
+    doc = {"command": "true"}
+    doc.update(fields)
+    return queuectl.validate_job(doc, queuectl.DEFAULTS, now, cwd="/")
+
+
+def worker_record(worker_id, host=HOST, pid=4000, now=NOW, wake=None, pid_started=123.0):
+    return {"id": worker_id, "host": host, "pid": pid, "pid_started": pid_started, "supervisor_pid": None,
+            "now": now, "wake": wake}
+
+
+class Recorder:
+    """A stand-in for ``alive``/``kill``: records its calls, answers from a function."""
+
+    def __init__(self, answer=None):
+        self.calls = []
+        self.answer = answer
+
+    def __call__(self, *args):
+        self.calls.append(args)
+        return self.answer(*args) if self.answer else None
+
+
+def always_alive(pid, started_at):
+    return True
+
+
+def snapshot(store, job_id):
+    job = store.get(job_id)
+    return job.to_dict(), [a.to_dict(with_output=True) for a in store.attempts(job_id, with_output=True)]
+
+
+class StoreContract:
+    # --- helpers -------------------------------------------------------------------
+
+    def enqueue_one(self, store, now=NOW, **fields):
+        (job_id,) = store.enqueue([spec(now, **fields)], now)
+        return job_id
+
+    def claim(self, store, worker="w1", now=NOW, host=HOST, lease=LEASE):
+        return store.claim(worker, host, now, lease)
+
+    def claim_id(self, store, worker="w1", now=NOW, host=HOST):
+        job = self.claim(store, worker, now, host)
+        return job.id if job else None
+
+    def fail(self, store, job, now):
+        """Record a failed run the way a worker does, deciding with the model's policy."""
+        state, retry_at = queuectl.after_failure(job, store.config(), now)
+        assert store.finish(job.id, job.runs, job.worker_id, state, now, "failed", 1, "exit code 1",
+                            retry_at=retry_at)
+        return state, retry_at
+
+    def runs_until_dead(self, store, job_id, now):
+        """Claim and fail the job until it is dead; returns (number of runs, time)."""
+        runs = 0
+        while True:
+            job = self.claim(store, now=now)
+            assert job is not None and job.id == job_id, "job %s not claimable at %r" % (job_id, now)
+            runs += 1
+            state, retry_at = self.fail(store, job, now + 1)
+            if state is JobState.DEAD:
+                return runs, now + 1
+            assert runs < 50
+            assert self.claim(store, now=retry_at - 0.001) is None, "claimed before its retry time"
+            now = retry_at
+
+    def assert_counts(self, store, raw_counts, expected=None):
+        truth = {s: 0 for s in queuectl.STATES}
+        truth.update(raw_counts())
+        assert store.counts() == truth
+        if expected is not None:
+            assert truth == dict({s: 0 for s in queuectl.STATES}, **expected)
+
+    # --- enqueue ---------------------------------------------------------------------
+
+    def test_enqueue_returns_ids_in_order(self, store):
+        ids = store.enqueue([spec(id="a", command="echo a"), spec(command="echo gen"), spec(id="c")], NOW)
+        assert ids[0] == "a" and ids[2] == "c"
+        assert queuectl.ID_RE.match(ids[1]) and ids[1] not in ("a", "c")
+        got = store.get(ids[1])
+        assert (got.command, got.state, got.attempts, got.runs, got.created_at) == ("echo gen", "pending", 0, 0, NOW)
+
+    def test_enqueue_keeps_every_field(self, store):
+        job_id = self.enqueue_one(store, id="full", command="make -C /srv report", priority="high", timeout=30,
+                                  max_retries=7, delay=60, cwd="/srv", env={"A": "1", "B": "two words"})
+        job = store.get(job_id)
+        assert (job.command, job.priority, job.timeout, job.max_retries, job.run_at, job.cwd, job.env) == (
+            "make -C /srv report", 1, 30.0, 7, NOW + 60, "/srv", {"A": "1", "B": "two words"})
+
+    def test_generated_ids_are_unique(self, store):
+        ids = store.enqueue([spec() for _ in range(500)], NOW)
+        assert len(ids) == 500 and len(set(ids)) == 500
+        assert all(queuectl.ID_RE.match(i) for i in ids)
+
+    def test_duplicate_id_refuses_the_whole_batch(self, store, raw_counts):
+        self.enqueue_one(store, id="a")
+        with pytest.raises(Conflict) as info:
+            store.enqueue([spec(id="b"), spec(), spec(id="a"), spec(id="c")], NOW + 1)
+        assert "a" in str(info.value)
+        assert store.get("b") is None and store.get("c") is None
+        assert [j.id for j in store.list_jobs()] == ["a"]
+        self.assert_counts(store, raw_counts, {"pending": 1})
+
+    def test_duplicate_id_inside_one_batch_inserts_nothing(self, store, raw_counts):
+        with pytest.raises(Conflict):
+            store.enqueue([spec(id="x", command="first"), spec(id="x", command="second")], NOW)
+        assert store.get("x") is None
+        self.assert_counts(store, raw_counts, {})
+
+    # --- claim -----------------------------------------------------------------------
+
+    def test_claim_order_is_high_medium_low(self, store):
+        for job_id, prio in [("low1", "low"), ("high1", "high"), ("med1", "medium"), ("high2", "high"),
+                             ("low2", "low"), ("med2", "medium")]:
+            self.enqueue_one(store, id=job_id, priority=prio)
+        order = [self.claim_id(store, now=NOW + 1) for _ in range(6)]
+        assert order == ["high1", "high2", "med1", "med2", "low1", "low2"]
+        assert self.claim(store, now=NOW + 1) is None
+
+    def test_claim_is_fifo_by_run_at_then_enqueue_order(self, store):
+        self.enqueue_one(store, id="later", delay=5)  # enqueued first, due later
+        self.enqueue_one(store, id="zeta")  # ids in reverse alphabetical order: order is not by id
+        self.enqueue_one(store, id="alpha")
+        self.enqueue_one(store, NOW - 3, id="oldest")  # due earliest, enqueued last
+        order = [self.claim_id(store, now=NOW + 10) for _ in range(4)]
+        assert order == ["oldest", "zeta", "alpha", "later"]
+
+    def test_priority_beats_an_earlier_run_at(self, store):
+        self.enqueue_one(store, NOW - 100, id="old-low", priority="low")
+        self.enqueue_one(store, id="new-high", priority="high")
+        assert self.claim_id(store, now=NOW + 1) == "new-high"
+
+    def test_future_job_is_not_claimed_until_due(self, store):
+        self.enqueue_one(store, id="later", delay=10)
+        assert self.claim(store, now=NOW) is None
+        assert self.claim(store, now=NOW + 9.99) is None
+        assert store.get("later").state == "pending"
+        assert self.claim_id(store, now=NOW + 10) == "later"
+
+    def test_claim_marks_processing_counts_the_attempt_and_opens_its_record(self, store):
+        self.enqueue_one(store, id="j")
+        job = store.claim("w1", HOST, NOW + 1, 20.0)
+        assert (job.id, job.state, job.worker_id, job.lease_until, job.attempts, job.runs, job.started_at) == (
+            "j", "processing", "w1", NOW + 21, 1, 1, NOW + 1)
+        stored = store.get("j")
+        assert (stored.state, stored.worker_id, stored.lease_until, stored.attempts, stored.runs) == (
+            "processing", "w1", NOW + 21, 1, 1)
+        (attempt,) = store.attempts("j")
+        assert (attempt.n, attempt.worker_id, attempt.host, attempt.started_at, attempt.ended_at, attempt.outcome) == (
+            1, "w1", HOST, NOW + 1, None, None)
+        assert store.attempt("j").n == 1
+
+    def test_claim_on_empty_store_returns_none(self, store):
+        assert self.claim(store) is None
+
+    def test_two_claims_never_return_the_same_job(self, store):
+        self.enqueue_one(store, id="a")
+        self.enqueue_one(store, id="b")
+        first, second = self.claim(store, "w1"), self.claim(store, "w2")
+        assert {first.id, second.id} == {"a", "b"}
+        assert store.get(first.id).worker_id == "w1" and store.get(second.id).worker_id == "w2"
+        assert self.claim(store, "w3") is None
+
+    def test_concurrent_claims_from_separate_connections_never_share_a_job(self, store, open_store):
+        ids = store.enqueue([spec() for _ in range(200)], NOW)
+        claimed, errors = [], []
+
+        def work(n):
+            try:
+                s = open_store()
+                while True:
+                    job = s.claim("w%d" % n, HOST, NOW + 1, LEASE)
+                    if job is None:
+                        return
+                    claimed.append((n, job.id))
+            except Exception as e:  # pragma: no cover - reported below
+                errors.append(e)
+
+        threads = [threading.Thread(target=work, args=(n,)) for n in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert not errors
+        got = [job_id for _, job_id in claimed]
+        assert len(got) == len(set(got)) == 200
+        assert set(got) == set(ids)
+        for n, job_id in claimed:
+            assert store.get(job_id).worker_id == "w%d" % n
+
+    # --- heartbeat --------------------------------------------------------------------
+
+    def test_heartbeat_renews_the_lease(self, store):
+        self.enqueue_one(store, id="j")
+        self.claim(store, now=NOW)
+        assert store.heartbeat("w1", "j", 1, NOW + 10, LEASE) is True
+        assert store.get("j").lease_until == NOW + 25
+        # the old lease (NOW + 15) has passed, the renewed one has not
+        assert store.rescue(NOW + 20, HOST, always_alive, Recorder()) == []
+        assert store.get("j").state == "processing"
+
+    def test_heartbeat_stores_output_so_far(self, store):
+        self.enqueue_one(store, id="j")
+        self.claim(store)
+        assert store.heartbeat("w1", "j", 1, NOW + 1, LEASE, output=("partial\n", 8))
+        attempt = store.attempt("j", 1)
+        assert (attempt.output, attempt.output_bytes) == ("partial\n", 8)
+
+    @pytest.mark.parametrize("worker, run", [("w2", 1), ("w1", 2), ("w1", 0)])
+    def test_heartbeat_refused_for_a_non_owner_or_an_old_run(self, store, worker, run):
+        self.enqueue_one(store, id="j")
+        self.claim(store)
+        assert store.heartbeat(worker, "j", run, NOW + 10, LEASE, output=("other", 5)) is False
+        assert store.get("j").lease_until == NOW + LEASE
+        assert store.attempt("j", 1).output == ""
+
+    def test_heartbeat_for_a_finished_job_is_refused(self, store):
+        self.enqueue_one(store, id="j")
+        self.claim(store)
+        assert store.finish("j", 1, "w1", "completed", NOW + 1, "completed", 0)
+        assert store.heartbeat("w1", "j", 1, NOW + 2, LEASE) is False
+
+    # --- finish -----------------------------------------------------------------------
+
+    def test_finish_completed(self, store):
+        self.enqueue_one(store, id="j")
+        self.claim(store)
+        assert store.finish("j", 1, "w1", "completed", NOW + 5, "completed", exit_code=0,
+                            output="hello\n", output_bytes=6) is True
+        job = store.get("j")
+        assert (job.state, job.exit_code, job.finished_at, job.worker_id, job.lease_until, job.attempts) == (
+            "completed", 0, NOW + 5, None, None, 1)
+        attempt = store.attempt("j", 1)
+        assert (attempt.ended_at, attempt.outcome, attempt.exit_code, attempt.output, attempt.output_bytes) == (
+            NOW + 5, "completed", 0, "hello\n", 6)
+        assert attempt.duration == 5
+        assert self.claim(store, now=NOW + 1000) is None
+
+    def test_finish_failed_schedules_the_retry(self, store):
+        self.enqueue_one(store, id="j")
+        self.claim(store)
+        assert store.finish("j", 1, "w1", "failed", NOW + 5, "failed", exit_code=3, error="exit code 3",
+                            retry_at=NOW + 7)
+        job = store.get("j")
+        assert (job.state, job.run_at, job.exit_code, job.last_error, job.worker_id) == (
+            "failed", NOW + 7, 3, "exit code 3", None)
+        assert store.attempt("j", 1).outcome == "failed"
+        assert self.claim(store, now=NOW + 6.9) is None
+        again = self.claim(store, "w2", now=NOW + 7)
+        assert (again.id, again.runs, again.attempts, again.worker_id) == ("j", 2, 2, "w2")
+        assert [a.n for a in store.attempts("j")] == [1, 2]
+
+    def test_finish_dead(self, store):
+        self.enqueue_one(store, id="j")
+        self.claim(store)
+        assert store.finish("j", 1, "w1", "dead", NOW + 5, "timeout", error="timed out after 1s")
+        job = store.get("j")
+        assert (job.state, job.last_error, job.worker_id, job.finished_at) == ("dead", "timed out after 1s", None, NOW + 5)
+        assert [j.id for j in store.list_jobs("dead")] == ["j"]
+        assert self.claim(store, now=NOW + 10 ** 6) is None
+
+    @pytest.mark.parametrize("worker, run", [("w2", 1), ("w1", 2), ("w1", 0)])
+    def test_finish_is_fenced(self, store, worker, run):
+        self.enqueue_one(store, id="j")
+        self.claim(store)
+        before = snapshot(store, "j")
+        assert store.finish("j", run, worker, "completed", NOW + 5, "completed", 0, output="x", output_bytes=1) is False
+        assert snapshot(store, "j") == before
+
+    def test_finishing_twice_is_refused(self, store):
+        self.enqueue_one(store, id="j")
+        self.claim(store)
+        assert store.finish("j", 1, "w1", "failed", NOW + 1, "failed", 1, retry_at=NOW + 3)
+        before = snapshot(store, "j")
+        assert store.finish("j", 1, "w1", "completed", NOW + 2, "completed", 0) is False
+        assert snapshot(store, "j") == before
+
+    def test_finish_of_an_unknown_job_is_refused(self, store):
+        assert store.finish("nope", 1, "w1", "completed", NOW, "completed", 0) is False
+
+    # --- release ------------------------------------------------------------------------
+
+    def test_release_puts_the_job_back_without_using_a_retry(self, store):
+        self.enqueue_one(store, id="j", max_retries=0)
+        self.claim(store)
+        assert store.release("j", 1, "w1", NOW + 3, "stopped by a forced worker stop") is True
+        job = store.get("j")
+        assert (job.state, job.attempts, job.worker_id, job.lease_until) == ("pending", 0, None, None)
+        attempt = store.attempt("j", 1)
+        assert (attempt.outcome, attempt.ended_at) == ("stopped", NOW + 3)
+        again = self.claim(store, now=NOW + 3)
+        assert (again.id, again.attempts, again.runs) == ("j", 1, 2)
+        # max_retries 0: the released run did not count, so this failure is the first and the last
+        state, _ = self.fail(store, again, NOW + 4)
+        assert state is JobState.DEAD
+
+    @pytest.mark.parametrize("worker, run", [("w2", 1), ("w1", 2)])
+    def test_release_by_a_non_owner_is_refused(self, store, worker, run):
+        self.enqueue_one(store, id="j")
+        self.claim(store)
+        before = snapshot(store, "j")
+        assert store.release("j", run, worker, NOW + 3, "stop") is False
+        assert snapshot(store, "j") == before
+
+    # --- rescue ----------------------------------------------------------------------------
+
+    def test_rescue_of_an_expired_lease(self, store):
+        self.enqueue_one(store, id="j")
+        self.claim(store, now=NOW)
+        kill = Recorder()
+        assert store.rescue(NOW + 14, HOST, always_alive, kill) == []
+        assert store.get("j").state == "processing"
+        assert store.rescue(NOW + 16, HOST, always_alive, kill) == ["j"]
+        job = store.get("j")
+        assert (job.state, job.attempts, job.rescues, job.worker_id, job.lease_until) == ("pending", 0, 1, None, None)
+        attempt = store.attempt("j", 1)
+        assert (attempt.outcome, attempt.ended_at) == ("lost", NOW + 16)
+        again = self.claim(store, "w2", now=NOW + 16)
+        assert (again.id, again.attempts, again.runs) == ("j", 1, 2)
+
+    def test_rescue_kills_the_process_group_of_a_lost_local_run(self, store):
+        self.enqueue_one(store, id="j")
+        self.claim(store, now=NOW)
+        store.started("j", 1, 4242)
+        kill = Recorder()
+        assert store.rescue(NOW + 16, HOST, always_alive, kill) == ["j"]
+        assert kill.calls == [(4242, NOW)]
+        assert store.attempts("j")[0].pid == 4242
+
+    def test_rescue_does_not_kill_runs_on_another_host(self, store):
+        self.enqueue_one(store, id="j")
+        self.claim(store, now=NOW, host=OTHER_HOST)
+        store.started("j", 1, 4242)
+        kill = Recorder()
+        assert store.rescue(NOW + 16, HOST, always_alive, kill) == ["j"]
+        assert kill.calls == []
+
+    def test_job_of_a_dead_local_worker_is_rescued_at_once(self, store):
+        store.register_worker(worker_record("w1", pid=111, pid_started=55.0))
+        store.register_worker(worker_record("w2", pid=222))
+        self.enqueue_one(store, id="j")
+        self.enqueue_one(store, id="k")
+        self.claim(store, "w1", now=NOW)
+        self.claim(store, "w2", now=NOW)
+        store.started("j", 1, 4242)
+        alive = Recorder(lambda pid, started: pid != 111)
+        kill = Recorder()
+        # the lease is valid until NOW + 15, but the worker is gone
+        assert store.rescue(NOW + 1, HOST, alive, kill) == ["j"]
+        assert (111, 55.0) in alive.calls
+        assert kill.calls == [(4242, NOW)]
+        job = store.get("j")
+        assert (job.state, job.attempts, job.rescues) == ("pending", 0, 1)
+        assert store.attempt("j", 1).outcome == "lost"
+        assert store.get("k").state == "processing"
+        assert [w["id"] for w in store.workers()] == ["w2"]
+
+    def test_workers_on_other_hosts_are_judged_by_heartbeat_not_pid(self, store):
+        store.register_worker(worker_record("remote", host=OTHER_HOST, pid=111))
+        self.enqueue_one(store, id="j")
+        self.claim(store, "remote", now=NOW, host=OTHER_HOST)
+        never_alive = Recorder(lambda pid, started: False)
+        assert store.rescue(NOW + 1, HOST, never_alive, Recorder()) == []
+        assert store.get("j").state == "processing"
+        assert [w["id"] for w in store.workers()] == ["remote"]
+
+    def test_rescue_with_nothing_to_rescue(self, store):
+        kill = Recorder()
+        assert store.rescue(NOW, HOST, always_alive, kill) == []
+        self.enqueue_one(store, id="p")
+        self.enqueue_one(store, id="r")
+        store.register_worker(worker_record("w1"))
+        self.claim(store, "w1", now=NOW)
+        assert store.rescue(NOW + 5, HOST, always_alive, kill) == []
+        assert store.get("p").state == "processing" or store.get("r").state == "processing"
+        assert [w["id"] for w in store.workers()] == ["w1"]
+        assert kill.calls == []
+
+    @pytest.mark.parametrize("max_rescues", [0, 1, 3])
+    def test_a_job_lost_more_than_max_rescues_times_goes_dead(self, store, max_rescues):
+        store.set_config("max-rescues", max_rescues)
+        self.enqueue_one(store, id="j")
+        now, losses = NOW, 0
+        while True:
+            assert self.claim_id(store, now=now) == "j"
+            now += LEASE + 1
+            assert store.rescue(now, HOST, always_alive, Recorder()) == ["j"]
+            losses += 1
+            job = store.get("j")
+            if job.state == "dead":
+                break
+            assert job.state == "pending" and losses <= max_rescues
+        assert losses == max_rescues + 1
+        assert (job.rescues, job.attempts) == (max_rescues + 1, 0)
+        assert [j.id for j in store.list_jobs("dead")] == ["j"]
+        assert self.claim(store, now=now + 1000) is None
+
+    def test_late_finish_of_a_rescued_run_is_refused(self, store):
+        self.enqueue_one(store, id="j")
+        self.claim(store, "w1", now=NOW)
+        assert store.rescue(NOW + 16, HOST, always_alive, Recorder()) == ["j"]
+        # nobody has it: the old owner still cannot finish, renew or release
+        assert store.finish("j", 1, "w1", "completed", NOW + 17, "completed", 0) is False
+        assert store.heartbeat("w1", "j", 1, NOW + 17, LEASE) is False
+        assert store.release("j", 1, "w1", NOW + 17, "stop") is False
+        assert store.get("j").state == "pending"
+        # and once w1 itself claims it again, run 1 is still not run 2
+        again = self.claim(store, "w1", now=NOW + 18)
+        assert again.runs == 2
+        assert store.finish("j", 1, "w1", "completed", NOW + 19, "completed", 0) is False
+        assert store.get("j").state == "processing"
+        assert store.finish("j", 2, "w1", "completed", NOW + 20, "completed", 0) is True
+        assert [a.outcome for a in store.attempts("j")] == ["lost", "completed"]
+
+    # --- dead letter queue ---------------------------------------------------------------
+
+    def test_retry_dead_gives_exactly_one_more_run(self, store):
+        self.enqueue_one(store, id="j", max_retries=2)
+        runs, now = self.runs_until_dead(store, "j", NOW)
+        assert runs == 3
+        assert store.retry_dead("j", now + 100) is True
+        job = store.get("j")
+        assert (job.state, job.run_at, job.finished_at) == ("pending", now + 100, None)
+        assert self.claim(store, now=now + 99) is None
+        runs, now = self.runs_until_dead(store, "j", now + 100)
+        assert runs == 1
+        assert [a.n for a in store.attempts("j")] == [1, 2, 3, 4]
+
+    def test_retry_dead_with_reset_gives_the_full_budget(self, store):
+        self.enqueue_one(store, id="j", max_retries=2)
+        _, now = self.runs_until_dead(store, "j", NOW)
+        assert store.retry_dead("j", now + 100, reset_attempts=True) is True
+        assert store.get("j").attempts == 0
+        runs, _ = self.runs_until_dead(store, "j", now + 100)
+        assert runs == 3
+
+    def test_retry_dead_after_too_many_rescues_with_reset(self, store):
+        store.set_config("max-rescues", 0)
+        self.enqueue_one(store, id="j")
+        self.claim(store, now=NOW)
+        assert store.rescue(NOW + 16, HOST, always_alive, Recorder()) == ["j"]
+        assert store.get("j").state == "dead"
+        assert store.retry_dead("j", NOW + 20, reset_attempts=True)
+        job = store.get("j")
+        assert (job.state, job.rescues, job.attempts) == ("pending", 0, 0)
+        assert self.claim_id(store, now=NOW + 20) == "j"
+
+    @pytest.mark.parametrize("state", ["pending", "processing", "completed", "failed"])
+    def test_retry_dead_of_a_job_that_is_not_dead_is_a_conflict(self, store, state):
+        self.enqueue_one(store, id="j")
+        if state != "pending":
+            job = self.claim(store)
+            if state == "completed":
+                store.finish("j", 1, "w1", "completed", NOW + 1, "completed", 0)
+            elif state == "failed":
+                store.finish("j", 1, "w1", "failed", NOW + 1, "failed", 1, retry_at=NOW + 3)
+            assert job.id == "j"
+        assert store.get("j").state == state
+        before = snapshot(store, "j")
+        with pytest.raises(Conflict) as info:
+            store.retry_dead("j", NOW + 10)
+        assert state in str(info.value)
+        assert snapshot(store, "j") == before
+
+    def test_retry_dead_of_an_unknown_job_is_not_found(self, store):
+        with pytest.raises(NotFound):
+            store.retry_dead("nope", NOW)
+
+    # --- delete --------------------------------------------------------------------------
+
+    def make_one_of_each(self, store):
+        """Jobs p1, p2 pending; r processing; c completed; f failed; d dead."""
+        for job_id in ["r", "c", "f", "d", "p1", "p2"]:
+            self.enqueue_one(store, id=job_id, priority="high" if job_id in "rcfd" else "low")
+        for job_id, state in [("r", None), ("c", "completed"), ("f", "failed"), ("d", "dead")]:
+            assert self.claim_id(store, now=NOW + 1) == job_id
+            if state:
+                store.finish(job_id, 1, "w1", state, NOW + 2, state, 1, retry_at=NOW + 100 if state == "failed" else None)
+        return {"p1": "pending", "p2": "pending", "r": "processing", "c": "completed", "f": "failed", "d": "dead"}
+
+    def states(self, store):
+        return {j.id: j.state for j in store.list_jobs(limit=1000)}
+
+    def test_delete_jobs_by_state(self, store, raw_counts):
+        expected = self.make_one_of_each(store)
+        assert self.states(store) == expected
+        assert store.delete_jobs("completed") == 1
+        assert store.get("c") is None and store.attempts("c") == []
+        assert store.delete_jobs("pending") == 2
+        assert store.delete_jobs("pending") == 0
+        assert self.states(store) == {"r": "processing", "f": "failed", "d": "dead"}
+        self.assert_counts(store, raw_counts, {"processing": 1, "failed": 1, "dead": 1})
+
+    def test_delete_all_keeps_running_jobs(self, store, raw_counts):
+        self.make_one_of_each(store)
+        assert store.delete_jobs() == 5
+        assert self.states(store) == {"r": "processing"}
+        assert [a.n for a in store.attempts("r")] == [1]
+        for gone in ["c", "f", "d"]:
+            assert store.attempts(gone) == []
+        self.assert_counts(store, raw_counts, {"processing": 1})
+
+    def test_delete_of_processing_jobs_is_refused(self, store):
+        expected = self.make_one_of_each(store)
+        with pytest.raises(Conflict):
+            store.delete_jobs("processing")
+        assert self.states(store) == expected
+
+    # --- counts ---------------------------------------------------------------------------
+
+    def test_counts_follow_every_transition(self, store, raw_counts):
+        check = lambda **expected: self.assert_counts(store, raw_counts, expected)  # noqa: E731
+        check()
+        store.enqueue([spec(id=i, priority="high" if i < "d" else "low") for i in "abcdef"], NOW)
+        check(pending=6)
+        a = self.claim(store, now=NOW + 1)
+        check(pending=5, processing=1)
+        store.finish(a.id, a.runs, "w1", "completed", NOW + 2, "completed", 0)
+        check(pending=5, completed=1)
+        b = self.claim(store, now=NOW + 2)
+        store.finish(b.id, b.runs, "w1", "failed", NOW + 3, "failed", 1, retry_at=NOW + 5)
+        check(pending=4, completed=1, failed=1)
+        c = self.claim(store, now=NOW + 3)
+        store.finish(c.id, c.runs, "w1", "dead", NOW + 4, "failed", 1)
+        check(pending=3, completed=1, failed=1, dead=1)
+        b2 = self.claim(store, now=NOW + 5)
+        assert b2.id == b.id
+        check(pending=3, completed=1, processing=1, dead=1)
+        store.release(b2.id, b2.runs, "w1", NOW + 6, "stop")
+        check(pending=4, completed=1, dead=1)
+        d = self.claim(store, now=NOW + 6)
+        store.rescue(NOW + 100, HOST, always_alive, Recorder())
+        assert store.get(d.id).state == "pending"
+        check(pending=4, completed=1, dead=1)
+        store.retry_dead(c.id, NOW + 101)
+        check(pending=5, completed=1)
+        self.claim(store, now=NOW + 102)
+        with pytest.raises(Conflict):
+            store.delete_jobs("processing")
+        check(pending=4, completed=1, processing=1)
+        store.delete_jobs("completed")
+        check(pending=4, processing=1)
+        store.delete_jobs()
+        check(processing=1)
+
+    # --- configuration ----------------------------------------------------------------------
+
+    def test_config_defaults_overlay_and_set(self, store):
+        assert store.config() == queuectl.DEFAULTS
+        store.set_config("max-retries", 5)
+        store.set_config("backoff-base", 3.5)
+        cfg = store.config()
+        assert cfg == dict(queuectl.DEFAULTS, **{"max-retries": 5, "backoff-base": 3.5})
+        assert type(cfg["max-retries"]) is int
+        store.set_config("max-retries", 0)
+        assert store.config()["max-retries"] == 0
+        assert queuectl.DEFAULTS["max-retries"] == 3  # the defaults themselves are untouched
+
+    def test_config_is_shared_between_connections(self, store, open_store):
+        store.set_config("job-timeout", 600.0)
+        assert open_store().config()["job-timeout"] == 600.0
+
+    # --- workers -----------------------------------------------------------------------------
+
+    def test_register_unregister_and_list_workers(self, store):
+        assert store.workers() == []
+        store.register_worker(worker_record("w2", pid=12, now=NOW + 1))
+        store.register_worker(worker_record("w1", pid=11, now=NOW))
+        workers = store.workers()
+        assert [(w["id"], w["pid"], w["host"], w["state"], w["job_id"]) for w in workers] == [
+            ("w1", 11, HOST, "idle", None), ("w2", 12, HOST, "idle", None)]
+        store.register_worker(worker_record("w1", pid=99, now=NOW + 2))  # replaces, no duplicate
+        assert sorted((w["id"], w["pid"]) for w in store.workers()) == [("w1", 99), ("w2", 12)]
+        store.unregister_worker("w1")
+        assert [w["id"] for w in store.workers()] == ["w2"]
+        store.unregister_worker("never-registered")
+        assert [w["id"] for w in store.workers()] == ["w2"]
+
+    def test_a_claiming_worker_is_recorded_busy_with_its_job(self, store):
+        store.register_worker(worker_record("w1"))
+        self.enqueue_one(store, id="j")
+        self.claim(store, "w1", now=NOW + 1)
+        (w,) = store.workers()
+        assert (w["state"], w["job_id"], w["heartbeat_at"]) == ("busy", "j", NOW + 1)
+        assert self.claim(store, "w1", now=NOW + 2) is None
+        (w,) = store.workers()
+        assert (w["state"], w["job_id"]) == ("idle", None)
+
+    def test_wake_addresses_are_of_idle_local_workers_only(self, store):
+        store.register_worker(worker_record("idle1", wake="addr-idle1"))
+        store.register_worker(worker_record("idle2", wake="addr-idle2"))
+        store.register_worker(worker_record("busy", wake="addr-busy"))
+        store.register_worker(worker_record("remote", host=OTHER_HOST, wake="addr-remote"))
+        store.register_worker(worker_record("nowake", wake=None))
+        self.enqueue_one(store, id="j")
+        assert self.claim_id(store, "busy", now=NOW + 1) == "j"
+        assert sorted(store.wake_addresses(HOST, 10)) == ["addr-idle1", "addr-idle2"]
+        one = store.wake_addresses(HOST, 1)
+        assert len(one) == 1 and one[0] in ("addr-idle1", "addr-idle2")
+        assert store.wake_addresses(OTHER_HOST, 10) == ["addr-remote"]
+        assert store.wake_addresses("host-c", 10) == []
+
+    # --- reading ---------------------------------------------------------------------------------
+
+    def test_list_jobs_most_recently_updated_last(self, store):
+        self.enqueue_one(store, NOW, id="a")
+        self.enqueue_one(store, NOW + 1, id="b")
+        self.enqueue_one(store, NOW + 2, id="c")
+        self.enqueue_one(store, NOW + 3, id="d")
+        assert [j.id for j in store.list_jobs()] == ["a", "b", "c", "d"]
+        assert self.claim_id(store, now=NOW + 10) == "a"  # a is updated last now
+        assert [j.id for j in store.list_jobs()] == ["b", "c", "d", "a"]
+        assert [j.id for j in store.list_jobs(limit=2)] == ["d", "a"]  # the limit keeps the newest
+        assert [j.id for j in store.list_jobs(limit=1)] == ["a"]
+        assert [j.id for j in store.list_jobs(state="pending")] == ["b", "c", "d"]
+        assert [j.id for j in store.list_jobs(state="pending", limit=2)] == ["c", "d"]
+        assert [j.id for j in store.list_jobs(state="processing")] == ["a"]
+        assert store.list_jobs(state="dead") == []
+
+    def test_list_jobs_same_update_time_in_enqueue_order(self, store):
+        store.enqueue([spec(id=i) for i in ["z", "y", "x"]], NOW)
+        assert [j.id for j in store.list_jobs()] == ["z", "y", "x"]
+        assert [j.id for j in store.list_jobs(limit=2)] == ["y", "x"]
+
+    def test_get_and_attempts_of_an_unknown_job(self, store):
+        assert store.get("nope") is None
+        assert store.attempts("nope") == []
+        assert store.attempt("nope") is None
+
+    def test_attempt_lookup_by_number(self, store):
+        self.enqueue_one(store, id="j")
+        job = self.claim(store, now=NOW)
+        store.finish("j", 1, "w1", "failed", NOW + 1, "failed", 1, output="first", output_bytes=5, retry_at=NOW + 2)
+        job = self.claim(store, now=NOW + 2)
+        store.finish("j", job.runs, "w1", "completed", NOW + 3, "completed", 0, output="second", output_bytes=6)
+        assert store.attempt("j", 1).output == "first"
+        assert store.attempt("j", 2).output == "second"
+        assert store.attempt("j").n == 2
+        assert store.attempt("j", 3) is None
+
+
+###############################################################################
+# SqliteStore
+###############################################################################
+
+
+class TestSqliteStore(StoreContract):
+    @pytest.fixture
+    def open_store(self, db):
+        opened = []
+
+        def make():
+            s = queuectl.SqliteStore(str(db))
+            opened.append(s)
+            return s
+
+        yield make
+        for s in opened:
+            s.close()
+
+    @pytest.fixture
+    def raw_counts(self, db):
+        return lambda: dict(db_rows(db, "SELECT state, count(*) FROM jobs GROUP BY state"))
+
+    def test_data_survives_reopening(self, store, open_store):
+        store.enqueue([spec(id="j", command="echo durable")], NOW)
+        store.close()
+        assert open_store().get("j").command == "echo durable"
+
+
+def plan(store, sql):
+    params = {"now": NOW, "limit": 100, "state": "pending", "worker": "w", "lease_until": NOW + LEASE}
+    return [row[3] for row in store.conn.execute("EXPLAIN QUERY PLAN " + sql, params)]
+
+
+@pytest.mark.parametrize("name", ["SQL_CLAIM_SELECT", "SQL_CLAIM", "SQL_LIST_ALL", "SQL_LIST_STATE"])
+def test_claim_and_list_queries_use_an_index(store, name):
+    steps = plan(store, getattr(queuectl, name))
+    assert not [s for s in steps if "SCAN jobs" in s and "USING" not in s], steps
+    assert any("jobs USING" in s and "INDEX" in s for s in steps), steps
+
+
+def test_claim_reads_the_due_jobs_in_claim_order_without_sorting_them(store):
+    """Otherwise every claim sorts every due job: cost grows with the queue length."""
+    store.enqueue([spec() for _ in range(100)], NOW)
+    steps = plan(store, queuectl.SQL_CLAIM_SELECT)
+    assert not [s for s in steps if "TEMP B-TREE" in s], steps
+
+
+def test_a_new_database_has_the_current_schema_version(db):
+    store = queuectl.SqliteStore(str(db))
+    store.close()
+    assert db_rows(db, "PRAGMA user_version") == [(len(queuectl.SCHEMA),)]
+    assert db_rows(db, "PRAGMA journal_mode") == [("wal",)]
+    tables = {r[0] for r in db_rows(db, "SELECT name FROM sqlite_master WHERE type = 'table'")}
+    assert {"jobs", "attempts", "workers", "config", "job_counts"} <= tables
+
+
+def test_reopening_does_not_migrate_again(db):
+    queuectl.SqliteStore(str(db)).close()
+    schema = db_rows(db, "SELECT sql FROM sqlite_master ORDER BY name")
+    queuectl.SqliteStore(str(db)).close()
+    assert db_rows(db, "SELECT sql FROM sqlite_master ORDER BY name") == schema
+
+
+def test_a_database_from_a_newer_queuectl_is_refused(db):
+    queuectl.SqliteStore(str(db)).close()
+    conn = sqlite3.connect(str(db))
+    conn.execute("PRAGMA user_version = %d" % (len(queuectl.SCHEMA) + 1))
+    conn.close()
+    with pytest.raises(DatabaseError) as info:
+        queuectl.SqliteStore(str(db))
+    assert "newer" in str(info.value)
+
+
+def file_state(path):
+    directory = os.path.dirname(path)
+    return path.read_bytes(), sorted(os.listdir(directory))
+
+
+def test_an_sqlite_file_with_foreign_tables_is_refused_and_left_untouched(db):
+    conn = sqlite3.connect(str(db))
+    conn.execute("CREATE TABLE invoices (id INTEGER PRIMARY KEY, amount REAL)")
+    conn.execute("INSERT INTO invoices (amount) VALUES (9.5)")
+    conn.commit()
+    conn.close()
+    before = file_state(db)
+    with pytest.raises(DatabaseError) as info:
+        queuectl.SqliteStore(str(db))
+    assert "not a queuectl" in str(info.value)
+    assert db_rows(db, "SELECT amount FROM invoices") == [(9.5,)]
+    assert db_rows(db, "PRAGMA user_version") == [(0,)]
+    assert db_rows(db, "PRAGMA journal_mode") == [("delete",)], "the journal mode of a foreign file was changed"
+    assert file_state(db) == before
+
+
+@pytest.mark.parametrize("content", [b"this is not a database\n" * 200, b"SQLite format 3\x00" + b"\xff" * 4000])
+def test_a_garbage_file_is_a_database_error_and_left_untouched(db, content):
+    db.write_bytes(content)
+    with pytest.raises(DatabaseError):
+        queuectl.SqliteStore(str(db))
+    assert db.read_bytes() == content
