@@ -8,6 +8,12 @@
 - ``workers``: starts foreground worker supervisors; teardown kills every
   process they started, by PID.
 - ``wait_until(predicate, timeout)``: poll with a deadline instead of sleeping.
+- ``pg_url``: a postgresql:// URL of a fresh, empty schema on the test server
+  ($QUEUECTL_TEST_PG, default postgresql://postgres@127.0.0.1:5432/test),
+  dropped after the test.  With QUEUECTL_TEST_BACKEND=postgres, ``db`` is such
+  a URL instead of a file, so the end-to-end suite runs on PostgreSQL.
+- ``db_rows(db, sql, params)``: read the database straight (SQLite file or
+  PostgreSQL URL; ``?`` placeholders either way).
 """
 
 import contextlib
@@ -28,6 +34,20 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import queuectl  # noqa: E402
+
+#: Which backend the ``db`` fixture gives: "sqlite" (a file) or "postgres" (a fresh schema's URL).
+BACKEND = os.environ.get("QUEUECTL_TEST_BACKEND", "sqlite")
+if BACKEND not in ("sqlite", "postgres"):
+    raise RuntimeError("QUEUECTL_TEST_BACKEND must be sqlite or postgres, not %r" % BACKEND)
+PG_TEST_URL = os.environ.get("QUEUECTL_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
+
+try:
+    import psycopg
+except ImportError:  # the SQLite tests run without it; the PostgreSQL ones fail, never skip
+    psycopg = None
+
+#: What reading a database straight may raise (a file being created, a schema being migrated).
+DB_ERRORS = (sqlite3.Error,) + ((psycopg.Error,) if psycopg else ())
 
 
 def program():
@@ -59,11 +79,88 @@ class Result:
 
 
 @pytest.fixture
-def db(tmp_path, monkeypatch):
-    path = tmp_path / "q.db"
+def db(tmp_path, monkeypatch, request):
+    if BACKEND == "postgres":
+        path = request.getfixturevalue("pg_url")
+        # workers started detached log to the per-user data directory: keep it inside the test's
+        monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
+    else:
+        path = tmp_path / "q.db"
     monkeypatch.setenv("QUEUECTL_DB", str(path))
     monkeypatch.chdir(tmp_path)
     return path
+
+
+# --- PostgreSQL --------------------------------------------------------------------
+
+_PG_CONNS = {}  # URL -> the open connection db_rows reads it with
+
+
+def pg_schema_of(url):
+    import queuectl_pg
+
+    return queuectl_pg.parse_url(url)[1]
+
+
+def _pg_conn(url):
+    conn = _PG_CONNS.get(url)
+    if conn is None or conn.closed:
+        import queuectl_pg
+
+        conninfo, schema = queuectl_pg.parse_url(url)
+        conn = psycopg.connect(conninfo, autocommit=True, connect_timeout=10)
+        conn.execute('SET search_path TO "%s"' % schema)
+        _PG_CONNS[url] = conn
+    return conn
+
+
+def new_pg_url(base=None):
+    """The URL of a schema no one uses yet (queuectl creates it on first open)."""
+    import secrets
+
+    base = base or PG_TEST_URL
+    return base + ("&" if "?" in base else "?") + "schema=qt_%d_%s" % (os.getpid(), secrets.token_hex(4))
+
+
+def drop_pg_schema(url):
+    """Drop a test schema, after ending any server session still holding it (of a killed process)."""
+    conn = _PG_CONNS.pop(url, None)
+    if conn is not None:
+        conn.close()
+    import queuectl_pg
+
+    conninfo, schema = queuectl_pg.parse_url(url)
+    with psycopg.connect(conninfo, autocommit=True, connect_timeout=10) as admin:
+        admin.execute("SET lock_timeout = '2s'")
+        deadline = time.monotonic() + 30
+        while True:
+            admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                          "WHERE application_name = %s AND pid <> pg_backend_pid()", ("queuectl:" + schema,))
+            try:
+                admin.execute('DROP SCHEMA IF EXISTS "%s" CASCADE' % schema)
+                return
+            except psycopg.errors.LockNotAvailable:
+                if time.monotonic() > deadline:
+                    raise
+
+
+def pytest_collection_modifyitems(config, items):
+    """With QUEUECTL_TEST_BACKEND=postgres every test on the ``db`` fixture needs the server:
+    mark it ``postgres`` (so ``-m "not postgres"`` leaves the whole PostgreSQL run out)."""
+    if BACKEND == "postgres":
+        for item in items:
+            if "db" in getattr(item, "fixturenames", ()):
+                item.add_marker(pytest.mark.postgres)
+
+
+@pytest.fixture
+def pg_url():
+    """A fresh PostgreSQL schema's URL; the schema is dropped after the test."""
+    if psycopg is None:
+        raise RuntimeError("the PostgreSQL tests need psycopg: pip install 'psycopg[binary]'")
+    url = new_pg_url()
+    yield url
+    drop_pg_schema(url)
 
 
 class _Stdin(io.TextIOWrapper):
@@ -86,7 +183,12 @@ def cli(db, capsys, monkeypatch):
 
 @pytest.fixture
 def store(db):
-    s = queuectl.SqliteStore(str(db))
+    if queuectl.is_db_url(db):  # QUEUECTL_TEST_BACKEND=postgres: time injected by the test, as with SQLite
+        import queuectl_pg
+
+        s = queuectl_pg.PostgresStore(str(db), clock="caller")
+    else:
+        s = queuectl.SqliteStore(str(db))
     yield s
     s.close()
 
@@ -114,6 +216,17 @@ def run(db, tmp_path):
 
 
 def db_rows(db, sql, params=()):
+    """Rows (tuples) of ``sql`` read straight from the database: an SQLite file, or the schema of a
+    postgresql:// URL.  ``?`` placeholders work for both."""
+    if queuectl.is_db_url(db):
+        if params:
+            sql = sql.replace("%", "%%").replace("?", "%s")
+        try:
+            cur = _pg_conn(str(db)).execute(sql, tuple(params) or None)
+            return cur.fetchall() if cur.description is not None else []
+        except psycopg.OperationalError:
+            _PG_CONNS.pop(str(db), None)
+            raise
     conn = sqlite3.connect(str(db), timeout=10)
     try:
         return conn.execute(sql, params).fetchall()
@@ -128,7 +241,7 @@ def states(db):
 def pids_of_database(db):
     """Every worker, supervisor and job process recorded in the database."""
     pids = set()
-    with contextlib.suppress(sqlite3.Error):
+    with contextlib.suppress(*DB_ERRORS):
         for pid, sup in db_rows(db, "SELECT pid, supervisor_pid FROM workers"):
             pids.add(pid)
             if sup:
@@ -137,7 +250,7 @@ def pids_of_database(db):
 
 
 def job_pgids(db):
-    with contextlib.suppress(sqlite3.Error):
+    with contextlib.suppress(*DB_ERRORS):
         return {r[0] for r in db_rows(db, "SELECT pid FROM attempts WHERE pid IS NOT NULL")}
     return set()
 
@@ -165,7 +278,7 @@ class Workers:
         return proc
 
     def children(self, supervisor_pid):
-        with contextlib.suppress(sqlite3.Error):
+        with contextlib.suppress(*DB_ERRORS):
             return [r[0] for r in db_rows(self.db, "SELECT pid FROM workers WHERE supervisor_pid = ?",
                                           (supervisor_pid,))]
         return []

@@ -73,7 +73,7 @@ def run_job(store, job_id, outcome="completed", output="", exit_code=None, error
 
 def make_dead(cli, store, job_id, max_retries=0, output=""):
     enqueue(cli, {"id": job_id, "command": "false", "max_retries": max_retries, "priority": "high"})
-    while True:
+    for _ in range(max_retries + 1):
         if run_job(store, job_id, "failed", output=output) is queuectl.JobState.DEAD:
             return
         # the retry is due later: make it due now so the next claim takes it
@@ -81,6 +81,7 @@ def make_dead(cli, store, job_id, max_retries=0, output=""):
         conn.execute("UPDATE jobs SET run_at = 0 WHERE id = ?", (job_id,))
         conn.commit()
         conn.close()
+    raise AssertionError("job %s is not dead after max_retries + 1 = %d failed runs" % (job_id, max_retries + 1))
 
 
 ###############################################################################
@@ -687,6 +688,18 @@ def test_garbage_database_file(cli, db, args):
     assert_one_error_line(result, 74)
     assert result.out == ""
     assert db.read_bytes() == content
+
+
+def test_a_foreign_sqlite_database(cli, db):
+    conn = sqlite3.connect(str(db))
+    conn.execute("CREATE TABLE invoices (id INTEGER PRIMARY KEY, amount REAL)")
+    conn.commit()
+    conn.close()
+    for args in (("status",), ("enqueue", "--", "true")):
+        result = cli(*args)
+        assert_one_error_line(result, 74)
+        assert "not a queuectl" in result.err
+    assert [r[0] for r in db_rows(db, "SELECT name FROM sqlite_master")] == ["invoices"]
 
 
 def test_a_directory_as_database(cli, tmp_path):

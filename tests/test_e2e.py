@@ -7,11 +7,12 @@ These run against queuectl.py, and again against dist/queuectl.pyz
 import json
 import os
 import signal
+import subprocess
 import time
 
 import pytest
 
-from conftest import db_rows, pid_exists, pids_of_database, states, wait_until
+from conftest import db_rows, pid_exists, pids_of_database, program, states, test_env, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -251,13 +252,19 @@ def test_expired_lease_is_rescued_when_worker_is_frozen(run, db, workers, tmp_pa
 
 
 def test_graceful_stop_finishes_current_job_and_does_not_forward_signals(run, db, workers, tmp_path):
-    cmd = "trap 'echo TERM >> %s/sig' TERM; sleep 1.5; echo done" % tmp_path
+    # the job runs until the test creates `go`, so the stop surely arrives while it runs
+    cmd = "trap 'echo TERM >> %s/sig' TERM; while [ ! -f %s/go ]; do sleep 0.02; done; echo done" % (tmp_path, tmp_path)
     run("enqueue", json.dumps({"id": "current", "command": cmd}))
-    assert run("worker", "start").rc == 0
-    wait_state(db, "current", "processing")
     run("enqueue", '{"id":"next","command":"true","priority":"low"}')
-    r = run("worker", "stop")
-    assert r.rc == 0 and "stopped 1 worker" in r.out
+    workers.start(1)
+    wait_state(db, "current", "processing")
+    stopper = subprocess.Popen(program() + ["worker", "stop"], env=test_env(db), cwd=tmp_path,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    workers.extra_pids.add(stopper.pid)
+    wait_until(lambda: "graceful stop requested" in workers.log(), 20)
+    (tmp_path / "go").touch()
+    out, _ = stopper.communicate(timeout=60)
+    assert stopper.returncode == 0 and b"stopped 1 worker" in out
     assert state_of(db, "current") == "completed"
     assert state_of(db, "next") == "pending", "a stopping worker claims nothing new"
     assert not (tmp_path / "sig").exists(), "the worker's SIGTERM must not reach the job"

@@ -593,3 +593,43 @@ def test_output_buffer_empty():
     assert buf.text() == ""
     assert buf.total == 0
     assert not buf.dirty
+
+
+# --- statistics -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seconds", [0.0, 0.0005, 0.001, 0.0011, 0.05, 1.0, 7.3, 3600.0])
+def test_run_time_bucket_holds_the_time_within_25_percent(seconds):
+    bucket = queuectl.run_time_bucket(seconds)
+    upper = queuectl.HIST_BASE * queuectl.HIST_RATIO ** bucket
+    assert seconds <= upper + 1e-12
+    if seconds > queuectl.HIST_BASE:
+        assert upper <= seconds * queuectl.HIST_RATIO + 1e-12
+
+
+def test_run_time_bucket_caps_absurd_times():
+    assert queuectl.run_time_bucket(1e12) == queuectl.HIST_TOP - 1
+
+
+def test_bucket_percentile():
+    hist = {queuectl.run_time_bucket(0.1): 95, queuectl.run_time_bucket(10.0): 5}
+    p95 = queuectl.bucket_percentile(hist, 0.95)
+    assert 0.1 <= p95 <= 0.125
+    assert 10.0 <= queuectl.bucket_percentile(hist, 0.99) <= 12.5
+    assert queuectl.bucket_percentile({}, 0.95) is None
+
+
+def test_summarize_stats_per_queue():
+    rows = [
+        {"queue": "a", "outcome": "completed", "count": 3, "run_sum": 3.0, "wait_sum": 0.3},
+        {"queue": "a", "outcome": "timeout", "count": 1, "run_sum": 5.0, "wait_sum": 0.1},
+        {"queue": "a", "outcome": "lost", "count": 2, "run_sum": 0.0, "wait_sum": 0.0},
+        {"queue": "b", "outcome": "cancelled", "count": 1, "run_sum": 1.0, "wait_sum": 0.0},
+    ]
+    out = queuectl.summarize_stats(rows, {"a": {queuectl.run_time_bucket(1.0): 4}}, 120.0)
+    a = out["a"]
+    assert (a["finished"], a["completed"], a["failed"], a["lost"]) == (4, 3, 1, 2)
+    assert a["success_rate"] == 0.75 and a["per_minute"] == 2.0
+    assert a["mean_run"] == 2.0 and a["mean_wait"] == 0.1
+    assert 1.0 <= a["p95_run"] <= 1.25
+    assert out["b"]["success_rate"] is None and out["b"]["cancelled"] == 1

@@ -466,6 +466,17 @@ class StoreContract:
         runs, _ = self.runs_until_dead(store, "j", now + 100)
         assert runs == 3
 
+    def test_retry_dead_of_a_job_lost_to_rescues_gives_exactly_one_more_run(self, store):
+        """Its lost runs did not use its retries, yet a plain retry still means one run, not the whole budget."""
+        store.set_config("max-rescues", 0)
+        self.enqueue_one(store, id="j", max_retries=2)
+        self.claim(store, now=NOW)
+        assert store.rescue(NOW + 16, HOST, always_alive, Recorder()) == ["j"]
+        assert store.get("j").state == "dead"
+        assert store.retry_dead("j", NOW + 20) is True
+        runs, _ = self.runs_until_dead(store, "j", NOW + 20)
+        assert runs == 1
+
     def test_retry_dead_after_too_many_rescues_with_reset(self, store):
         store.set_config("max-rescues", 0)
         self.enqueue_one(store, id="j")
@@ -750,18 +761,29 @@ def file_state(path):
     return path.read_bytes(), sorted(os.listdir(directory))
 
 
-def test_an_sqlite_file_with_foreign_tables_is_refused_and_left_untouched(db):
+def make_foreign(db):
     conn = sqlite3.connect(str(db))
     conn.execute("CREATE TABLE invoices (id INTEGER PRIMARY KEY, amount REAL)")
     conn.execute("INSERT INTO invoices (amount) VALUES (9.5)")
     conn.commit()
     conn.close()
-    before = file_state(db)
+
+
+def test_an_sqlite_file_with_foreign_tables_is_refused(db):
+    make_foreign(db)
     with pytest.raises(DatabaseError) as info:
         queuectl.SqliteStore(str(db))
     assert "not a queuectl" in str(info.value)
     assert db_rows(db, "SELECT amount FROM invoices") == [(9.5,)]
     assert db_rows(db, "PRAGMA user_version") == [(0,)]
+    assert [r[0] for r in db_rows(db, "SELECT name FROM sqlite_master")] == ["invoices"]
+
+
+def test_an_sqlite_file_with_foreign_tables_is_left_byte_for_byte_untouched(db):
+    make_foreign(db)
+    before = file_state(db)
+    with pytest.raises(DatabaseError):
+        queuectl.SqliteStore(str(db))
     assert db_rows(db, "PRAGMA journal_mode") == [("delete",)], "the journal mode of a foreign file was changed"
     assert file_state(db) == before
 

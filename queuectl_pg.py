@@ -1,0 +1,1721 @@
+"""PostgreSQL backend for queuectl: workers on many machines share one queue.
+
+``queuectl --db postgresql://USER@HOST/DB`` (or ``QUEUECTL_DB`` set to such a
+URL) opens a ``PostgresStore``.  ``queuectl.py`` imports this module lazily, only
+for such URLs, so the default path stays standard-library only; this module
+needs psycopg 3 (``pip install 'queuectl[postgres]'``, or a ``.pyz`` built with
+``./build.sh --with-postgres``).
+
+Design (the README's "Running across machines" has the user's view):
+
+- **Same contract.**  ``PostgresStore`` implements every method of
+  ``queuectl.Store`` with the semantics of ``SqliteStore`` and runs the same
+  contract suite (tests/test_store.py, tests/test_store_pg.py).
+- **Own schema.**  Everything lives in one PostgreSQL schema, ``queuectl`` by
+  default, ``?schema=NAME`` in the URL to choose another, so queuectl can share
+  a database with an application (and tests use a fresh schema each).  The
+  schema is created and migrated by queuectl itself: numbered migrations in
+  ``PG_SCHEMA``, applied under an advisory lock, recorded in
+  ``schema_migrations``.  A schema that holds tables but no queuectl
+  migrations table is refused, never modified.
+- **One clock: the database's.**  Machines' clocks differ, so leases,
+  heartbeats and due times are read and written on the database clock
+  (``extract(epoch from clock_timestamp())``), evaluated once per statement.
+  The ``now`` the contract passes in is the caller's clock reading; the store
+  uses it only as the reference point of the absolute times the caller
+  computed from it: a job's ``run_at`` at enqueue and a failed run's
+  ``retry_at`` are stored as *database now + (value - caller's now)*, so
+  "in 60 seconds" means 60 seconds on the database clock whatever the
+  worker's clock says.  (An absolute ``run_at`` is therefore read on the
+  enqueuing machine's clock.)  Logic that runs here on a time (rescue's stale
+  workers, firing schedules) reads the database clock first; a run's start
+  handed to ``rescue``'s ``kill`` (compared with a local process's start) is
+  translated to the caller's clock.  ``PostgresStore(url, clock="caller")``
+  trusts the caller's ``now`` instead: the contract suite injects time that
+  way, as it does for SQLite; nothing in the program uses it.
+- **Claims** take the next due job with ``FOR UPDATE SKIP LOCKED``: workers
+  never wait for each other and never get the same job.  A claim, its attempt
+  record and the worker's state are one statement (one round trip).
+- **Fencing.**  Heartbeat, finish and release only touch the row when it is
+  still ``processing`` with the caller's worker id and run number; a worker
+  whose lease expired and was rescued (by any machine) cannot overwrite the new
+  owner's result.  Rescue locks the rows it gives back (``SKIP LOCKED``), so
+  several machines rescuing at once never double-count a lost run.
+- **Wake-up by LISTEN/NOTIFY.**  An enqueue of due jobs (and a DLQ retry, a
+  release, a rescue) sends ``NOTIFY`` in its own transaction, so it is only
+  delivered if the jobs are committed; a cancel of a running job sends one
+  with the payload ``cancel`` (busy workers look at their job at once).  A
+  worker LISTENs on a dedicated connection that it opens before its first
+  claim (at registration); ``wait_fds()`` gives the worker that connection's
+  socket to ``select()`` on, and ``consume_notifications()`` drains it.  If
+  that connection breaks, the worker falls back to its poll interval and
+  reconnects (at most every LISTEN_RETRY seconds).
+- **Few round trips, few index writes.**  An enqueue (of up to 5,000 jobs), a
+  claim, a heartbeat and a release are one statement each; the end of a run
+  is one pipelined transaction (two round trips).  ``jobs`` has no index on
+  ``lease_until``, so a heartbeat is an in-page (HOT) update.
+- **Counts without a hot row.**  A per-state counter row updated by every claim
+  and finish would serialise all workers on its row lock.  Instead, triggers
+  append the changes to ``job_count_deltas`` (inserts never conflict), and
+  ``counts()`` and the workers' periodic housekeeping fold the deltas into
+  ``job_counts`` (one folder at a time, under a try-lock).  ``counts()`` reads
+  the folded totals plus the deltas not yet folded, in one snapshot: exact,
+  and independent of the number of jobs.  Per-minute statistics and the
+  lifetime totals of ``/metrics`` are spread over 16 rows per key (the server
+  backend's pid mod 16) for the same reason, and summed when read.
+- **Dependencies across machines.**  An enqueue locks the jobs it depends on
+  (``FOR SHARE``) and the end of a job locks each dependent before releasing
+  or cancelling it, so a dependency that ends while its dependent is being
+  enqueued, or two dependencies that end at once, never leave a job waiting
+  forever.  Queue limits lock the queue's row while its running jobs are
+  counted, so all machines together respect them; schedules are fired by
+  whichever supervisor locks them first (``SKIP LOCKED``): one job per tick.
+"""
+
+import contextlib
+import hashlib
+import json
+import re
+import select
+import time
+import urllib.parse
+
+import psycopg
+from psycopg.rows import dict_row
+
+import queuectl
+from queuectl import (
+    STATES,
+    Attempt,
+    Conflict,
+    DatabaseBusy,
+    DatabaseError,
+    InvalidInput,
+    Job,
+    JobState,
+    NotFound,
+    QueuectlError,
+    Store,
+    can_transition,
+    new_job_id,
+)
+
+DEFAULT_SCHEMA = "queuectl"
+SCHEMA_RE = re.compile(r"^[a-z_][a-z0-9_]{0,47}$")  # fits NOTIFY channel names (63 bytes)
+CONNECT_TIMEOUT = 10  # seconds, unless the URL says otherwise
+LISTEN_RETRY = 5.0  # seconds between attempts to re-open a broken LISTEN connection
+ENQUEUE_CHUNK = 5000  # jobs per INSERT statement in a batch (one transaction in all)
+PIPELINE = psycopg.Pipeline.is_supported()  # several statements per round trip (libpq 14 or newer)
+
+###############################################################################
+# URLs
+###############################################################################
+
+
+def is_url(db):
+    return bool(re.match(r"^postgres(ql)?://", str(db or "")))
+
+
+def redact(url):
+    """The URL as it may be shown: without its password."""
+    url = re.sub(r"^(postgres(?:ql)?://[^:/@?#]*):[^@/?#]*@", r"\1:***@", str(url))
+    return re.sub(r"([?&]password=)[^&#]*", r"\1***", url)
+
+
+def parse_url(url, schema=None):
+    """``(conninfo for libpq, schema name)``: ``?schema=NAME`` is queuectl's, the rest libpq's."""
+    parts = urllib.parse.urlsplit(url)
+    rest = []
+    for key, value in urllib.parse.parse_qsl(parts.query, keep_blank_values=True):
+        if key == "schema":
+            schema = schema or value
+        else:
+            rest.append((key, value))
+    schema = schema or DEFAULT_SCHEMA
+    if not SCHEMA_RE.match(schema):
+        raise InvalidInput("invalid PostgreSQL schema name %r in %s: use 1-48 lower-case letters, digits and _ "
+                           "(not starting with a digit)" % (schema, redact(url)))
+    conninfo = urllib.parse.urlunsplit(parts._replace(query=urllib.parse.urlencode(rest)))
+    return conninfo, schema
+
+
+def lock_key(text):
+    """A stable 63-bit advisory lock key."""
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big") >> 1
+
+
+###############################################################################
+# Schema: numbered migrations; {s} is the quoted schema name
+###############################################################################
+
+#: Bucket of a run time ``d`` in the per-minute histogram of `queuectl stats` (queuectl.run_time_bucket).
+_RUN_BUCKET = "CASE WHEN {d} <= %r THEN 0 ELSE least(%d, ceil(ln({d} / %r) / ln(%r) - 1e-9)::integer) END" % (
+    queuectl.HIST_BASE, queuectl.HIST_TOP - 1, queuectl.HIST_BASE, queuectl.HIST_RATIO)
+#: Bucket of a run's duration ``d`` for the histogram (queuectl.DURATION_BUCKETS; +Inf above).
+_BUCKET = "CASE %s ELSE 'Infinity'::float8 END" % " ".join(
+    "WHEN d <= %r THEN %r::float8" % (b, b) for b in queuectl.DURATION_BUCKETS)
+
+PG_SCHEMA = [
+    # 1: the initial schema: SQLite's row model (SCHEMA 1-3 in queuectl.py) in PostgreSQL types
+    """
+    CREATE TABLE {s}.jobs (
+        seq bigint GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY,
+        id text COLLATE "C" NOT NULL UNIQUE,
+        command text NOT NULL,
+        state text NOT NULL,
+        priority integer NOT NULL,
+        queue text NOT NULL DEFAULT 'default',
+        timeout double precision,
+        max_retries integer NOT NULL,
+        attempts integer NOT NULL DEFAULT 0,
+        runs integer NOT NULL DEFAULT 0,
+        rescues integer NOT NULL DEFAULT 0,
+        run_at double precision NOT NULL,
+        created_at double precision NOT NULL,
+        updated_at double precision NOT NULL,
+        started_at double precision,
+        finished_at double precision,
+        worker_id text,
+        lease_until double precision,
+        exit_code integer,
+        last_error text,
+        cwd text,
+        env text,
+        unique_key text,
+        webhook text,
+        schedule text,
+        after_ids text,
+        cancel_requested integer NOT NULL DEFAULT 0
+    ) WITH (fillfactor = 85);
+    -- Few indexes, none on lease_until: an UPDATE that changes an indexed column writes a new entry
+    -- in every index, so a heartbeat (lease_until only) stays a cheap in-page (HOT) update, and a
+    -- claim or a finish touches as few indexes as possible.  Running jobs (about one per worker)
+    -- are found through jobs_state_updated: rescue, leases, running jobs per queue.
+    CREATE INDEX jobs_ready ON {s}.jobs (priority, run_at, seq) WHERE state IN ('pending', 'failed');
+    CREATE INDEX jobs_state_updated ON {s}.jobs (state, updated_at, seq);
+    CREATE INDEX jobs_updated ON {s}.jobs (updated_at, seq);
+    CREATE UNIQUE INDEX jobs_unique_key ON {s}.jobs (unique_key)
+        WHERE unique_key IS NOT NULL AND state IN ('pending', 'processing', 'failed', 'waiting');
+    CREATE TABLE {s}.attempts (
+        job_id text NOT NULL,
+        n integer NOT NULL,
+        worker_id text,
+        host text,
+        pid integer,
+        started_at double precision NOT NULL,
+        ended_at double precision,
+        exit_code integer,
+        outcome text,
+        error text,
+        output text NOT NULL DEFAULT '',
+        output_bytes bigint NOT NULL DEFAULT 0,
+        PRIMARY KEY (job_id, n)
+    );
+    CREATE TABLE {s}.workers (
+        id text PRIMARY KEY,
+        host text NOT NULL,
+        pid integer NOT NULL,
+        pid_started double precision,
+        supervisor_pid integer,
+        started_at double precision NOT NULL,
+        heartbeat_at double precision NOT NULL,
+        state text NOT NULL DEFAULT 'idle',
+        job_id text,
+        wake text
+    );
+    CREATE TABLE {s}.config (key text PRIMARY KEY, value text NOT NULL);
+    CREATE TABLE {s}.queues (name text COLLATE "C" PRIMARY KEY, max_running integer, paused boolean NOT NULL DEFAULT false);
+    CREATE TABLE {s}.job_deps (job_id text COLLATE "C" NOT NULL, depends_on text COLLATE "C" NOT NULL, PRIMARY KEY (job_id, depends_on));
+    CREATE INDEX job_deps_reverse ON {s}.job_deps (depends_on);
+    CREATE TABLE {s}.schedules (
+        name text COLLATE "C" PRIMARY KEY,
+        cron text NOT NULL,
+        tz text NOT NULL,
+        spec text NOT NULL,
+        missed text NOT NULL,
+        overlap text NOT NULL,
+        paused boolean NOT NULL DEFAULT false,
+        next_run double precision NOT NULL,
+        last_run double precision,
+        last_job text,
+        created_at double precision NOT NULL
+    );
+    CREATE TABLE {s}.webhooks (
+        id bigint GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY,
+        url text NOT NULL,
+        payload text NOT NULL,
+        attempts integer NOT NULL DEFAULT 0,
+        next_at double precision NOT NULL,
+        lease_until double precision,
+        last_error text,
+        created_at double precision NOT NULL,
+        delivered_at double precision
+    );
+    CREATE INDEX webhooks_due ON {s}.webhooks (next_at) WHERE delivered_at IS NULL;
+    -- Counters that every claim or finish would update are kept without a hot row: per-state counts
+    -- as an append-only log of changes, folded now and then; per-minute statistics and lifetime
+    -- totals spread over 16 rows ("shard": the server backend's pid mod 16), summed when read.
+    -- (shard is the last column, so the other columns read as SQLite's tables do.)
+    CREATE TABLE {s}.job_counts (state text PRIMARY KEY, n bigint NOT NULL);
+    CREATE TABLE {s}.job_count_deltas (state text NOT NULL, n bigint NOT NULL);
+    CREATE TABLE {s}.stats (
+        minute bigint NOT NULL,
+        queue text COLLATE "C" NOT NULL,
+        outcome text COLLATE "C" NOT NULL,
+        count bigint NOT NULL,
+        run_sum double precision NOT NULL,
+        wait_sum double precision NOT NULL,
+        shard integer NOT NULL,
+        PRIMARY KEY (minute, queue, outcome, shard)
+    );
+    CREATE TABLE {s}.stats_durations (
+        minute bigint NOT NULL,
+        queue text COLLATE "C" NOT NULL,
+        bucket integer NOT NULL,
+        count bigint NOT NULL,
+        shard integer NOT NULL,
+        PRIMARY KEY (minute, queue, bucket, shard)
+    );
+    CREATE TABLE {s}.attempt_totals (
+        queue text COLLATE "C" NOT NULL,
+        outcome text COLLATE "C" NOT NULL,
+        count bigint NOT NULL,
+        duration_sum double precision NOT NULL,
+        shard integer NOT NULL,
+        PRIMARY KEY (queue, outcome, shard)
+    );
+    CREATE TABLE {s}.attempt_durations (
+        queue text COLLATE "C" NOT NULL,
+        outcome text COLLATE "C" NOT NULL,
+        le double precision NOT NULL,
+        count bigint NOT NULL,
+        shard integer NOT NULL,
+        PRIMARY KEY (queue, outcome, le, shard)
+    );
+    CREATE FUNCTION {s}.jobs_count_ins() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        INSERT INTO {s}.job_count_deltas (state, n) SELECT state, count(*) FROM new_rows GROUP BY state;
+        RETURN NULL;
+    END $$;
+    CREATE FUNCTION {s}.jobs_count_del() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        INSERT INTO {s}.job_count_deltas (state, n) SELECT state, -count(*) FROM old_rows GROUP BY state;
+        RETURN NULL;
+    END $$;
+    CREATE FUNCTION {s}.jobs_count_upd() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        INSERT INTO {s}.job_count_deltas (state, n) VALUES (OLD.state, -1), (NEW.state, 1);
+        RETURN NULL;
+    END $$;
+    CREATE TRIGGER jobs_count_ins AFTER INSERT ON {s}.jobs REFERENCING NEW TABLE AS new_rows
+        FOR EACH STATEMENT EXECUTE FUNCTION {s}.jobs_count_ins();
+    CREATE TRIGGER jobs_count_del AFTER DELETE ON {s}.jobs REFERENCING OLD TABLE AS old_rows
+        FOR EACH STATEMENT EXECUTE FUNCTION {s}.jobs_count_del();
+    CREATE TRIGGER jobs_count_upd AFTER UPDATE OF state ON {s}.jobs
+        FOR EACH ROW WHEN (OLD.state IS DISTINCT FROM NEW.state) EXECUTE FUNCTION {s}.jobs_count_upd();
+    CREATE FUNCTION {s}.attempts_totals() RETURNS trigger LANGUAGE plpgsql AS $$
+    DECLARE
+        q text := coalesce((SELECT queue FROM {s}.jobs WHERE id = NEW.job_id), 'default');
+        d double precision := greatest(0, coalesce(NEW.ended_at, NEW.started_at) - NEW.started_at);
+    BEGIN
+        INSERT INTO {s}.attempt_totals AS t (queue, outcome, shard, count, duration_sum)
+        VALUES (q, NEW.outcome, mod(pg_backend_pid(), 16), 1, d)
+        ON CONFLICT (queue, outcome, shard) DO UPDATE
+        SET count = t.count + 1, duration_sum = t.duration_sum + excluded.duration_sum;
+        INSERT INTO {s}.attempt_durations AS t (queue, outcome, le, shard, count)
+        VALUES (q, NEW.outcome, {bucket}, mod(pg_backend_pid(), 16), 1)
+        ON CONFLICT (queue, outcome, le, shard) DO UPDATE SET count = t.count + 1;
+        RETURN NULL;
+    END $$;
+    CREATE TRIGGER attempts_totals AFTER UPDATE OF outcome ON {s}.attempts
+        FOR EACH ROW WHEN (OLD.outcome IS NULL AND NEW.outcome IS NOT NULL) EXECUTE FUNCTION {s}.attempts_totals();
+    """.replace("{bucket}", _BUCKET),
+]
+
+SQL_MIGRATIONS_TABLE = """
+CREATE TABLE {s}.schema_migrations (version integer PRIMARY KEY, applied_at double precision NOT NULL)
+"""
+SQL_SCHEMA_VERSION = "SELECT coalesce(max(version), 0) AS v FROM {s}.schema_migrations"
+SQL_RECORD_MIGRATION = """
+INSERT INTO {s}.schema_migrations (version, applied_at) VALUES (%(v)s, extract(epoch from clock_timestamp()))
+"""
+
+###############################################################################
+# Statements: {s} is the schema, {clock} the time of the statement
+###############################################################################
+
+#: The time of a statement: the database clock, or the caller's ``now`` in clock="caller" mode.
+CLOCK = "coalesce(%(now)s::float8, extract(epoch from clock_timestamp())::float8)"
+ACTIVE = "('pending', 'processing', 'failed', 'waiting')"  # states that hold a unique key (queuectl.ACTIVE_STATES)
+
+#: Job columns; a new column is added here and in a migration.
+JOB_COLUMNS = (
+    "seq", "id", "command", "state", "priority", "queue", "timeout", "max_retries", "attempts", "runs", "rescues",
+    "run_at", "created_at", "updated_at", "started_at", "finished_at", "worker_id", "lease_until", "exit_code",
+    "last_error", "cwd", "env", "unique_key", "webhook", "schedule", "after_ids", "cancel_requested",
+)
+#: What an enqueue stores of a validated job (queuectl.validate_job): (column, PostgreSQL type).
+#: ``state`` and the times are added by the statements.
+ENQUEUE_FIELDS = (
+    ("id", "text"), ("command", "text"), ("priority", "integer"), ("queue", "text"), ("timeout", "float8"),
+    ("max_retries", "integer"), ("cwd", "text"), ("env", "text"), ("unique_key", "text"), ("webhook", "text"),
+    ("schedule", "text"), ("after_ids", "text"),
+)
+
+
+def _columns(alias=""):
+    return ", ".join(alias + c for c in JOB_COLUMNS)
+
+
+_FIELDS = ", ".join(f for f, _ in ENQUEUE_FIELDS)
+
+# The bulk path (no dependencies, no unique keys): one statement per chunk of jobs, which also
+# registers new queue names and, when jobs are due, notifies the workers (delivered at commit).
+# A job id that exists already fails the statement (and its transaction): nothing is inserted.
+SQL_INSERT_JOBS = """
+WITH c AS MATERIALIZED (SELECT {clock} AS now),
+new_queues AS (
+    INSERT INTO {s}.queues (name) SELECT DISTINCT unnest(%(queue)s::text[]) ON CONFLICT (name) DO NOTHING
+),
+added AS (
+    INSERT INTO {s}.jobs (""" + _FIELDS + """, state, run_at, created_at, updated_at)
+    SELECT """ + ", ".join("j." + f for f, _ in ENQUEUE_FIELDS) + """, 'pending',
+           coalesce(j.run_at, c.now + j.run_in), c.now, c.now
+    FROM c, unnest(""" + ", ".join("%%(%s)s::%s[]" % (f, t) for f, t in ENQUEUE_FIELDS) + """,
+                   %(run_at)s::float8[], %(run_in)s::float8[])
+         WITH ORDINALITY AS j(""" + _FIELDS + """, run_at, run_in, ord)
+    ORDER BY j.ord
+    RETURNING 1
+),
+wake AS (SELECT pg_notify(%(channel)s, '') WHERE %(due)s)
+SELECT (SELECT count(*) FROM added) AS n, (SELECT count(*) FROM wake) AS woken
+"""
+# One job at a time (dependencies, unique keys, schedules), inside a savepoint.
+SQL_INSERT_JOB = """
+WITH c AS MATERIALIZED (SELECT {clock} AS now),
+new_queue AS (INSERT INTO {s}.queues (name) VALUES (%(queue)s) ON CONFLICT (name) DO NOTHING)
+INSERT INTO {s}.jobs (""" + _FIELDS + """, state, run_at, created_at, updated_at)
+SELECT """ + ", ".join("%%(%s)s::%s" % (f, t) for f, t in ENQUEUE_FIELDS) + """, %(state)s,
+       coalesce(%(run_at)s::float8, c.now + %(run_in)s::float8), c.now, c.now
+FROM c
+"""
+SQL_BY_UNIQUE_KEY = "SELECT id FROM {s}.jobs WHERE unique_key = %(key)s AND state IN " + ACTIVE
+SQL_LOCK_STATES = "SELECT id, state FROM {s}.jobs WHERE id = ANY(%(ids)s::text[]) ORDER BY id FOR SHARE"
+SQL_INSERT_DEP = "INSERT INTO {s}.job_deps (job_id, depends_on) VALUES (%(id)s, %(dep)s) ON CONFLICT DO NOTHING"
+# Notifications: payload '' says "jobs are due" (for idle workers), 'cancel' asks busy workers to
+# look at their job now.
+SQL_NOTIFY = "SELECT pg_notify(%(channel)s, '')"
+SQL_NOTIFY_CANCEL = "SELECT pg_notify(%(channel)s, 'cancel')"
+
+# Claims.  {pick} chooses the job: the next due one (the common case), or a given seq (queue limits).
+_CLAIM = """
+WITH c AS MATERIALIZED (SELECT {clock} AS now, {limited} AS limited),
+claimed AS (
+    UPDATE {s}.jobs j
+    SET state = 'processing', worker_id = %(worker)s, lease_until = c.now + %(lease)s::float8,
+        attempts = j.attempts + 1, runs = j.runs + 1, started_at = c.now, updated_at = c.now, finished_at = NULL
+    FROM c
+    WHERE j.seq = {pick}
+    RETURNING """ + _columns("j.") + """, c.now AS clock
+),
+attempt AS (
+    INSERT INTO {s}.attempts (job_id, n, worker_id, host, started_at)
+    SELECT id, runs, %(worker)s, %(host)s, clock FROM claimed
+),
+worker AS (
+    UPDATE {s}.workers w
+    SET state = CASE WHEN EXISTS (SELECT 1 FROM claimed) THEN 'busy' ELSE 'idle' END,
+        job_id = (SELECT id FROM claimed), heartbeat_at = c.now
+    FROM c
+    WHERE w.id = %(worker)s AND NOT c.limited
+)
+SELECT c.limited, claimed.* FROM c LEFT JOIN claimed ON true
+"""
+# Paused queues or queues with a limit: the claim takes the slower path of claim() instead.
+SQL_CLAIM = _CLAIM.replace("{limited}", "EXISTS (SELECT 1 FROM {s}.queues WHERE paused OR max_running IS NOT NULL)")\
+    .replace("{pick}", """(SELECT seq FROM {s}.jobs
+                   WHERE NOT (SELECT limited FROM c) AND state IN ('pending', 'failed') AND run_at <= (SELECT now FROM c)
+                   ORDER BY priority, run_at, seq
+                   LIMIT 1
+                   FOR UPDATE SKIP LOCKED)""")
+SQL_CLAIM_SEQ = _CLAIM.replace("{limited}", "false").replace("{pick}", "%(seq)s")
+SQL_LIMITED_QUEUES = "SELECT name, max_running, paused FROM {s}.queues WHERE paused OR max_running IS NOT NULL"
+SQL_PICK = """
+SELECT seq, queue FROM {s}.jobs
+WHERE state IN ('pending', 'failed') AND run_at <= %(at)s
+  AND queue <> ALL(%(blocked)s::text[]) AND (%(only)s::text[] IS NULL OR queue = ANY(%(only)s::text[]))
+ORDER BY priority, run_at, seq
+LIMIT 1
+FOR UPDATE SKIP LOCKED
+"""
+SQL_LOCK_QUEUE = "SELECT max_running FROM {s}.queues WHERE name = %(queue)s FOR UPDATE"
+SQL_RUNNING_IN_QUEUE = "SELECT count(*) AS n FROM {s}.jobs WHERE state = 'processing' AND queue = %(queue)s"
+SQL_WORKER_STATE = "UPDATE {s}.workers SET state = %(state)s, job_id = NULL, heartbeat_at = {clock} WHERE id = %(worker)s"
+
+SQL_SET_PID = "UPDATE {s}.attempts SET pid = %(pid)s WHERE job_id = %(id)s AND n = %(n)s"
+SQL_WORKER_HEARTBEAT = "UPDATE {s}.workers SET heartbeat_at = {clock} WHERE id = %(worker)s"
+SQL_HEARTBEAT = """
+WITH c AS MATERIALIZED (SELECT {clock} AS now),
+worker AS (
+    UPDATE {s}.workers w SET heartbeat_at = c.now FROM c WHERE w.id = %(worker)s
+),
+renewed AS (
+    UPDATE {s}.jobs j SET lease_until = c.now + %(lease)s::float8
+    FROM c
+    WHERE j.id = %(id)s AND j.runs = %(n)s AND j.worker_id = %(worker)s AND j.state = 'processing'
+    RETURNING j.id
+),
+output AS (
+    UPDATE {s}.attempts a SET output = %(output)s::text, output_bytes = %(output_bytes)s::bigint
+    FROM renewed
+    WHERE a.job_id = %(id)s AND a.n = %(n)s AND %(output)s::text IS NOT NULL
+)
+SELECT count(*) AS n FROM renewed
+"""
+# Closing a run: the job row (fenced by owner and run number), its attempt, the worker's state and
+# the statistics in one statement; it returns the job (for webhooks) and whether jobs wait for it.
+SQL_FINISH = """
+WITH c AS MATERIALIZED (SELECT {clock} AS now),
+done AS (
+    UPDATE {s}.jobs j
+    SET state = %(state)s, worker_id = NULL, lease_until = NULL, exit_code = %(exit_code)s::integer,
+        last_error = %(error)s::text, run_at = coalesce(%(retry_at)s::float8, c.now + %(retry_in)s::float8, j.run_at),
+        finished_at = c.now, updated_at = c.now
+    FROM c, (SELECT seq, run_at FROM {s}.jobs
+             WHERE id = %(id)s AND runs = %(n)s AND worker_id = %(worker)s AND state = 'processing'
+             FOR UPDATE) old
+    WHERE j.seq = old.seq
+    RETURNING """ + _columns("j.") + """, old.run_at AS due_at, c.now AS at
+),
+attempt AS (
+    UPDATE {s}.attempts a
+    SET ended_at = done.at, exit_code = %(exit_code)s::integer, outcome = %(outcome)s, error = %(error)s::text,
+        output = %(output)s, output_bytes = %(output_bytes)s
+    FROM done
+    WHERE a.job_id = %(id)s AND a.n = %(n)s
+),
+worker AS (
+    UPDATE {s}.workers w SET state = 'busy', job_id = NULL, heartbeat_at = done.at FROM done WHERE w.id = %(worker)s
+),
+stat AS (
+    INSERT INTO {s}.stats AS t (minute, queue, outcome, shard, count, run_sum, wait_sum)
+    SELECT floor(at / 60)::bigint, queue, %(outcome)s, mod(pg_backend_pid(), 16), 1,
+           at - coalesce(started_at, at), greatest(0, coalesce(started_at, at) - due_at)
+    FROM done
+    ON CONFLICT (minute, queue, outcome, shard) DO UPDATE
+    SET count = t.count + 1, run_sum = t.run_sum + excluded.run_sum, wait_sum = t.wait_sum + excluded.wait_sum
+),
+hist AS (
+    INSERT INTO {s}.stats_durations AS t (minute, queue, bucket, count, shard)
+    SELECT floor(at / 60)::bigint, queue, """ + _RUN_BUCKET.replace("{d}", "(at - coalesce(started_at, at))") + """, 1,
+           mod(pg_backend_pid(), 16)
+    FROM done
+    ON CONFLICT (minute, queue, bucket, shard) DO UPDATE SET count = t.count + 1
+)
+SELECT done.*, (SELECT value FROM {s}.config WHERE key = 'webhook-url') AS global_webhook FROM done
+"""
+SQL_RELEASE = """
+WITH c AS MATERIALIZED (SELECT {clock} AS now),
+released AS (
+    UPDATE {s}.jobs j
+    SET state = 'pending', worker_id = NULL, lease_until = NULL, attempts = greatest(j.attempts - 1, 0),
+        rescues = j.rescues + 1, last_error = %(error)s, run_at = c.now, updated_at = c.now, finished_at = NULL
+    FROM c
+    WHERE j.id = %(id)s AND j.runs = %(n)s AND j.worker_id = %(worker)s AND j.state = 'processing'
+    RETURNING c.now AS at
+),
+attempt AS (
+    UPDATE {s}.attempts a SET ended_at = released.at, outcome = 'stopped', error = %(error)s
+    FROM released
+    WHERE a.job_id = %(id)s AND a.n = %(n)s
+),
+worker AS (
+    UPDATE {s}.workers w SET state = 'busy', job_id = NULL, heartbeat_at = released.at
+    FROM released
+    WHERE w.id = %(worker)s
+),
+wake AS (SELECT pg_notify(%(channel)s, '') FROM released)
+SELECT (SELECT count(*) FROM released) AS n, (SELECT count(*) FROM wake) AS woken
+"""
+SQL_NOW = "SELECT {clock} AS now"
+SQL_ANY_EXPIRED = "SELECT 1 FROM {s}.jobs WHERE state = 'processing' AND lease_until < %(at)s LIMIT 1"
+SQL_LOST_JOBS = """
+SELECT j.seq, j.id, j.runs, j.rescues, j.queue, j.worker_id, j.lease_until, a.host, a.pid, a.started_at
+FROM {s}.jobs j LEFT JOIN {s}.attempts a ON a.job_id = j.id AND a.n = j.runs
+WHERE j.state = 'processing' AND (j.lease_until < %(at)s OR j.worker_id = ANY(%(dead)s::text[]))
+ORDER BY j.seq
+FOR UPDATE OF j SKIP LOCKED
+"""
+SQL_LOSE_JOB = """
+UPDATE {s}.jobs
+SET state = %(state)s, worker_id = NULL, lease_until = NULL, attempts = greatest(attempts - 1, 0),
+    rescues = rescues + 1, last_error = %(error)s, run_at = %(at)s, updated_at = %(at)s,
+    finished_at = CASE WHEN %(state)s = 'dead' THEN %(at)s::float8 END
+WHERE seq = %(seq)s AND runs = %(n)s AND state = 'processing'
+"""
+SQL_LOSE_ATTEMPT = """
+UPDATE {s}.attempts SET ended_at = %(at)s, outcome = 'lost', error = %(error)s WHERE job_id = %(id)s AND n = %(n)s
+"""
+SQL_STATS_LOST = """
+INSERT INTO {s}.stats AS t (minute, queue, outcome, shard, count, run_sum, wait_sum)
+VALUES (floor(%(at)s::float8 / 60)::bigint, %(queue)s, 'lost', mod(pg_backend_pid(), 16), 1, 0, 0)
+ON CONFLICT (minute, queue, outcome, shard) DO UPDATE SET count = t.count + 1
+"""
+# Folding: one folder at a time (try-lock); deltas committed meanwhile are left for the next fold.
+SQL_FOLD_COUNTS = """
+WITH moved AS (
+    DELETE FROM {s}.job_count_deltas WHERE (SELECT pg_try_advisory_xact_lock(%(fold_lock)s)) RETURNING state, n
+)
+INSERT INTO {s}.job_counts AS t (state, n)
+SELECT state, sum(n) FROM moved GROUP BY state ORDER BY state
+ON CONFLICT (state) DO UPDATE SET n = t.n + excluded.n
+"""
+# All sub-statements of one statement share its snapshot: the final SELECT sees
+# the totals and the deltas as they were before this statement folded them.
+SQL_COUNTS = """
+WITH moved AS (
+    DELETE FROM {s}.job_count_deltas WHERE (SELECT pg_try_advisory_xact_lock(%(fold_lock)s)) RETURNING state, n
+),
+folded AS (
+    INSERT INTO {s}.job_counts AS t (state, n)
+    SELECT state, sum(n) FROM moved GROUP BY state ORDER BY state
+    ON CONFLICT (state) DO UPDATE SET n = t.n + excluded.n
+)
+SELECT state, sum(n)::bigint AS n
+FROM (SELECT state, n FROM {s}.job_counts UNION ALL SELECT state, n FROM {s}.job_count_deltas) x
+GROUP BY state
+"""
+
+SQL_GET_JOB = "SELECT " + _columns() + " FROM {s}.jobs WHERE id = %(id)s"
+SQL_JOB_STATE = "SELECT state FROM {s}.jobs WHERE id = %(id)s"
+SQL_STATES_OF = "SELECT id, state, exit_code FROM {s}.jobs WHERE id = ANY(%(ids)s::text[])"
+SQL_ATTEMPTS = """
+SELECT job_id, n, worker_id, host, pid, started_at, ended_at, exit_code, outcome, error, output_bytes
+FROM {s}.attempts WHERE job_id = %(id)s ORDER BY n
+"""
+SQL_ATTEMPTS_OUTPUT = "SELECT * FROM {s}.attempts WHERE job_id = %(id)s ORDER BY n"
+SQL_ATTEMPT_ONE = "SELECT * FROM {s}.attempts WHERE job_id = %(id)s AND n = %(n)s"
+SQL_ATTEMPT_LAST = "SELECT * FROM {s}.attempts WHERE job_id = %(id)s ORDER BY n DESC LIMIT 1"
+SQL_LIST_ALL = "SELECT " + _columns() + " FROM {s}.jobs ORDER BY updated_at DESC, seq DESC LIMIT %(limit)s"
+SQL_LIST_STATE = (
+    "SELECT " + _columns() + " FROM {s}.jobs WHERE state = %(state)s ORDER BY updated_at DESC, seq DESC LIMIT %(limit)s"
+)
+SQL_RETRY_DEAD = """
+WITH c AS MATERIALIZED (SELECT {clock} AS now)
+UPDATE {s}.jobs j
+SET state = 'pending', run_at = c.now, updated_at = c.now, finished_at = NULL,
+    attempts = CASE WHEN %(reset)s THEN 0 ELSE greatest(j.attempts, j.max_retries) END,
+    rescues = CASE WHEN %(reset)s THEN 0 ELSE j.rescues END
+FROM c
+WHERE j.id = %(id)s AND j.state = 'dead'
+RETURNING j.id
+"""
+SQL_DEAD_IDS = "SELECT id FROM {s}.jobs WHERE state = 'dead' ORDER BY updated_at, seq"
+SQL_DELETE_JOBS = """
+WITH gone AS (DELETE FROM {s}.jobs WHERE state = ANY(%(states)s::text[]) RETURNING id),
+gone_attempts AS (DELETE FROM {s}.attempts a USING gone WHERE a.job_id = gone.id)
+SELECT id FROM gone
+"""
+SQL_WAITING_ON = """
+SELECT DISTINCT job_id FROM {s}.job_deps WHERE depends_on = ANY(%(ids)s::text[]) ORDER BY job_id
+"""
+SQL_MISSING_DEP = """
+SELECT depends_on FROM {s}.job_deps d
+WHERE d.job_id = %(id)s AND NOT EXISTS (SELECT 1 FROM {s}.jobs j WHERE j.id = d.depends_on)
+ORDER BY depends_on LIMIT 1
+"""
+SQL_DROP_ORPHAN_EDGES = """
+DELETE FROM {s}.job_deps d WHERE d.job_id = ANY(%(ids)s::text[])
+  AND NOT EXISTS (SELECT 1 FROM {s}.jobs j WHERE j.id = d.job_id)
+"""
+SQL_PURGE = """
+WITH doomed AS (
+    SELECT seq, id FROM {s}.jobs WHERE state = %(state)s AND updated_at < %(before)s
+    ORDER BY updated_at LIMIT %(limit)s FOR UPDATE SKIP LOCKED
+),
+gone AS (DELETE FROM {s}.jobs j USING doomed WHERE j.seq = doomed.seq RETURNING j.id),
+gone_attempts AS (DELETE FROM {s}.attempts a USING gone WHERE a.job_id = gone.id)
+SELECT count(*) AS n FROM gone
+"""
+
+# Dependencies, cancel and webhooks: what happens when a job reaches a final state.
+SQL_LOCK_JOB = "SELECT state FROM {s}.jobs WHERE id = %(id)s FOR UPDATE"
+# The edges to a job that ended are dropped, and the jobs still waiting on it returned, in a statement
+# of its own: its snapshot is taken after the job's row was locked, so it sees every edge committed
+# by an enqueue that held the job (FOR SHARE) meanwhile.
+SQL_TAKE_DEPENDENTS = """
+WITH edges AS (
+    DELETE FROM {s}.job_deps WHERE depends_on = %(id)s
+      AND EXISTS (SELECT 1 FROM {s}.jobs WHERE id = %(id)s AND state IN ('completed', 'dead', 'cancelled'))
+    RETURNING job_id
+)
+SELECT DISTINCT e.job_id FROM edges e JOIN {s}.jobs j ON j.id = e.job_id WHERE j.state = 'waiting' ORDER BY e.job_id
+"""
+SQL_DROP_EDGES_FROM = "DELETE FROM {s}.job_deps WHERE job_id = %(id)s"
+SQL_DROP_DONE_EDGES = """
+DELETE FROM {s}.job_deps d WHERE d.job_id = %(id)s
+  AND EXISTS (SELECT 1 FROM {s}.jobs j WHERE j.id = d.depends_on AND j.state = 'completed')
+"""
+SQL_RELEASE_IF_READY = """
+UPDATE {s}.jobs SET state = 'pending', updated_at = %(at)s
+WHERE id = %(id)s AND state = 'waiting' AND NOT EXISTS (SELECT 1 FROM {s}.job_deps WHERE job_id = %(id)s)
+RETURNING id
+"""
+SQL_CANCEL_JOB = """
+UPDATE {s}.jobs SET state = 'cancelled', last_error = %(error)s, finished_at = %(at)s, updated_at = %(at)s,
+       worker_id = NULL, lease_until = NULL
+WHERE id = %(id)s AND state IN ('pending', 'failed', 'waiting')
+RETURNING id
+"""
+SQL_REQUEST_CANCEL = "UPDATE {s}.jobs SET cancel_requested = 1 WHERE id = %(id)s AND state = 'processing'"
+SQL_CANCEL_REQUESTED = "SELECT cancel_requested FROM {s}.jobs WHERE id = %(id)s AND runs = %(n)s"
+SQL_GLOBAL_WEBHOOK = "SELECT value FROM {s}.config WHERE key = 'webhook-url'"
+SQL_WEBHOOK_INSERT = """
+INSERT INTO {s}.webhooks (url, payload, next_at, created_at) VALUES (%(url)s, %(payload)s, %(at)s, %(at)s)
+"""
+SQL_WEBHOOK_ANY_DUE = """
+SELECT 1 FROM {s}.webhooks WHERE delivered_at IS NULL AND next_at <= {clock} LIMIT 1
+"""
+SQL_CLAIM_WEBHOOKS = """
+WITH c AS MATERIALIZED (SELECT {clock} AS now),
+due AS (
+    SELECT w.id FROM {s}.webhooks w, c
+    WHERE w.delivered_at IS NULL AND w.next_at <= c.now AND (w.lease_until IS NULL OR w.lease_until < c.now)
+    ORDER BY w.next_at
+    LIMIT %(limit)s
+    FOR UPDATE OF w SKIP LOCKED
+)
+UPDATE {s}.webhooks w SET lease_until = c.now + %(lease)s::float8
+FROM due, c
+WHERE w.id = due.id
+RETURNING w.id, w.url, w.payload, w.attempts
+"""
+SQL_WEBHOOK_DONE = """
+WITH c AS MATERIALIZED (SELECT {clock} AS now)
+UPDATE {s}.webhooks w
+SET attempts = w.attempts + 1, last_error = %(error)s::text, lease_until = NULL,
+    next_at = coalesce(%(next_at)s::float8, c.now + %(next_in)s::float8, w.next_at),
+    delivered_at = CASE WHEN %(error)s::text IS NULL THEN c.now WHEN %(give_up)s THEN -1 END
+FROM c
+WHERE w.id = %(id)s
+"""
+
+# Queues
+SQL_ADD_QUEUE = "INSERT INTO {s}.queues (name) VALUES (%(queue)s) ON CONFLICT (name) DO NOTHING"
+SQL_QUEUES = "SELECT name, max_running, paused FROM {s}.queues ORDER BY name"
+SQL_QUEUE_COUNTS = """
+SELECT queue, state, count(*) AS n FROM {s}.jobs WHERE state IN ('pending', 'processing', 'failed', 'waiting')
+GROUP BY queue, state
+"""
+SQL_SET_QUEUE_LIMIT = "UPDATE {s}.queues SET max_running = %(m)s::integer WHERE name = %(queue)s"
+SQL_SET_QUEUE_PAUSED = "UPDATE {s}.queues SET paused = %(p)s WHERE name = %(queue)s"
+
+# Schedules
+SQL_SCHEDULE_INSERT = """
+INSERT INTO {s}.schedules (name, cron, tz, spec, missed, overlap, paused, next_run, created_at)
+SELECT %(name)s, %(cron)s, %(tz)s, %(spec)s, %(missed)s, %(overlap)s, false, %(next_run)s, {clock}
+"""
+SQL_SCHEDULES = """
+SELECT s.*, j.state AS last_state FROM {s}.schedules s LEFT JOIN {s}.jobs j ON j.id = s.last_job ORDER BY s.name
+"""
+SQL_SCHEDULE_DELETE = "DELETE FROM {s}.schedules WHERE name = %(name)s"
+SQL_SCHEDULE_PAUSE = """
+UPDATE {s}.schedules SET paused = %(p)s, next_run = coalesce(%(next_run)s::float8, next_run) WHERE name = %(name)s
+"""
+SQL_SCHEDULE_ANY_DUE = "SELECT 1 FROM {s}.schedules WHERE NOT paused AND next_run <= %(at)s LIMIT 1"
+SQL_SCHEDULES_DUE = """
+SELECT * FROM {s}.schedules WHERE NOT paused AND next_run <= %(at)s ORDER BY next_run FOR UPDATE SKIP LOCKED
+"""
+SQL_SCHEDULE_ADVANCE = """
+UPDATE {s}.schedules
+SET next_run = %(next_run)s, last_run = coalesce(%(last_run)s::float8, last_run), last_job = coalesce(%(job)s, last_job)
+WHERE name = %(name)s
+"""
+SQL_JOB_EXISTS = "SELECT 1 FROM {s}.jobs WHERE id = %(id)s"
+
+SQL_CONFIG_ALL = "SELECT key, value FROM {s}.config"
+SQL_CONFIG_SET = """
+INSERT INTO {s}.config (key, value) VALUES (%(key)s, %(value)s) ON CONFLICT (key) DO UPDATE SET value = excluded.value
+"""
+SQL_WORKER_UPSERT = """
+INSERT INTO {s}.workers AS w (id, host, pid, pid_started, supervisor_pid, started_at, heartbeat_at, state, job_id, wake)
+SELECT %(id)s, %(host)s, %(pid)s, %(pid_started)s::float8, %(supervisor_pid)s::integer, c.now, c.now, 'idle', NULL,
+       %(wake)s::text
+FROM (SELECT {clock} AS now) c
+ON CONFLICT (id) DO UPDATE
+SET host = excluded.host, pid = excluded.pid, pid_started = excluded.pid_started,
+    supervisor_pid = excluded.supervisor_pid, started_at = excluded.started_at, heartbeat_at = excluded.heartbeat_at,
+    state = 'idle', job_id = NULL, wake = excluded.wake
+"""
+SQL_WORKER_DELETE = "DELETE FROM {s}.workers WHERE id = %(worker)s"
+SQL_WORKERS = "SELECT * FROM {s}.workers ORDER BY started_at, id"
+SQL_WAKE = """
+SELECT wake FROM {s}.workers WHERE host = %(host)s AND state = 'idle' AND wake IS NOT NULL LIMIT %(n)s
+"""
+
+# Dashboard reads: keyset pages on the (updated_at, seq) indexes, id-prefix search on the id index.
+SQL_PAGE_ALL = (
+    "SELECT " + _columns() + " FROM {s}.jobs WHERE (updated_at, seq) < (%(updated_at)s::float8, %(seq)s::bigint) "
+    "ORDER BY updated_at DESC, seq DESC LIMIT %(limit)s"
+)
+SQL_PAGE_STATE = (
+    "SELECT " + _columns() + " FROM {s}.jobs WHERE state = %(state)s "
+    "AND (updated_at, seq) < (%(updated_at)s::float8, %(seq)s::bigint) ORDER BY updated_at DESC, seq DESC LIMIT %(limit)s"
+)
+SQL_PAGE_PREFIX = (  # ids sort bytewise (COLLATE "C"), as in SQLite: a prefix is a range of the id index
+    "SELECT " + _columns() + " FROM {s}.jobs WHERE id >= %(start)s AND id < %(stop)s "
+    "AND (%(state)s::text IS NULL OR state = %(state)s) ORDER BY id LIMIT %(limit)s"
+)
+SQL_OLDEST_DUE = """
+SELECT min(run_at) AS run_at FROM (
+    SELECT (SELECT run_at FROM {s}.jobs WHERE state IN ('pending', 'failed') AND priority = p AND run_at <= {clock}
+            ORDER BY run_at LIMIT 1) AS run_at
+    FROM unnest(%(priorities)s::integer[]) AS p
+) x
+"""
+SQL_STATS_RANGE = """
+SELECT minute, outcome, sum(count)::bigint AS count, sum(run_sum) AS run_sum, sum(wait_sum) AS wait_sum
+FROM {s}.stats WHERE minute BETWEEN %(since)s AND %(until)s GROUP BY minute, outcome ORDER BY minute, outcome
+"""
+SQL_DATA_VERSION = """
+SELECT (SELECT max(updated_at) FROM {s}.jobs) AS updated,
+       (SELECT max(lease_until) FROM {s}.jobs WHERE state = 'processing') AS leases,
+       (SELECT count(*) FROM {s}.job_count_deltas) AS deltas,
+       (SELECT coalesce(sum(n), 0) FROM {s}.job_counts) AS folded,
+       (SELECT count(*) FROM {s}.workers) AS workers,
+       (SELECT coalesce(sum(xmin::text::bigint), 0) FROM {s}.workers) AS workers_x,
+       (SELECT coalesce(sum(xmin::text::bigint), 0) FROM {s}.config) AS config_x,
+       (SELECT coalesce(sum(xmin::text::bigint), 0) FROM {s}.queues) AS queues_x,
+       (SELECT coalesce(sum(xmin::text::bigint), 0) FROM {s}.schedules) AS schedules_x
+"""
+SQL_STATS_BY_QUEUE = """
+SELECT queue, outcome, sum(count)::bigint AS count, sum(run_sum) AS run_sum, sum(wait_sum) AS wait_sum
+FROM {s}.stats WHERE minute BETWEEN %(since)s AND %(until)s GROUP BY queue, outcome
+"""
+SQL_STATS_HIST_BY_QUEUE = """
+SELECT queue, bucket, sum(count)::bigint AS count FROM {s}.stats_durations
+WHERE minute BETWEEN %(since)s AND %(until)s GROUP BY queue, bucket
+"""
+SQL_ATTEMPT_TOTALS = """
+SELECT queue, outcome, sum(count)::bigint AS count, sum(duration_sum) AS duration_sum
+FROM {s}.attempt_totals GROUP BY queue, outcome ORDER BY queue, outcome
+"""
+SQL_ATTEMPT_DURATIONS = """
+SELECT queue, outcome, le, sum(count)::bigint AS count FROM {s}.attempt_durations
+GROUP BY queue, outcome, le ORDER BY queue, outcome, le
+"""
+
+
+class _Duplicate(Exception):
+    """An INSERT met an existing job id (``id``: which one, read from the server's message)."""
+
+    def __init__(self, error):
+        super().__init__(str(error))
+        hit = re.match(r"^Key \(id\)=\((.*)\) already exists", getattr(error.diag, "message_detail", None) or "")
+        self.id = hit.group(1) if hit else None
+
+
+class _Statements:
+    """The SQL_* constants of this module with the schema and clock filled in (cached)."""
+
+    def __init__(self, quoted_schema):
+        self._schema = quoted_schema
+
+    def __getattr__(self, name):
+        text = globals()["SQL_" + name].replace("{s}", self._schema).replace("{clock}", CLOCK)
+        setattr(self, name, text)
+        return text
+
+
+###############################################################################
+# Errors
+###############################################################################
+
+# SQLSTATEs that mean "try again later": lock timeout, deadlock, serialization
+# failure, server shutting down or starting, too many connections.
+RETRYABLE = {"55P03", "40P01", "40001", "57P01", "57P02", "57P03", "53300", "08000", "08003", "08006", "08001"}
+
+
+def _one_line(text):
+    return " ".join(str(text).split())
+
+
+###############################################################################
+# The store
+###############################################################################
+
+
+class PostgresStore(Store):
+    """queuectl's store in a PostgreSQL schema (see the module docstring).
+
+    One autocommit connection for the store's statements (each write is a
+    single statement or an explicit transaction), and, in a worker, one more
+    that LISTENs for notifications.  A broken connection is reported as
+    DatabaseBusy (safe to retry) and re-opened on the next call.
+    """
+
+    readonly = False
+
+    def __init__(self, url, create=True, schema=None, clock="database"):
+        if clock not in ("database", "caller"):
+            raise ValueError("clock must be 'database' or 'caller'")
+        self.url = url
+        self.path = redact(url)  # how messages name the database
+        self.conninfo, self.schema = parse_url(url, schema)
+        self.caller_clock = clock == "caller"
+        self.channel = "queuectl:" + self.schema
+        self.sql = _Statements('"%s"' % self.schema)
+        self._fold_lock = lock_key("queuectl-fold:" + self.schema)
+        self._migrate_lock = lock_key("queuectl-migrate:" + self.schema)
+        self.conn = None
+        self._listen = None
+        self._listen_retry_at = 0.0
+        self.conn = self._connect()
+        self._migrate(create)
+
+    # --- connections -------------------------------------------------------------
+
+    def _connect_kwargs(self):
+        given = psycopg.conninfo.conninfo_to_dict(self.conninfo)
+        kwargs = {"autocommit": True, "row_factory": dict_row}
+        if "connect_timeout" not in given:
+            kwargs["connect_timeout"] = CONNECT_TIMEOUT
+        if "application_name" not in given:
+            kwargs["application_name"] = self.channel
+        return kwargs
+
+    def _connect(self):
+        try:
+            conn = psycopg.connect(self.conninfo, **self._connect_kwargs())
+        except psycopg.Error as e:
+            raise self._connect_error(e) from None
+        except (ValueError, TypeError) as e:  # a malformed URL
+            raise InvalidInput("invalid PostgreSQL URL %s: %s" % (self.path, _one_line(e))) from None
+        try:
+            # Waits on row or DDL locks end like SQLite's busy timeout does.
+            conn.execute("SET lock_timeout = %d" % int(queuectl.BUSY_TIMEOUT * 1000))
+        except psycopg.Error as e:
+            conn.close()
+            raise self._error(e) from None
+        return conn
+
+    def _connect_error(self, e):
+        text = _one_line(e)
+        state = getattr(e, "sqlstate", None)
+        if state in ("28P01", "28000", "3D000", "42501") or "authentication" in text or "does not exist" in text:
+            return DatabaseError("cannot open PostgreSQL database %s: %s" % (self.path, text))
+        return DatabaseBusy("cannot reach PostgreSQL at %s: %s; try again" % (self.path, text))
+
+    def _error(self, e):
+        """Translate a psycopg error into a QueuectlError with a clear one-line message."""
+        if isinstance(e, UnicodeError):
+            return InvalidInput("text that is not valid UTF-8 cannot be stored: %s" % _one_line(e))
+        text = _one_line(getattr(getattr(e, "diag", None), "message_primary", None) or e)
+        state = getattr(e, "sqlstate", None)
+        broken = self.conn is not None and (self.conn.closed or getattr(self.conn, "broken", False))
+        if broken:
+            with contextlib.suppress(Exception):
+                self.conn.close()
+            self.conn = None
+        if state in RETRYABLE or broken or (state is None and isinstance(e, psycopg.OperationalError)):
+            return DatabaseBusy("PostgreSQL database %s is busy or unreachable (%s); try again" % (self.path, text))
+        if state in ("42P01", "42703", "3F000", "42883"):
+            return DatabaseError("schema %s in %s is not a queuectl schema or was damaged (%s)"
+                                 % (self.schema, self.path, text))
+        if state == "25006":
+            return DatabaseError("PostgreSQL database %s is read-only: %s" % (self.path, text))
+        if state == "42501":
+            return DatabaseError("permission denied in PostgreSQL database %s: %s" % (self.path, text))
+        return DatabaseError("PostgreSQL database %s: %s" % (self.path, text))
+
+    def _connection(self):
+        if self.conn is None or self.conn.closed:
+            self.conn = self._connect()
+        return self.conn
+
+    @contextlib.contextmanager
+    def _cursor(self, transaction=False):
+        """A cursor on the store's connection; with ``transaction``, inside BEGIN ... COMMIT.
+        Any exception rolls the transaction back; psycopg errors are translated."""
+        try:
+            conn = self._connection()
+            if transaction:
+                with conn.transaction(), conn.cursor() as cur:
+                    yield cur
+            else:
+                with conn.cursor() as cur:
+                    yield cur
+        except (psycopg.Error, UnicodeError) as e:
+            raise self._error(e) from None
+
+    def _one(self, sql, params=None):
+        with self._cursor() as cur:
+            return cur.execute(sql, params).fetchone()
+
+    def _all(self, sql, params=None):
+        with self._cursor() as cur:
+            return cur.execute(sql, params).fetchall()
+
+    # --- time ------------------------------------------------------------------------
+
+    def _clock(self, now):
+        """The ``%(now)s`` parameter: the caller's time in clock="caller" mode, else None (the database clock)."""
+        return now if self.caller_clock else None
+
+    def _at(self, value, now):
+        """A time the caller computed from its ``now``: ``(absolute, relative)`` SQL parameters.  The
+        store keeps the absolute value in clock="caller" mode, else rebases it on the database clock."""
+        if value is None:
+            return None, None
+        if self.caller_clock or now is None:
+            return float(value), None
+        return None, float(value) - float(now)
+
+    def _now(self, now, cur=None):
+        """The time of an operation whose logic runs here (schedules, rescue): the database clock
+        (or the caller's ``now`` in clock="caller" mode)."""
+        if self.caller_clock and now is not None:
+            return float(now)
+        if cur is not None:
+            return cur.execute(self.sql.NOW, {"now": None}).fetchone()["now"]
+        return self._one(self.sql.NOW, {"now": None})["now"]
+
+    # --- schema --------------------------------------------------------------------
+
+    def _migrate(self, create):
+        try:
+            version = self._one(self.sql.SCHEMA_VERSION)["v"]
+        except DatabaseError:
+            version = None  # no schema, or no migrations table in it: looked at below, under the lock
+        if version == len(PG_SCHEMA):
+            return
+        if version is not None and version > len(PG_SCHEMA):
+            raise self._too_new(version)
+        with self._cursor(transaction=True) as cur:
+            cur.execute("SELECT pg_advisory_xact_lock(%(k)s)", {"k": self._migrate_lock})
+            exists = cur.execute("SELECT 1 FROM pg_namespace WHERE nspname = %(s)s", {"s": self.schema}).fetchone()
+            has_table = exists and cur.execute("SELECT to_regclass(%(t)s) AS t",
+                                               {"t": '"%s".schema_migrations' % self.schema}).fetchone()["t"]
+            if not has_table and not create:
+                raise NotFound("PostgreSQL database %s has no queuectl schema %s" % (self.path, self.schema))
+            if not exists:
+                cur.execute('CREATE SCHEMA "%s"' % self.schema)
+            if not has_table:
+                n = cur.execute("SELECT count(*) AS n FROM pg_class WHERE relnamespace = %(s)s::regnamespace",
+                                {"s": '"%s"' % self.schema}).fetchone()["n"]
+                if n:
+                    raise DatabaseError("schema %s in PostgreSQL database %s holds tables but is not a queuectl "
+                                        "schema; refusing to modify it (choose another with ?schema=NAME)"
+                                        % (self.schema, self.path))
+                cur.execute(self.sql.MIGRATIONS_TABLE)
+            version = cur.execute(self.sql.SCHEMA_VERSION).fetchone()["v"]  # another process may have won
+            if version > len(PG_SCHEMA):
+                raise self._too_new(version)
+            for number in range(version, len(PG_SCHEMA)):
+                cur.execute(PG_SCHEMA[number].replace("{s}", '"%s"' % self.schema))
+                cur.execute(self.sql.RECORD_MIGRATION, {"v": number + 1})
+
+    def _too_new(self, version):
+        return DatabaseError("schema %s in %s has version %d, newer than this queuectl %s understands (%d)"
+                             % (self.schema, self.path, version, queuectl.__version__, len(PG_SCHEMA)))
+
+    def drop_schema(self):
+        """Drop this store's whole schema (tests and ``bench/``; not part of the Store contract)."""
+        with self._cursor() as cur:
+            cur.execute('DROP SCHEMA IF EXISTS "%s" CASCADE' % self.schema)
+
+    # --- enqueue ---------------------------------------------------------------------
+
+    def enqueue(self, jobs, now, existing=None):
+        given = set()  # ids the caller chose: a clash with one of them is a Conflict
+        for job in jobs:
+            if job.get("id") is not None:
+                if job["id"] in given:
+                    raise Conflict("a job with id %s already exists" % queuectl._short(job["id"]))
+                given.add(job["id"])
+        taken = set(given)
+        rows = [self._row(job, taken) for job in jobs]
+        due = any(job["run_at"] <= now for job in jobs)
+        if not any(job.get("after") or job.get("unique_key") for job in jobs):
+            self._enqueue_bulk(rows, now, due, given, taken)
+            return [r["id"] for r in rows]
+        with self._cursor(transaction=True) as cur:
+            self._enqueue_one_by_one(cur, jobs, rows, now, given, taken, existing)
+            if due:
+                cur.execute(self.sql.NOTIFY, {"channel": self.channel})
+        return [r["id"] for r in rows]
+
+    @staticmethod
+    def _row(job, taken):
+        row = dict(job, env=json.dumps(job["env"]) if job.get("env") else None,
+                   after_ids=json.dumps(job["after"]) if job.get("after") else None)
+        row.setdefault("queue", "default")
+        if row.get("id") is None:
+            row["id"] = PostgresStore._fresh_id(taken)
+        return row
+
+    @staticmethod
+    def _fresh_id(taken):
+        while True:
+            job_id = new_job_id()
+            if job_id not in taken:
+                taken.add(job_id)
+                return job_id
+
+    def _enqueue_bulk(self, rows, now, due, given, taken):
+        """One statement (one round trip, its own transaction) for up to ENQUEUE_CHUNK jobs; a
+        transaction of such statements for more."""
+        chunks = [rows[i:i + ENQUEUE_CHUNK] for i in range(0, len(rows), ENQUEUE_CHUNK)]
+        for _ in range(20):
+            try:
+                with self._cursor(transaction=len(chunks) > 1) as cur:
+                    for k, chunk in enumerate(chunks):
+                        params = self._bulk_params(chunk, now)
+                        params.update(channel=self.channel, due=due and k == len(chunks) - 1)
+                        try:
+                            cur.execute(self.sql.INSERT_JOBS, params)
+                        except psycopg.errors.UniqueViolation as e:
+                            raise _Duplicate(e) from None
+                return
+            except _Duplicate as d:
+                if d.id is None or d.id in given:
+                    raise Conflict("a job with id %s already exists" % queuectl._short(d.id or "(unknown)")) from None
+                for r in rows:  # a generated id collided with an existing one: draw it again
+                    if r["id"] == d.id:
+                        r["id"] = self._fresh_id(taken)
+        raise QueuectlError("could not generate a unique job id")  # pragma: no cover - 20 collisions
+
+    def _bulk_params(self, rows, now):
+        params = {"now": self._clock(now)}
+        for field, kind in ENQUEUE_FIELDS:
+            convert = float if kind == "float8" else int if kind == "integer" else str
+            params[field] = [None if r.get(field) is None else convert(r[field]) for r in rows]
+        at = [self._at(r["run_at"], now) for r in rows]
+        params["run_at"] = [a for a, _ in at]
+        params["run_in"] = [r for _, r in at]
+        return params
+
+    def _enqueue_one_by_one(self, cur, jobs, rows, now, given, taken, existing):
+        """The path for batches with dependencies or unique keys: SqliteStore.enqueue's rules, with
+        the rows it depends on locked (FOR SHARE) so that none can end unseen meanwhile."""
+        row_of = {id(job): row for job, row in zip(jobs, rows)}
+        batch = {}  # id -> state, for dependencies inside this batch
+        keys = {}  # unique_key -> id, inside this batch
+        for job in queuectl._dependency_order(jobs):
+            row = row_of[id(job)]
+            key = job.get("unique_key")
+            if key is not None:
+                hit = keys.get(key) or self._by_key(cur, key)
+                if hit:
+                    row["id"] = hit
+                    if existing is not None:
+                        existing.append(hit)
+                    continue
+            state = "pending"
+            deps = job.get("after") or []
+            outside = sorted(d for d in deps if d not in batch)
+            found = {r["id"]: r["state"] for r in cur.execute(self.sql.LOCK_STATES, {"ids": outside})} if outside \
+                else {}
+            for dep in deps:
+                dep_state = batch.get(dep) or found.get(dep)
+                if dep_state is None:
+                    raise NotFound("job %s depends on %s, which does not exist" % (
+                        job.get("id") or "to enqueue", queuectl._short(dep)))
+                if dep_state in ("dead", "cancelled"):
+                    raise Conflict("job %s depends on %s, which is %s" % (job.get("id") or "to enqueue", dep, dep_state))
+                if dep_state != "completed":
+                    state = "waiting"
+            hit = self._insert_one(cur, row, state, now, given, taken)
+            if hit is not None:  # another enqueue took the unique key first
+                row["id"] = hit
+                if existing is not None:
+                    existing.append(hit)
+                continue
+            if state == "waiting":
+                for dep in deps:
+                    cur.execute(self.sql.INSERT_DEP, {"id": row["id"], "dep": dep})
+                cur.execute(self.sql.DROP_DONE_EDGES, {"id": row["id"]})
+            batch[row["id"]] = state
+            if key is not None:
+                keys[key] = row["id"]
+
+    def _by_key(self, cur, key):
+        hit = cur.execute(self.sql.BY_UNIQUE_KEY, {"key": key}).fetchone()
+        return hit["id"] if hit else None
+
+    def _insert_one(self, cur, row, state, now, given, taken):
+        """Insert one job (in a savepoint); returns the id of the job holding its unique key if
+        another one does, else None."""
+        run_abs, run_in = self._at(row["run_at"], now)
+        for _ in range(20):
+            params = {f: row.get(f) for f, _ in ENQUEUE_FIELDS}
+            params.update(now=self._clock(now), state=state, run_at=run_abs, run_in=run_in)
+            try:
+                with cur.connection.transaction():
+                    cur.execute(self.sql.INSERT_JOB, params)
+                return None
+            except psycopg.errors.UniqueViolation as e:
+                if getattr(e.diag, "constraint_name", None) == "jobs_unique_key":
+                    hit = self._by_key(cur, row["unique_key"])
+                    if hit:
+                        return hit
+                    raise Conflict("unique key %s is taken" % queuectl._short(row["unique_key"])) from None
+                if row["id"] in given:
+                    raise Conflict("a job with id %s already exists" % queuectl._short(row["id"])) from None
+                row["id"] = self._fresh_id(taken)
+        raise QueuectlError("could not generate a unique job id")  # pragma: no cover
+
+    # --- claim and run ----------------------------------------------------------------
+
+    def claim(self, worker_id, host, now, lease, queues=None):
+        params = {"now": self._clock(now), "worker": worker_id, "host": host, "lease": float(lease)}
+        if not queues:
+            row = self._one(self.sql.CLAIM, params)  # the common case: one statement
+            if not row["limited"]:
+                return Job.from_row(row) if row["seq"] is not None else None
+        with self._cursor(transaction=True) as cur:
+            limited = cur.execute(self.sql.LIMITED_QUEUES).fetchall()
+            seq = self._pick(cur, self._now(now, cur), limited, queues)
+            row = cur.execute(self.sql.CLAIM_SEQ, dict(params, seq=seq)).fetchone() if seq is not None else None
+            if row is None or row["seq"] is None:
+                cur.execute(self.sql.WORKER_STATE, {"now": params["now"], "state": "idle", "worker": worker_id})
+                return None
+        return Job.from_row(row)
+
+    def _pick(self, cur, at, limited, queues):
+        """The next due job's seq among the queues this worker may take from now: paused queues
+        are left out, and a queue with a limit is locked while its running jobs are counted, so
+        that workers on all machines together respect the limit."""
+        blocked = [q["name"] for q in limited if q["paused"]]
+        caps = {q["name"]: q["max_running"] for q in limited if not q["paused"] and q["max_running"] is not None}
+        while True:
+            hit = cur.execute(self.sql.PICK, {"at": at, "blocked": blocked, "only": list(queues) if queues else None})\
+                .fetchone()
+            if hit is None:
+                return None
+            if hit["queue"] not in caps:
+                return hit["seq"]
+            lock = cur.execute(self.sql.LOCK_QUEUE, {"queue": hit["queue"]}).fetchone()
+            cap = lock["max_running"] if lock else None
+            running = cur.execute(self.sql.RUNNING_IN_QUEUE, {"queue": hit["queue"]}).fetchone()["n"]
+            if cap is None or running < cap:
+                return hit["seq"]
+            blocked.append(hit["queue"])
+
+    def started(self, job_id, run, pid):
+        with self._cursor() as cur:
+            cur.execute(self.sql.SET_PID, {"pid": pid, "id": job_id, "n": run})
+
+    def heartbeat(self, worker_id, job_id=None, run=None, now=None, lease=None, output=None):
+        if job_id is None:
+            with self._cursor() as cur:
+                cur.execute(self.sql.WORKER_HEARTBEAT, {"now": self._clock(now), "worker": worker_id})
+            return True
+        text, size = output if output is not None else (None, None)
+        row = self._one(self.sql.HEARTBEAT, {"now": self._clock(now), "worker": worker_id, "id": job_id, "n": run,
+                                             "lease": float(lease), "output": text, "output_bytes": size})
+        return row["n"] == 1
+
+    def finish(self, job_id, run, worker_id, state, now, outcome, exit_code=None, error=None,
+               output="", output_bytes=0, retry_at=None):
+        state = JobState(state)
+        if not can_transition(JobState.PROCESSING, state) or state is JobState.PENDING:
+            raise ValueError("cannot finish a run into state %s" % state)
+        retry_abs, retry_in = self._at(retry_at, now)
+        params = {"now": self._clock(now), "id": job_id, "n": run, "worker": worker_id, "state": state.value,
+                  "exit_code": exit_code, "error": error, "retry_at": retry_abs, "retry_in": retry_in,
+                  "outcome": outcome, "output": output or "", "output_bytes": output_bytes or 0}
+        if state.value not in queuectl.FINAL_STATES:  # a retry ahead: one statement
+            return self._one(self.sql.FINISH, params) is not None
+        # The end of a job: the run's record and the jobs that wait for it, in one transaction.
+        # Pipelined: BEGIN, the finish and the search for dependents go in one round trip.
+        with self._cursor() as cur:
+            conn = cur.connection
+            pipeline = conn.pipeline() if PIPELINE else contextlib.nullcontext()  # libpq 14+
+            with pipeline, conn.transaction():
+                cur.execute(self.sql.FINISH, params)
+                deps = conn.cursor()
+                deps.execute(self.sql.TAKE_DEPENDENTS, {"id": job_id})
+                row = cur.fetchone()
+                dependents = [r["job_id"] for r in deps.fetchall()]
+                if row is not None:
+                    self._ended(cur, row, state.value, row["at"], dependents)
+        return row is not None
+
+    def _ended(self, cur, job, state, at, dependents=None):
+        """A job reached a final state: queue its webhooks, release or cancel the jobs that wait
+        for it (each locked first, so two jobs ending at once cannot both leave it waiting).  The
+        dependents are looked up in a statement after the one that locked the job's row: its
+        snapshot then has every edge an enqueue committed while it held the job (FOR SHARE)."""
+        self._queue_webhook(cur, job, at)
+        if dependents is None:
+            dependents = [r["job_id"] for r in cur.execute(self.sql.TAKE_DEPENDENTS, {"id": job["id"]})]
+        released = False
+        for dep in dependents:
+            cur.execute(self.sql.LOCK_JOB, {"id": dep})
+            if state == "completed":
+                released = cur.execute(self.sql.RELEASE_IF_READY, {"id": dep, "at": at}).fetchone() is not None \
+                    or released
+            elif cur.execute(self.sql.CANCEL_JOB, {"id": dep, "at": at,
+                                                    "error": "dependency %s ended %s" % (job["id"], state)}).fetchone():
+                cur.execute(self.sql.DROP_EDGES_FROM, {"id": dep})
+                self._ended(cur, cur.execute(self.sql.GET_JOB, {"id": dep}).fetchone(), "cancelled", at)
+        if released:
+            cur.execute(self.sql.NOTIFY, {"channel": self.channel})
+
+    def _queue_webhook(self, cur, job, at):
+        if "global_webhook" in job:
+            glob = job["global_webhook"]
+        else:
+            hit = cur.execute(self.sql.GLOBAL_WEBHOOK).fetchone()
+            glob = hit["value"] if hit else None
+        urls = [job.get("webhook"), json.loads(glob) if glob else None]
+        urls = [u for i, u in enumerate(urls) if u and u not in urls[:i]]
+        if not urls:
+            return
+        doc = Job.from_row(job).to_dict()
+        doc.pop("env", None)  # may hold secrets
+        payload = json.dumps({"event": "job." + doc["state"], "job": doc, "sent_by": "queuectl " + queuectl.__version__})
+        for url in urls:
+            cur.execute(self.sql.WEBHOOK_INSERT, {"url": url, "payload": payload, "at": at})
+
+    def release(self, job_id, run, worker_id, now, reason):
+        row = self._one(self.sql.RELEASE, {"now": self._clock(now), "id": job_id, "n": run, "worker": worker_id,
+                                           "error": reason, "channel": self.channel})
+        return row["n"] == 1
+
+    def rescue(self, now, host, alive, kill):
+        """Store.rescue on the database clock.  ``kill`` compares a run's start with the start of
+        the process it would kill, read on this machine's clock: the start it gets is translated
+        to this machine's clock by the difference between the caller's ``now`` and the database's."""
+        cfg = self.config()
+        at = self._now(now)
+        to_local = (float(now) - at) if now is not None else 0.0
+        stale_cutoff = at - max(4 * float(cfg["lease-seconds"]), 60.0)
+        workers = self.workers()
+        dead = [w["id"] for w in workers
+                if (w["host"] == host and not alive(w["pid"], w["pid_started"]))
+                or (w["host"] != host and w["heartbeat_at"] < stale_cutoff)]
+        self._fold()
+        if not dead and self._one(self.sql.ANY_EXPIRED, {"at": at}) is None:
+            return []  # the common case: reads only
+        rescued = []
+        back_to_queue = False
+        with self._cursor(transaction=True) as cur:
+            for row in cur.execute(self.sql.LOST_JOBS, {"at": at, "dead": dead}).fetchall():
+                started = None if row["started_at"] is None else row["started_at"] + to_local
+                if row["host"] == host and row["pid"]:
+                    kill(row["pid"], started)
+                elif row["host"] == host and row["worker_id"]:  # died before recording the pid
+                    kill(None, started, (row["id"], row["runs"], row["worker_id"]))
+                if row["lease_until"] < at:
+                    why = "lease of worker %s expired" % row["worker_id"]
+                else:
+                    why = "worker %s died" % row["worker_id"]
+                state = "pending"
+                if row["rescues"] + 1 > int(cfg["max-rescues"]):
+                    state = "dead"
+                    why += "; lost %d times, moved to the dead letter queue" % (row["rescues"] + 1)
+                p = {"seq": row["seq"], "id": row["id"], "n": row["runs"], "at": at, "state": state, "error": why,
+                     "queue": row["queue"]}
+                if cur.execute(self.sql.LOSE_JOB, p).rowcount != 1:
+                    continue
+                cur.execute(self.sql.LOSE_ATTEMPT, p)
+                cur.execute(self.sql.STATS_LOST, p)
+                if state == "dead":
+                    self._ended(cur, cur.execute(self.sql.GET_JOB, {"id": row["id"]}).fetchone(), state, at)
+                rescued.append(row["id"])
+                back_to_queue = back_to_queue or state == "pending"
+            for worker_id in dead:
+                cur.execute(self.sql.WORKER_DELETE, {"worker": worker_id})
+            if back_to_queue:
+                cur.execute(self.sql.NOTIFY, {"channel": self.channel})
+        return rescued
+
+    def _fold(self):
+        """Housekeeping of the per-state counts: fold the deltas logged since the last fold."""
+        with self._cursor() as cur:
+            cur.execute(self.sql.FOLD_COUNTS, {"fold_lock": self._fold_lock})
+
+    # --- reading ---------------------------------------------------------------------
+
+    def get(self, job_id):
+        row = self._one(self.sql.GET_JOB, {"id": job_id})
+        return Job.from_row(row) if row else None
+
+    def states_of(self, job_ids):
+        return {r["id"]: (r["state"], r["exit_code"]) for r in self._all(self.sql.STATES_OF, {"ids": list(job_ids)})}
+
+    def attempts(self, job_id, with_output=False):
+        sql = self.sql.ATTEMPTS_OUTPUT if with_output else self.sql.ATTEMPTS
+        return [Attempt.from_row(r) for r in self._all(sql, {"id": job_id})]
+
+    def attempt(self, job_id, n=None):
+        if n is None:
+            row = self._one(self.sql.ATTEMPT_LAST, {"id": job_id})
+        else:
+            row = self._one(self.sql.ATTEMPT_ONE, {"id": job_id, "n": n})
+        return Attempt.from_row(row) if row else None
+
+    def list_jobs(self, state=None, limit=100):
+        if state:
+            rows = self._all(self.sql.LIST_STATE, {"state": str(state), "limit": limit})
+        else:
+            rows = self._all(self.sql.LIST_ALL, {"limit": limit})
+        return [Job.from_row(r) for r in reversed(rows)]
+
+    def counts(self):
+        result = {s: 0 for s in STATES}
+        for row in self._all(self.sql.COUNTS, {"fold_lock": self._fold_lock}):
+            result[row["state"]] = int(row["n"])
+        return result
+
+    # --- the dead letter queue, deleting, purging -------------------------------------
+
+    def retry_dead(self, job_id, now, reset_attempts=False):
+        with self._cursor(transaction=True) as cur:
+            try:
+                with cur.connection.transaction():
+                    hit = cur.execute(self.sql.RETRY_DEAD, {"now": self._clock(now), "id": job_id,
+                                                            "reset": bool(reset_attempts)}).fetchone()
+            except psycopg.errors.UniqueViolation:
+                raise Conflict("job %s cannot be retried: another active job holds its unique key" % job_id) from None
+            if hit:
+                cur.execute(self.sql.NOTIFY, {"channel": self.channel})
+                return True
+            row = cur.execute(self.sql.JOB_STATE, {"id": job_id}).fetchone()
+        if row is None:
+            raise NotFound("no job with id %s" % queuectl._short(job_id))
+        raise Conflict("job %s is %s, not dead: only jobs in the dead letter queue can be retried"
+                       % (job_id, row["state"]))
+
+    def retry_all_dead(self, now, reset_attempts=False):
+        retried = skipped = 0
+        with self._cursor(transaction=True) as cur:
+            for r in cur.execute(self.sql.DEAD_IDS).fetchall():
+                try:
+                    with cur.connection.transaction():
+                        retried += cur.execute(self.sql.RETRY_DEAD, {"now": self._clock(now), "id": r["id"],
+                                                                     "reset": bool(reset_attempts)}).rowcount
+                except psycopg.errors.UniqueViolation:  # its unique key is held by an active job
+                    skipped += 1
+            if retried:
+                cur.execute(self.sql.NOTIFY, {"channel": self.channel})
+        return retried, skipped
+
+    def delete_jobs(self, state=None):
+        states = [str(state)] if state else [s for s in STATES if s != "processing"]
+        if "processing" in states:
+            raise Conflict("running jobs cannot be cleared; stop the workers first")
+        with self._cursor(transaction=True) as cur:
+            gone = [r["id"] for r in cur.execute(self.sql.DELETE_JOBS, {"states": states})]
+            if gone:
+                self._drop_dependencies_on_deleted(cur, gone)
+        return len(gone)
+
+    def _drop_dependencies_on_deleted(self, cur, gone):
+        """Jobs that waited on deleted jobs can never run: cancel them, saying why."""
+        at = self._now(None, cur)
+        for dep in [r["job_id"] for r in cur.execute(self.sql.WAITING_ON, {"ids": gone}).fetchall()]:
+            cur.execute(self.sql.LOCK_JOB, {"id": dep})
+            missing = cur.execute(self.sql.MISSING_DEP, {"id": dep}).fetchone()
+            if missing and cur.execute(self.sql.CANCEL_JOB, {"id": dep, "at": at, "error": "dependency %s was deleted"
+                                                             % missing["depends_on"]}).rowcount:
+                cur.execute(self.sql.DROP_EDGES_FROM, {"id": dep})
+                self._ended(cur, cur.execute(self.sql.GET_JOB, {"id": dep}).fetchone(), "cancelled", at)
+        cur.execute(self.sql.DROP_ORPHAN_EDGES, {"ids": gone})
+
+    def purge(self, states, before, batch=1000):
+        """Delete jobs in ``states`` (final states only) last updated before ``before`` (epoch
+        seconds, read on the database clock), with their attempts, ``batch`` per transaction.
+        Statistics are kept.  Returns the number deleted."""
+        total = 0
+        for state in states:
+            if state not in queuectl.FINAL_STATES:
+                raise InvalidInput("only finished jobs can be purged (%s), not %s"
+                                   % (", ".join(queuectl.FINAL_STATES), state))
+            while True:
+                with self._cursor(transaction=True) as cur:
+                    n = cur.execute(self.sql.PURGE, {"state": state, "before": before, "limit": batch}).fetchone()["n"]
+                total += n
+                if n < batch:
+                    break
+        return total
+
+    # --- cancel ----------------------------------------------------------------------
+
+    def cancel(self, job_id, now):
+        with self._cursor(transaction=True) as cur:
+            at = self._now(now, cur)
+            cur.execute(self.sql.LOCK_JOB, {"id": job_id})
+            if cur.execute(self.sql.CANCEL_JOB, {"id": job_id, "at": at, "error": "cancelled by a user"}).rowcount:
+                cur.execute(self.sql.DROP_EDGES_FROM, {"id": job_id})
+                self._ended(cur, cur.execute(self.sql.GET_JOB, {"id": job_id}).fetchone(), "cancelled", at)
+                return "cancelled"
+            if cur.execute(self.sql.REQUEST_CANCEL, {"id": job_id}).rowcount:
+                cur.execute(self.sql.NOTIFY_CANCEL, {"channel": self.channel})  # its worker checks at once
+                return "requested"
+            row = cur.execute(self.sql.JOB_STATE, {"id": job_id}).fetchone()
+        if row is None:
+            raise NotFound("no job with id %s" % queuectl._short(job_id))
+        raise Conflict("job %s is already %s" % (job_id, row["state"]))
+
+    def cancel_requested(self, job_id, run):
+        row = self._one(self.sql.CANCEL_REQUESTED, {"id": job_id, "n": run})
+        return bool(row and row["cancel_requested"])
+
+    # --- queues ----------------------------------------------------------------------
+
+    def queues(self):
+        counts = {}
+        for r in self._all(self.sql.QUEUE_COUNTS):
+            counts.setdefault(r["queue"], {})[r["state"]] = int(r["n"])
+        return [{"name": r["name"], "max_running": r["max_running"], "paused": bool(r["paused"]),
+                 "counts": counts.get(r["name"], {})} for r in self._all(self.sql.QUEUES)]
+
+    def set_queue(self, name, max_running=False, paused=None):
+        with self._cursor(transaction=True) as cur:
+            cur.execute(self.sql.ADD_QUEUE, {"queue": name})
+            if max_running is not False:
+                cur.execute(self.sql.SET_QUEUE_LIMIT, {"m": max_running, "queue": name})
+            if paused is not None:
+                cur.execute(self.sql.SET_QUEUE_PAUSED, {"p": bool(paused), "queue": name})
+            if paused is False or max_running is not False:
+                cur.execute(self.sql.NOTIFY, {"channel": self.channel})  # jobs may be claimable now
+
+    # --- schedules -------------------------------------------------------------------
+
+    def add_schedule(self, name, cron, tz, spec, missed, overlap, next_run, now):
+        params = {"name": name, "cron": cron, "tz": tz, "spec": json.dumps(spec), "missed": missed,
+                  "overlap": overlap, "next_run": next_run, "now": self._clock(now)}
+        with self._cursor() as cur:
+            try:
+                cur.execute(self.sql.SCHEDULE_INSERT, params)
+            except psycopg.errors.UniqueViolation:
+                raise Conflict("a schedule named %s already exists" % queuectl._short(name)) from None
+
+    def schedules(self):
+        out = []
+        for r in self._all(self.sql.SCHEDULES):
+            d = dict(r)
+            d["spec"] = json.loads(d["spec"])
+            d["paused"] = bool(d["paused"])
+            out.append(d)
+        return out
+
+    def remove_schedule(self, name):
+        with self._cursor() as cur:
+            if not cur.execute(self.sql.SCHEDULE_DELETE, {"name": name}).rowcount:
+                raise NotFound("no schedule named %s" % queuectl._short(name))
+
+    def pause_schedule(self, name, paused, next_run=None):
+        with self._cursor() as cur:
+            if not cur.execute(self.sql.SCHEDULE_PAUSE, {"p": bool(paused), "name": name,
+                                                         "next_run": next_run}).rowcount:
+                raise NotFound("no schedule named %s" % queuectl._short(name))
+
+    def fire_schedules(self, now, next_run, cfg):
+        """SqliteStore.fire_schedules on the database clock; each due schedule is locked (SKIP
+        LOCKED) by the one process that fires it, so a tick makes one job however many
+        supervisors on however many machines call this."""
+        created = []
+        at = self._now(now)
+        if self._one(self.sql.SCHEDULE_ANY_DUE, {"at": at}) is None:
+            return created
+        with self._cursor(transaction=True) as cur:
+            for s in cur.execute(self.sql.SCHEDULES_DUE, {"at": at}).fetchall():
+                tick = s["next_run"]
+                upcoming = next_run(dict(s), at)
+                job_id = None
+                late = at - tick > 60
+                busy = False
+                if s["overlap"] == "skip" and s["last_job"]:
+                    prev = cur.execute(self.sql.JOB_STATE, {"id": s["last_job"]}).fetchone()
+                    busy = prev is not None and prev["state"] in queuectl.ACTIVE_STATES
+                if not busy and not (late and s["missed"] == "skip"):
+                    spec = dict(json.loads(s["spec"]))
+                    spec["id"] = "%s.%s" % (s["name"], time.strftime("%Y%m%dT%H%MZ", time.gmtime(tick)))
+                    if cur.execute(self.sql.JOB_EXISTS, {"id": spec["id"]}).fetchone():
+                        spec["id"] += "." + new_job_id()[:4]
+                    job = queuectl.validate_job(spec, cfg, at, cwd=spec.get("cwd") or "/")
+                    job["schedule"] = s["name"]
+                    row = self._row(job, set())
+                    if not (row.get("unique_key") and self._by_key(cur, row["unique_key"])):
+                        if self._insert_one(cur, row, "pending", at, {row["id"]}, set()) is None:
+                            job_id = row["id"]
+                            created.append(job_id)
+                cur.execute(self.sql.SCHEDULE_ADVANCE, {"name": s["name"], "next_run": upcoming,
+                                                        "last_run": tick if job_id else None, "job": job_id})
+            if created:
+                cur.execute(self.sql.NOTIFY, {"channel": self.channel})
+        return created
+
+    # --- webhooks --------------------------------------------------------------------
+
+    def webhooks_due(self, now):
+        return self._one(self.sql.WEBHOOK_ANY_DUE, {"now": self._clock(now)}) is not None
+
+    def claim_webhooks(self, now, limit, lease):
+        """Due deliveries for ``lease`` seconds; SKIP LOCKED and the lease keep senders on several
+        machines from sending one twice."""
+        if not self.webhooks_due(now):
+            return []
+        return [dict(r) for r in self._all(self.sql.CLAIM_WEBHOOKS, {"now": self._clock(now), "limit": limit,
+                                                                     "lease": float(lease)})]
+
+    def webhook_result(self, delivery_id, now, error=None, next_at=None):
+        next_abs, next_in = self._at(next_at, now)
+        with self._cursor() as cur:
+            cur.execute(self.sql.WEBHOOK_DONE, {"now": self._clock(now), "id": delivery_id, "error": error,
+                                                "next_at": next_abs, "next_in": next_in,
+                                                "give_up": error is not None and next_at is None})
+
+    # --- configuration ---------------------------------------------------------------
+
+    def config(self):
+        cfg = dict(queuectl.DEFAULTS)
+        for row in self._all(self.sql.CONFIG_ALL):
+            if row["key"] in cfg:
+                try:
+                    cfg[row["key"]] = json.loads(row["value"])
+                except ValueError:
+                    pass
+        return cfg
+
+    def set_config(self, key, value):
+        with self._cursor() as cur:
+            cur.execute(self.sql.CONFIG_SET, {"key": key, "value": json.dumps(value)})
+
+    # --- workers ---------------------------------------------------------------------
+
+    def register_worker(self, worker):
+        params = {k: worker.get(k) for k in ("id", "host", "pid", "pid_started", "supervisor_pid", "wake")}
+        params["now"] = self._clock(worker.get("now"))
+        with self._cursor() as cur:
+            cur.execute(self.sql.WORKER_UPSERT, params)
+
+    def unregister_worker(self, worker_id):
+        with self._cursor() as cur:
+            cur.execute(self.sql.WORKER_DELETE, {"worker": worker_id})
+
+    def workers(self):
+        return [dict(r) for r in self._all(self.sql.WORKERS)]
+
+    def wake_addresses(self, host, n):
+        return [r["wake"] for r in self._all(self.sql.WAKE, {"host": host, "n": n})]
+
+    # --- dashboard and monitoring reads ------------------------------------------------
+
+    def jobs_page(self, state=None, id_prefix=None, limit=50, after=None):
+        p = {"limit": int(limit) + 1, "state": str(state) if state else None}
+        if id_prefix:
+            if not re.match(r"^[A-Za-z0-9_.:@+-]{1,%d}$" % queuectl.MAX_ID_LENGTH, id_prefix):
+                return [], False  # no id can start with it
+            p["start"] = max(id_prefix, after + "\x01") if after else id_prefix
+            p["stop"] = id_prefix[:-1] + chr(ord(id_prefix[-1]) + 1)
+            rows = self._all(self.sql.PAGE_PREFIX, p)
+        else:
+            p["updated_at"], p["seq"] = after if after else (float("inf"), 2 ** 63 - 1)
+            rows = self._all(self.sql.PAGE_STATE if state else self.sql.PAGE_ALL, p)
+        return [Job.from_row(r) for r in rows[:limit]], len(rows) > limit
+
+    def oldest_due(self, now):
+        row = self._one(self.sql.OLDEST_DUE, {"now": self._clock(now),
+                                              "priorities": sorted(set(queuectl.PRIORITIES.values()))})
+        return row["run_at"] if row else None
+
+    def stats_minutes(self, since, until):
+        return [dict(r, count=int(r["count"])) for r in self._all(self.sql.STATS_RANGE,
+                                                                   {"since": int(since), "until": int(until)})]
+
+    def data_version(self):
+        """A fingerprint of the schema that changes with every commit that changes the queue: the
+        newest job update and the running jobs' leases (index-served), the count changes not yet
+        folded and the folded totals, and the row versions of the small tables."""
+        return tuple(self._one(self.sql.DATA_VERSION).values())
+
+    def stats_by_queue(self, since, until):
+        p = {"since": int(since), "until": int(until)}
+        hist = {}
+        for r in self._all(self.sql.STATS_HIST_BY_QUEUE, p):
+            hist.setdefault(r["queue"], {})[r["bucket"]] = int(r["count"])
+        return [dict(r, count=int(r["count"])) for r in self._all(self.sql.STATS_BY_QUEUE, p)], hist
+
+    def attempt_totals(self):
+        buckets = {}
+        for r in self._all(self.sql.ATTEMPT_DURATIONS):
+            buckets.setdefault((r["queue"], r["outcome"]), {})[r["le"]] = int(r["count"])
+        out = []
+        for r in self._all(self.sql.ATTEMPT_TOTALS):
+            per_bucket = buckets.get((r["queue"], r["outcome"]), {})
+            cumulative, running = [], 0
+            for le in queuectl.DURATION_BUCKETS:
+                running += per_bucket.get(le, 0)
+                cumulative.append((le, running))
+            cumulative.append((float("inf"), int(r["count"])))
+            out.append({"queue": r["queue"], "outcome": r["outcome"], "count": int(r["count"]),
+                        "duration_sum": r["duration_sum"], "buckets": cumulative})
+        return out
+
+    # --- wake-up by LISTEN/NOTIFY ------------------------------------------------------
+
+    def wait_fds(self):
+        """The LISTEN connection's socket (opened on first use; re-opened, at most every
+        LISTEN_RETRY seconds, after it broke).  [] while it is unavailable: the worker polls."""
+        if self._listen is None and time.monotonic() >= self._listen_retry_at:
+            try:
+                conn = psycopg.connect(self.conninfo, **self._connect_kwargs())
+                try:
+                    conn.execute('LISTEN "%s"' % self.channel)
+                except BaseException:
+                    conn.close()
+                    raise
+                self._listen = conn
+            except psycopg.Error as e:
+                self._listen_retry_at = time.monotonic() + LISTEN_RETRY
+                queuectl.log.warning("cannot LISTEN on %s (%s); polling instead", self.path, _one_line(e))
+                return []
+        return [self._listen.fileno()] if self._listen is not None else []
+
+    def consume_notifications(self):
+        """Read and discard what arrived on the LISTEN connection.  True when a cancel asked busy
+        workers to look at their job (or the connection broke: look now, then poll until it is
+        back); "jobs are due" notifications return False (see Store.consume_notifications)."""
+        conn = self._listen
+        if conn is None:
+            return False
+        got = False
+        try:
+            # A server that ends the session sends an error, then closes the socket: the socket stays
+            # readable after everything was consumed only at end of file, and consume_input raises then.
+            for _ in range(2):
+                conn.pgconn.consume_input()
+                while True:
+                    note = conn.pgconn.notifies()
+                    if note is None:
+                        break
+                    got = got or note.extra == b"cancel"
+                if conn.pgconn.status != psycopg.pq.ConnStatus.OK:
+                    raise psycopg.OperationalError("the server closed the connection")
+                if not select.select([conn.fileno()], [], [], 0)[0]:
+                    break
+        except psycopg.Error as e:
+            queuectl.log.warning("LISTEN connection to %s lost (%s); polling until it is back",
+                                 self.path, _one_line(e))
+            self._close_listen()
+            self._listen_retry_at = time.monotonic() + LISTEN_RETRY
+            return True
+        return got
+
+    def _close_listen(self):
+        if self._listen is not None:
+            with contextlib.suppress(Exception):
+                self._listen.close()
+            self._listen = None
+
+    def close(self):
+        self._close_listen()
+        if self.conn is not None:
+            with contextlib.suppress(Exception):
+                self.conn.close()
+            self.conn = None
