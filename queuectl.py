@@ -17,7 +17,6 @@ __version__ = "0.1.0"
 import argparse
 import contextlib
 import enum
-import errno
 import json
 import logging
 import os
@@ -1469,6 +1468,24 @@ SQL_DEAD_IDS = "SELECT id FROM jobs WHERE state = 'dead' ORDER BY updated_at, se
 SQL_DATA_VERSION = "PRAGMA data_version"  # changes when another connection commits
 
 
+def config_from_rows(rows):
+    """DEFAULTS overlaid with stored (key, JSON value) rows; unknown keys and bad values are ignored."""
+    cfg = dict(DEFAULTS)
+    for row in rows:
+        if row["key"] in cfg:
+            with contextlib.suppress(ValueError):
+                cfg[row["key"]] = json.loads(row["value"])
+    return cfg
+
+
+def schedule_from_row(row):
+    """A stored schedule row as a dict, its job spec decoded."""
+    d = dict(row)
+    d["spec"] = json.loads(d["spec"])
+    d["paused"] = bool(d["paused"])
+    return d
+
+
 def default_db_path():
     base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
     return os.path.join(base, "queuectl", "queuectl.db")
@@ -2082,13 +2099,7 @@ class SqliteStore(Store):
 
     def schedules(self):
         """Every schedule as a dict (spec decoded), with the state of its last job."""
-        out = []
-        for r in self._read(SQL_SCHEDULES):
-            d = dict(r)
-            d["spec"] = json.loads(d["spec"])
-            d["paused"] = bool(d["paused"])
-            out.append(d)
-        return out
+        return [schedule_from_row(r) for r in self._read(SQL_SCHEDULES)]
 
     def remove_schedule(self, name):
         with self._tx() as conn:
@@ -2173,14 +2184,7 @@ class SqliteStore(Store):
     # --- configuration ---------------------------------------------------------------
 
     def config(self):
-        cfg = dict(DEFAULTS)
-        for row in self._read(SQL_CONFIG_ALL):
-            if row["key"] in cfg:
-                try:
-                    cfg[row["key"]] = json.loads(row["value"])
-                except ValueError:
-                    pass
-        return cfg
+        return config_from_rows(self._read(SQL_CONFIG_ALL))
 
     def set_config(self, key, value):
         with self._tx() as conn:
@@ -3698,40 +3702,28 @@ def _duration_arg(text):
         raise argparse.ArgumentTypeError("%s: got %s" % (e, _short(text)))
 
 
-def _port_arg(text):
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError("must be a port number, got %s" % _short(text))
-    if not 0 <= n <= 65535:
-        raise argparse.ArgumentTypeError("must be from 0 to 65535, got %d" % n)
-    return n
+def _int_arg(lo, hi, what="a whole number"):
+    """An argparse type: an integer from ``lo`` to ``hi``."""
+    def parse(text):
+        try:
+            n = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError("must be %s, got %s" % (what, _short(text)))
+        if not lo <= n <= hi:
+            raise argparse.ArgumentTypeError("must be from %d to %d, got %d" % (lo, hi, n))
+        return n
+    return parse
+
+
+_port_arg = _int_arg(0, 65535, "a port number")
+_limit_arg = _int_arg(1, 1000000)
+_positive_int = _int_arg(1, 2 ** 31)
 
 
 def _state_arg(text):
     if text not in STATES:
         raise argparse.ArgumentTypeError("unknown state %s (choose from %s)" % (_short(text), ", ".join(STATES)))
     return text
-
-
-def _limit_arg(text):
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError("must be a whole number, got %s" % _short(text))
-    if not 1 <= n <= 1000000:
-        raise argparse.ArgumentTypeError("must be from 1 to 1000000, got %s" % n)
-    return n
-
-
-def _positive_int(text):
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError("must be a whole number, got %s" % _short(text))
-    if not 1 <= n <= 2 ** 31:
-        raise argparse.ArgumentTypeError("must be from 1 to %d, got %s" % (2 ** 31, n))
-    return n
 
 
 # --- helpers -----------------------------------------------------------------------

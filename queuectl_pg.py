@@ -1495,13 +1495,7 @@ class PostgresStore(Store):
                 raise Conflict("a schedule named %s already exists" % queuectl._short(name)) from None
 
     def schedules(self):
-        out = []
-        for r in self._all(self.sql.SCHEDULES):
-            d = dict(r)
-            d["spec"] = json.loads(d["spec"])
-            d["paused"] = bool(d["paused"])
-            out.append(d)
-        return out
+        return [queuectl.schedule_from_row(r) for r in self._all(self.sql.SCHEDULES)]
 
     def remove_schedule(self, name):
         with self._cursor() as cur:
@@ -1573,14 +1567,7 @@ class PostgresStore(Store):
     # --- configuration ---------------------------------------------------------------
 
     def config(self):
-        cfg = dict(queuectl.DEFAULTS)
-        for row in self._all(self.sql.CONFIG_ALL):
-            if row["key"] in cfg:
-                try:
-                    cfg[row["key"]] = json.loads(row["value"])
-                except ValueError:
-                    pass
-        return cfg
+        return queuectl.config_from_rows(self._all(self.sql.CONFIG_ALL))
 
     def set_config(self, key, value):
         with self._cursor() as cur:

@@ -157,7 +157,7 @@ def main(argv=None):
             ["SQLite single-row commits, WAL, synchronous=FULL", rate(A["commit_full"])],
             ["SQLite single-row commits, WAL, synchronous=NORMAL", rate(A["commit_normal"])],
             ["SQLite batched insert, 1,000-row transactions, synchronous=FULL", rate(A["batch_insert"])],
-            ["... the same into queuectl's jobs table (its 7 indexes and counting trigger), no Python work",
+            ["... the same into queuectl's jobs table (its indexes and counting trigger), no Python work",
              rate(A["schema_insert"])],
         ])
 

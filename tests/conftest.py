@@ -193,7 +193,7 @@ def store(db):
     s.close()
 
 
-def test_env(db):
+def program_env(db):
     env = dict(os.environ)
     env["QUEUECTL_DB"] = str(db)
     env.pop("NO_COLOR", None)
@@ -207,7 +207,7 @@ def run(db, tmp_path):
     def call(*args, stdin=None, timeout=60, env=None, cwd=None):
         proc = subprocess.run(
             program() + [str(a) for a in args], input=stdin.encode() if isinstance(stdin, str) else stdin,
-            capture_output=True, timeout=timeout, cwd=cwd or tmp_path, env=env or test_env(db),
+            capture_output=True, timeout=timeout, cwd=cwd or tmp_path, env=env or program_env(db),
             stdin=None if stdin is not None else subprocess.DEVNULL,
         )
         return Result(proc.returncode, proc.stdout.decode("utf-8", "replace"), proc.stderr.decode("utf-8", "replace"))
@@ -269,7 +269,7 @@ class Workers:
         argv = program() + ["--db", str(self.db), "worker", "start", "--foreground", "-c", str(count),
                             "--poll-interval", str(poll)] + list(args)
         proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env=env or test_env(self.db), cwd=self.tmp_path, start_new_session=True)
+                                env=env or program_env(self.db), cwd=self.tmp_path, start_new_session=True)
         log.close()
         self.procs.append(proc)
         wait_until(lambda: len(self.children(proc.pid)) >= count or proc.poll() is not None, 20,

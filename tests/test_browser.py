@@ -15,7 +15,7 @@ import pytest
 
 import queuectl
 from conftest import db_rows, program, wait_until
-from conftest import test_env as program_env
+from conftest import program_env as program_env
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--headless", "--disable-gpu", "--disable-background-networking",

@@ -86,7 +86,7 @@ def test_8_processes_enqueue_the_same_id_at_once_exactly_one_wins(db, tmp_path):
     """All 8 have opened the database and wait for their job on stdin; then they get it together."""
     doc = json.dumps({"id": "same", "command": "true"}) + "\n"
     procs = [subprocess.Popen(program() + ["enqueue", "-"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, env=conftest.test_env(db), cwd=str(tmp_path))
+                              stderr=subprocess.PIPE, env=conftest.program_env(db), cwd=str(tmp_path))
              for _ in range(ENQUEUERS)]
     try:
         # the database exists once the first of them has created it; then each must have it open

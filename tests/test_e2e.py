@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from conftest import db_rows, pid_exists, pids_of_database, program, states, test_env, wait_until
+from conftest import db_rows, pid_exists, pids_of_database, program, states, program_env, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -187,6 +187,7 @@ def test_kill9_of_busy_worker_rescues_job_and_kills_its_tree(run, db, workers, t
     run("enqueue", json.dumps({"id": "busy", "command": cmd}))
     sup = workers.start(1)
     first = read_pid(tmp_path / "run1.pid")
+    wait_until(lambda: attempts_of(db, "busy")[0][4], 10)  # the worker recorded the job's pid
     (worker_pid,) = worker_pids(db)
     os.kill(worker_pid, signal.SIGKILL)
     killed_at = time.monotonic()
@@ -258,7 +259,7 @@ def test_graceful_stop_finishes_current_job_and_does_not_forward_signals(run, db
     run("enqueue", '{"id":"next","command":"true","priority":"low"}')
     workers.start(1)
     wait_state(db, "current", "processing")
-    stopper = subprocess.Popen(program() + ["worker", "stop"], env=test_env(db), cwd=tmp_path,
+    stopper = subprocess.Popen(program() + ["worker", "stop"], env=program_env(db), cwd=tmp_path,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
     workers.extra_pids.add(stopper.pid)
     wait_until(lambda: "graceful stop requested" in workers.log(), 20)

@@ -29,7 +29,7 @@ ERROR = "queuectl: error: "
 
 
 def env_of(db):
-    return conftest.test_env(db)  # (not imported by name: pytest would collect a test_* function)
+    return conftest.program_env(db)  # (not imported by name: pytest would collect a test_* function)
 
 
 def one_error_line(r, code, *words):

@@ -99,7 +99,7 @@ class Procs:
 
     def start(self, *args, stdout=subprocess.PIPE, stderr=subprocess.PIPE):
         proc = subprocess.Popen(program() + [str(a) for a in args], stdout=stdout, stderr=stderr,
-                                stdin=subprocess.DEVNULL, env=conftest.test_env(self.db), cwd=self.tmp_path)
+                                stdin=subprocess.DEVNULL, env=conftest.program_env(self.db), cwd=self.tmp_path)
         self.procs.append(proc)
         return proc
 

@@ -289,7 +289,7 @@ def template(tmp_path_factory):
     """A database with a pending, a completed and a dead job, a queue and a schedule, made by the program."""
     d = tmp_path_factory.mktemp("template")
     db = d / "q.db"
-    env = conftest.test_env(db)
+    env = conftest.program_env(db)
 
     def run(*args):
         r = subprocess.run(program() + list(args), capture_output=True, env=env, cwd=str(d), timeout=60,
@@ -332,7 +332,7 @@ def run_row(row, template, base):
     before = dump(db)
     argv = [a.replace("{tmp}", str(d)) if isinstance(a, str) else a for a in row.argv]  # bytes: not UTF-8
     t0 = time.monotonic()
-    proc = subprocess.run(program() + argv, input=row.stdin, capture_output=True, env=conftest.test_env(db),
+    proc = subprocess.run(program() + argv, input=row.stdin, capture_output=True, env=conftest.program_env(db),
                           cwd=str(d), timeout=60, stdin=None if row.stdin is not None else subprocess.DEVNULL)
     took = time.monotonic() - t0
     after = dump(db)

@@ -34,7 +34,7 @@ LEASE = 2  # lease-seconds: short, so that a dead machine's jobs are rescued qui
 
 
 def cli(url, *args, host=None, stdin=None):
-    env = conftest.test_env(url)
+    env = conftest.program_env(url)
     if host:
         env["QUEUECTL_HOST"] = host
     proc = subprocess.run(program() + ["--db", url] + [str(a) for a in args], env=env, capture_output=True,
@@ -52,7 +52,7 @@ class Machine:
         (tmp_path / host).mkdir()
 
     def start(self, count):
-        env = dict(conftest.test_env(self.url), QUEUECTL_HOST=self.host)
+        env = dict(conftest.program_env(self.url), QUEUECTL_HOST=self.host)
         return self.workers.start(count, poll=0.05, env=env)
 
     def worker_pids(self):

@@ -469,11 +469,11 @@ def test_detached_workers_get_the_url_in_their_environment_not_on_their_command_
     import signal
     import subprocess
 
-    from conftest import pid_exists, program, test_env
+    from conftest import pid_exists, program, program_env
 
     # trust authentication accepts any password: enough to see where it travels
     url = pg_url.replace("postgresql://postgres@", "postgresql://postgres:s3cret@")
-    env = dict(test_env(url), XDG_DATA_HOME=str(tmp_path))
+    env = dict(program_env(url), XDG_DATA_HOME=str(tmp_path))
     started = subprocess.run(program() + ["--db", url, "worker", "start"], env=env, capture_output=True, text=True,
                              timeout=60)
     pids = [r[0] for r in db_rows(pg_url, "SELECT supervisor_pid FROM workers")]

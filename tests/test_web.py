@@ -6,7 +6,6 @@ API and every safety rule; the real program as a subprocess (marked e2e, so
 and the seed README's manual Test 4.
 """
 
-import base64
 import http.client
 import json
 import os
@@ -22,7 +21,7 @@ import pytest
 
 import queuectl
 from conftest import db_rows, program, wait_until
-from conftest import test_env as program_env
+from conftest import program_env as program_env
 from queuectl_web import server as web
 
 NOW = 1_800_000_000.0
