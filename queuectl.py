@@ -3077,6 +3077,8 @@ class Supervisor:
                 self._reap(store)
                 store = self._watch_database(store)
                 now = time.time()
+                if self.burst and not self.workers_running():
+                    self._stop_webhook_sender()  # deliveries still waiting for a retry go out next time
                 if self.stop_level == 0 and not self.burst and not self._reopen:
                     missing = self.count - self.workers_running()
                     if missing > 0:
@@ -3154,6 +3156,12 @@ class Supervisor:
             with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGTERM)
         return store
+
+    def _stop_webhook_sender(self):
+        for pid, (_, role) in list(self.children.items()):
+            if role == "webhooks":
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGTERM)
 
     def _spawn_without_connection(self, store, roles):
         """Fork children with no SQLite connection open in this process: SQLite keeps

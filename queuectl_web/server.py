@@ -55,7 +55,7 @@ SSE_MAX_CLIENTS = 32
 REQUEST_TIMEOUT = 30.0  # seconds a connection may sit idle mid-request
 TOKEN_HEADER = "X-Queuectl-Token"
 TOKEN_RE = re.compile(r"^[A-Za-z0-9._~+/=-]{16,256}$")
-FAILED_OUTCOMES = ("failed", "timeout", "error")
+FAILED_OUTCOMES = queuectl.FAILED_OUTCOMES
 LOST_OUTCOMES = ("lost", "stopped")
 
 #: URL path -> (file in queuectl_web/static, content type).  The only files served.

@@ -7,6 +7,7 @@ Playwright's own (expect, wait_for_*) or wait_until: nothing sleeps.
 """
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -182,6 +183,29 @@ def test_html_in_a_job_is_shown_as_text_and_never_runs(db, run, dashboard, page)
     assert page.locator("#drawer img, #drawer script, #drawer b").count() == 0
     assert page.dialogs == [], "a script from a job ran: %s" % page.dialogs
     assert page.evaluate("document.querySelectorAll('img[src=\"x\"], img[src=\"y\"]').length") == 0
+
+
+def test_html_through_every_free_text_field_is_shown_as_text(db, run, dashboard, page, tmp_path):
+    """Every job string a user controls (command, output, working directory, environment, unique
+    key, webhook URL, and the error that quotes the directory) reaches the page as text."""
+    evil = "<img src=x onerror=alert(%d)>"
+    job = {"id": "fields", "command": "echo '%s'; exit 1" % (evil % 1), "max_retries": 0,
+           "cwd": str(tmp_path / (evil % 2)),  # missing: the error quotes it
+           "env": {"EVIL": evil % 3}, "unique_key": evil % 4,
+           "webhook": "http://127.0.0.1:9/%s" % (evil % 5).replace(" ", "")}
+    assert run("enqueue", json.dumps(job)).rc == 0
+    assert run("worker", "start", "--burst").rc == 0
+    assert db_rows(db, "SELECT state FROM jobs WHERE id = 'fields'") == [("dead",)]
+    open_dashboard(page, dashboard.start())
+    row(page, "fields").click()
+    drawer = page.locator("#drawer")
+    expect(page.locator("#job-command")).to_have_text(job["command"])
+    for text in (job["cwd"], "EVIL=" + evil % 3, evil % 4, job["webhook"]):
+        expect(drawer).to_contain_text(text)
+    expect(page.locator("#job-attempts")).to_contain_text("does not exist")
+    assert drawer.locator("img, script").count() == 0
+    assert page.dialogs == [], "a script from a job field ran: %s" % page.dialogs
+    assert page.evaluate("document.querySelectorAll('img[src=\"x\"]').length") == 0
 
 
 # --- the seed README's manual Test 4, in the browser ------------------------------------------------

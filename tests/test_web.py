@@ -909,3 +909,36 @@ def test_seed_manual_test4_dashboard_and_monitoring(db, programs, run, workers):
     assert sorted(first) == ["h1", "h2", "h3"], first  # high priority first
     stats = client.get_json("/api/stats")["totals"]
     assert stats["completed"] == 10 and 0.9 < stats["mean_run"] < 5
+
+
+def test_stalled_clients_do_not_block_others(serve, monkeypatch):
+    """Clients that send half a request and then nothing (or half a body) tie up only their own
+    connection; everyone else is served at once, and the stalled ones are cut off after the
+    request timeout."""
+    monkeypatch.setattr(web.Handler, "timeout", 1.0)
+    srv, client = serve()
+    stalled = []
+    try:
+        for i in range(20):
+            s = socket.create_connection(("127.0.0.1", srv.server_address[1]), timeout=10)
+            if i % 2:
+                s.sendall(b"GET /api/status HTTP/1.1\r\nHost: " + client.host.encode() + b"\r\n")  # no blank line
+            else:
+                s.sendall(b"POST /api/jobs HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\n"
+                          b"Content-Length: 1000\r\n\r\n{\"comm" % client.host.encode())  # a tenth of the body
+            stalled.append(s)
+        started = time.monotonic()
+        for _ in range(5):
+            assert client.get("/healthz").status == 200
+        assert client.get_json("/api/status")["success"] is True
+        assert time.monotonic() - started < 3, "stalled clients held up the others"
+        for s in stalled:  # each stalled connection is closed by the server after REQUEST_TIMEOUT
+            s.settimeout(10)
+            try:
+                while s.recv(65536):
+                    pass
+            except ConnectionResetError:
+                pass
+    finally:
+        for s in stalled:
+            s.close()
