@@ -3531,7 +3531,7 @@ in the JSON.  Durations take s/m/h/d/w suffixes (90, 90s, 15m, 2h).""")
     dr.add_argument("-r", "--reset-attempts", action="store_true", help="give the job its whole retry budget again")
     add("clear", "delete every dead job", "  queuectl dlq clear", parent=dsub)
 
-    c = add("config", "show and change settings (running workers pick changes up within a second)", """\
+    c = add("config", "show and change settings (running workers apply changes from their next job)", """\
   queuectl config show
   queuectl config get max-retries
   queuectl config set backoff-base 3""")
