@@ -1468,6 +1468,22 @@ SQL_DEAD_IDS = "SELECT id FROM jobs WHERE state = 'dead' ORDER BY updated_at, se
 SQL_DATA_VERSION = "PRAGMA data_version"  # changes when another connection commits
 
 
+def judge_lost_run(row, now, host, max_rescues, kill, started_at):
+    """What a rescue does with one lost run (a row with id, runs, worker_id, host, pid,
+    lease_until, rescues): kill its processes when it ran on ``host`` (by pid, or by its
+    environment when the worker died before recording the pid), then decide the job's new
+    state.  Returns ``(state, reason)``: back to pending, or dead after max_rescues."""
+    if row["host"] == host and row["pid"]:
+        kill(row["pid"], started_at)
+    elif row["host"] == host and row["worker_id"]:
+        kill(None, started_at, (row["id"], row["runs"], row["worker_id"]))
+    expired = row["lease_until"] < now
+    why = ("lease of worker %s expired" if expired else "worker %s died") % row["worker_id"]
+    if row["rescues"] + 1 > max_rescues:
+        return "dead", why + "; lost %d times, moved to the dead letter queue" % (row["rescues"] + 1)
+    return "pending", why
+
+
 def config_from_rows(rows):
     """DEFAULTS overlaid with stored (key, JSON value) rows; unknown keys and bad values are ignored."""
     cfg = dict(DEFAULTS)
@@ -1921,18 +1937,7 @@ class SqliteStore(Store):
             for row in lost:
                 if row["id"] in rescued:
                     continue
-                if row["host"] == host and row["pid"]:
-                    kill(row["pid"], row["started_at"])
-                elif row["host"] == host and row["worker_id"]:  # died before recording the pid
-                    kill(None, row["started_at"], (row["id"], row["runs"], row["worker_id"]))
-                if row["lease_until"] < now:
-                    why = "lease of worker %s expired" % row["worker_id"]
-                else:
-                    why = "worker %s died" % row["worker_id"]
-                state = "pending"
-                if row["rescues"] + 1 > int(cfg["max-rescues"]):
-                    state = "dead"
-                    why += "; lost %d times, moved to the dead letter queue" % (row["rescues"] + 1)
+                state, why = judge_lost_run(row, now, host, int(cfg["max-rescues"]), kill, row["started_at"])
                 p = {"id": row["id"], "n": row["runs"], "now": now, "state": state, "lost": 1, "error": why,
                      "outcome": "lost"}
                 conn.execute(SQL_LOSE_JOB, p)

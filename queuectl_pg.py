@@ -1304,18 +1304,7 @@ class PostgresStore(Store):
         with self._cursor(transaction=True) as cur:
             for row in cur.execute(self.sql.LOST_JOBS, {"at": at, "dead": dead}).fetchall():
                 started = None if row["started_at"] is None else row["started_at"] + to_local
-                if row["host"] == host and row["pid"]:
-                    kill(row["pid"], started)
-                elif row["host"] == host and row["worker_id"]:  # died before recording the pid
-                    kill(None, started, (row["id"], row["runs"], row["worker_id"]))
-                if row["lease_until"] < at:
-                    why = "lease of worker %s expired" % row["worker_id"]
-                else:
-                    why = "worker %s died" % row["worker_id"]
-                state = "pending"
-                if row["rescues"] + 1 > int(cfg["max-rescues"]):
-                    state = "dead"
-                    why += "; lost %d times, moved to the dead letter queue" % (row["rescues"] + 1)
+                state, why = queuectl.judge_lost_run(row, at, host, int(cfg["max-rescues"]), kill, started)
                 p = {"seq": row["seq"], "id": row["id"], "n": row["runs"], "at": at, "state": state, "error": why,
                      "queue": row["queue"]}
                 if cur.execute(self.sql.LOSE_JOB, p).rowcount != 1:
