@@ -2743,6 +2743,22 @@ def wake_workers(store, n):
         s.close()
 
 
+def drain_fd(fd):
+    """Read a non-blocking wake-up pipe or socket empty; True if it held anything."""
+    woken = False
+    with contextlib.suppress(OSError):
+        while os.read(fd, 4096):
+            woken = True
+    return woken
+
+
+def wait_on_pipe(fd, timeout):
+    """Sleep until a signal handler writes to ``fd`` (set_wakeup_fd) or ``timeout`` passes."""
+    with contextlib.suppress(InterruptedError):
+        select.select([fd], [], [], timeout)
+    drain_fd(fd)
+
+
 class Worker:
     """One worker process: claims jobs one at a time and runs them.
 
@@ -2791,9 +2807,7 @@ class Worker:
         """Empty the wake-up pipe and socket, and the store's notifications; True if anything woke us."""
         woken = False
         for fd in self._local_wake_fds():
-            with contextlib.suppress(OSError):
-                while os.read(fd, 4096):
-                    woken = True
+            woken = drain_fd(fd) or woken
         return self.store.consume_notifications() or woken
 
     def _open_wake_socket(self):
@@ -3096,11 +3110,7 @@ class Supervisor:
                     last_housekeeping = now
                     if self.housekeeping(store, now):
                         store = self._spawn_without_connection(store, ["webhooks"])
-                with contextlib.suppress(InterruptedError):
-                    select.select([r], [], [], 0.5)
-                with contextlib.suppress(OSError):
-                    while os.read(r, 4096):
-                        pass
+                wait_on_pipe(r, 0.5)
         finally:
             store.close()
         sweep_lost_runs()
@@ -4468,11 +4478,7 @@ def _serve_in_foreground(server, supervisor_pid=None):
                     break
             elif received:
                 break
-            with contextlib.suppress(InterruptedError):
-                select.select([r], [], [], 0.5)
-            with contextlib.suppress(OSError):
-                while os.read(r, 4096):
-                    pass
+            wait_on_pipe(r, 0.5)
     finally:
         server.stop()
         for sig, handler in old_handlers.items():

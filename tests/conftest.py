@@ -237,6 +237,17 @@ def db_rows(db, sql, params=()):
 def states(db):
     return dict(db_rows(db, "SELECT id, state FROM jobs"))
 
+def state_of(db, job_id):
+    rows = db_rows(db, "SELECT state FROM jobs WHERE id = ?", (job_id,))
+    return rows[0][0] if rows else None
+
+
+def wait_state(db, job_id, wanted, timeout=20):
+    wanted = {wanted} if isinstance(wanted, str) else set(wanted)
+    wait_until(lambda: state_of(db, job_id) in wanted, timeout,
+               message="job %s never reached %s (is %s)" % (job_id, wanted, state_of(db, job_id)))
+
+
 
 def pids_of_database(db):
     """Every worker, supervisor and job process recorded in the database."""

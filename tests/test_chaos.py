@@ -26,11 +26,12 @@ ROUND = re.compile(
     r"integrity (\S+) \| [\d.]+s( \[no kills\])?$")
 
 
-def test_short_chaos_run(tmp_path):
+def run_short_chaos(db, tmp_path, rounds, jobs, seed, min_kills):
+    """Run tests/chaos.py for a few rounds (the first without kills) and check every summary line."""
     env = dict(os.environ)
     env.setdefault("SHIV_ROOT", str(conftest.ROOT / "build" / "shiv-root"))
-    cmd = [sys.executable, os.path.join(HERE, "chaos.py"), "--rounds", "3", "--jobs", "100", "--kill-every", "1-2",
-           "--calm-rounds", "1", "--seed", "7", "--db", str(tmp_path / "chaos.db")]
+    cmd = [sys.executable, os.path.join(HERE, "chaos.py"), "--rounds", str(rounds), "--jobs", str(jobs),
+           "--kill-every", "1-2", "--calm-rounds", "1", "--seed", str(seed), "--db", str(db)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=str(tmp_path))
     try:
         out, err = proc.communicate(timeout=600)
@@ -40,20 +41,25 @@ def test_short_chaos_run(tmp_path):
         pytest.fail("the short chaos run took more than 10 minutes:\n" + out + err)
     print(out)  # the summary lines, for the CI log
     assert proc.returncode == 0, out + err
-    rounds = [ROUND.match(line) for line in out.splitlines() if line.startswith("round ")]
-    assert len(rounds) == 3 and all(rounds), out
-    for m in rounds:
-        n, jobs, completed, dead, kills, workers_killed = (int(m.group(i)) for i in range(1, 7))
+    found = [ROUND.match(line) for line in out.splitlines() if line.startswith("round ")]
+    assert len(found) == rounds and all(found), out
+    for m in found:
+        n, njobs, completed, dead, kills, workers_killed = (int(m.group(i)) for i in range(1, 7))
         lost, stuck, processing, duplicates, orphans = (int(m.group(i)) for i in range(9, 14))
-        assert jobs == 100 and completed + dead == 100
+        assert njobs == jobs and completed + dead == jobs
         assert (lost, stuck, processing, orphans) == (0, 0, 0, 0)
         assert m.group(14) == "ok"
         assert duplicates <= workers_killed
         if n == 1:
             assert m.group(15) and kills == 0 and duplicates == 0, "a round without kills must run each job once"
         else:
-            assert not m.group(15) and kills >= 3 and workers_killed >= kills, "the kills did not happen"
-    assert re.search(r"^TOTAL 3 round\(s\): 300 jobs, 300 acknowledged, .* \| PASS$", out, re.M), out
+            assert not m.group(15) and kills >= min_kills and workers_killed >= kills, "the kills did not happen"
+    total = r"^TOTAL %d round\(s\): %d jobs, %d acknowledged, .* \| PASS$" % (rounds, rounds * jobs, rounds * jobs)
+    assert re.search(total, out, re.M), out
+
+
+def test_short_chaos_run(tmp_path):
+    run_short_chaos(tmp_path / "chaos.db", tmp_path, rounds=3, jobs=100, seed=7, min_kills=3)
 
 
 # --- the checker itself: each violation is caught --------------------------------------------------------

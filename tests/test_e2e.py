@@ -12,20 +12,9 @@ import time
 
 import pytest
 
-from conftest import db_rows, pid_exists, pids_of_database, program, states, program_env, wait_until
+from conftest import db_rows, pid_exists, pids_of_database, program, program_env, state_of, states, wait_state, wait_until
 
 pytestmark = pytest.mark.e2e
-
-
-def state_of(db, job_id):
-    rows = db_rows(db, "SELECT state FROM jobs WHERE id = ?", (job_id,))
-    return rows[0][0] if rows else None
-
-
-def wait_state(db, job_id, wanted, timeout=20):
-    wanted = {wanted} if isinstance(wanted, str) else set(wanted)
-    wait_until(lambda: state_of(db, job_id) in wanted, timeout,
-               message="job %s never reached %s (is %s)" % (job_id, wanted, state_of(db, job_id)))
 
 
 def all_in(db, wanted, n, timeout=60):

@@ -23,7 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 import conftest
-from conftest import ROOT, db_rows, pid_exists, program, wait_until
+from conftest import ROOT, db_rows, pid_exists, program, state_of, wait_until
 
 ERROR = "queuectl: error: "
 
@@ -55,11 +55,6 @@ def dump(db):
 
 def integrity(db):
     return db_rows(db, "PRAGMA integrity_check")[0][0]
-
-
-def state_of(db, job_id):
-    rows = db_rows(db, "SELECT state FROM jobs WHERE id = ?", (job_id,))
-    return rows[0][0] if rows else None
 
 
 def attempts_of(db, job_id):

@@ -105,6 +105,11 @@ class StoreContract:
 
     # --- enqueue ---------------------------------------------------------------------
 
+    def test_data_survives_reopening(self, store, open_store):
+        store.enqueue([spec(id="j", command="echo durable")], NOW)
+        store.close()
+        assert open_store().get("j").command == "echo durable"
+
     def test_enqueue_returns_ids_in_order(self, store):
         ids = store.enqueue([spec(id="a", command="echo a"), spec(command="echo gen"), spec(id="c")], NOW)
         assert ids[0] == "a" and ids[2] == "c"
@@ -705,10 +710,6 @@ class TestSqliteStore(StoreContract):
     def raw_counts(self, db):
         return lambda: dict(db_rows(db, "SELECT state, count(*) FROM jobs GROUP BY state"))
 
-    def test_data_survives_reopening(self, store, open_store):
-        store.enqueue([spec(id="j", command="echo durable")], NOW)
-        store.close()
-        assert open_store().get("j").command == "echo durable"
 
 
 def plan(store, sql):

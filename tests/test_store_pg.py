@@ -24,7 +24,7 @@ import queuectl
 import queuectl_pg
 from conftest import PG_TEST_URL, db_rows, drop_pg_schema, new_pg_url, pg_schema_of, wait_until
 from queuectl import Conflict, DatabaseBusy, DatabaseError, JobState
-from test_store import HOST, LEASE, NOW, OTHER_HOST, Recorder, StoreContract, always_alive, spec, worker_record
+from test_store import HOST, LEASE, OTHER_HOST, Recorder, StoreContract, always_alive, spec, worker_record
 
 pytestmark = pytest.mark.postgres
 
@@ -52,11 +52,6 @@ class TestPostgresStore(StoreContract):
     @pytest.fixture
     def raw_counts(self, pg_url):
         return lambda: dict(db_rows(pg_url, "SELECT state, count(*) FROM jobs GROUP BY state"))
-
-    def test_data_survives_reopening(self, store, open_store):
-        store.enqueue([spec(id="j", command="echo durable")], NOW)
-        store.close()
-        assert open_store().get("j").command == "echo durable"
 
 
 ###############################################################################
