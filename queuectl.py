@@ -18,7 +18,6 @@ import argparse
 import contextlib
 import enum
 import json
-import logging
 import os
 import re
 import select
@@ -69,8 +68,30 @@ secrets = _LazyModule("secrets")
 shlex = _LazyModule("shlex")
 socket = _LazyModule("socket")
 subprocess = _LazyModule("subprocess")
+logging = _LazyModule("logging")
 
-log = logging.getLogger("queuectl")
+
+class _LazyLogger:
+    """The "queuectl" logger, with the logging module (3 ms of start-up with what it imports)
+    imported at the first message: most commands log nothing."""
+
+    def __getattr__(self, attr):
+        return getattr(_logger(), attr)
+
+
+_LOG_VERBOSE = []  # what setup_logging was asked for, kept until the logger exists
+
+
+def _logger():
+    global log
+    if isinstance(log, _LazyLogger):
+        log = logging.getLogger("queuectl")
+        if _LOG_VERBOSE:
+            _configure_logging(_LOG_VERBOSE[-1])
+    return log
+
+
+log = _LazyLogger()
 
 ###############################################################################
 # Constants and defaults
@@ -96,7 +117,9 @@ PRIORITIES = {"high": 1, "medium": 2, "low": 3}
 PRIORITY_NAMES = {v: k for k, v in PRIORITIES.items()}
 
 BUSY_TIMEOUT = 5.0  # seconds a command waits for a locked database
+BUSY_SPIN = 0.05  # seconds of those in which a writer polls the lock every 0.05-1 ms (SqliteStore._begin)
 HOUSEKEEPING_INTERVAL = 2.0  # how often idle workers and supervisors rescue lost jobs
+REOPEN_GRACE = 10.0  # seconds a supervisor keeps trying to open a new database after the old one was deleted
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)  # what workers and supervisors stop on
 STOP_WAIT = 60.0  # how long `worker stop` waits for running jobs before a cold stop
 DASHBOARD_HOST = "127.0.0.1"  # `dashboard` and `up` listen here unless told otherwise
@@ -912,8 +935,16 @@ class Store:
         raise NotImplementedError
 
     def started(self, job_id, run, pid):
-        """Record the process id of a running attempt (for killing its group on rescue)."""
+        """Record the process id of a running attempt (for killing its group on rescue).  Durable:
+        it makes the claim before it, and a result recorded with that claim, durable too."""
         raise NotImplementedError
+
+    def finish_and_claim(self, finished, claim):
+        """``finish(**finished)``, then ``claim(**claim)``: a worker closes its last run and takes
+        its next job.  Returns ``(what finish returned, the claimed job or None)``.  A backend may
+        do both in one transaction that is durable only with the next ``started`` (or at once when
+        nothing was claimed); this one makes two calls."""
+        return self.finish(**finished), self.claim(**claim)
 
     def heartbeat(self, worker_id, job_id=None, run=None, now=None, lease=None, output=None):
         """Renew the worker's heartbeat and, with ``job_id``, the job's lease (and
@@ -1357,6 +1388,12 @@ SQL_INSERT_ATTEMPT = """
 INSERT INTO attempts (job_id, n, worker_id, host, started_at) VALUES (:id, :n, :worker, :host, :now)
 """
 SQL_WORKER_STATE = "UPDATE workers SET state = :state, job_id = :job, heartbeat_at = :now WHERE id = :worker"
+# A run closed: its worker is no longer on it, unless it has moved on to its next job already.
+SQL_WORKER_RUN_DONE = """
+UPDATE workers SET state = 'busy', job_id = CASE WHEN job_id = :id THEN NULL ELSE job_id END,
+       heartbeat_at = max(heartbeat_at, :now)
+WHERE id = :worker
+"""
 SQL_SET_PID = "UPDATE attempts SET pid = :pid WHERE job_id = :id AND n = :n"
 SQL_OWNS = "SELECT 1 FROM jobs WHERE id = :id AND runs = :n AND worker_id = :worker AND state = 'processing'"
 SQL_RENEW = """
@@ -1524,6 +1561,14 @@ def _write_failure_hint(path):
     return "; ".join(hints)
 
 
+def _is_busy(exc):
+    """Is this sqlite3 error "database is locked" (another connection holds the lock)?"""
+    code = getattr(exc, "sqlite_errorcode", None)  # Python 3.11+
+    if code is not None:
+        return code & 0xFF == sqlite3.SQLITE_BUSY
+    return "locked" in str(exc)
+
+
 def _db_error(exc, path):
     """Translate a sqlite3 exception into a QueuectlError with a clear message."""
     text = str(exc)
@@ -1548,10 +1593,12 @@ class SqliteStore(Store):
     """The embedded store: one SQLite file in WAL mode.
 
     Each process opens its own connection.  Writes use ``BEGIN IMMEDIATE`` so
-    they queue on the busy timeout instead of failing on a lock upgrade;
-    readers never block writers.  ``synchronous=FULL``: a returned enqueue is on
-    disk.
+    they queue for the lock instead of failing on a lock upgrade (_begin);
+    readers never block writers.  A returned enqueue is on disk
+    (``synchronous=FULL``, see _tx).
     """
+
+    _wal_fd = None
 
     def __init__(self, path, create=True):
         self.path = path
@@ -1586,6 +1633,9 @@ class SqliteStore(Store):
             raise _db_error(e, path) from None
         self._has_returning = sqlite3.sqlite_version_info >= (3, 35, 0)
         self._identity = None if path == ":memory:" else _file_identity(path)
+        # SQLite names the WAL after the database's real path (it follows symlinks)
+        self._wal_path = os.path.realpath(path) + "-wal"
+        self._wal_fd = None
 
     def check(self):
         """Raise DatabaseGone when the file at ``path`` is not the database this store opened any
@@ -1609,8 +1659,8 @@ class SqliteStore(Store):
             conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT, isolation_level=None, check_same_thread=False)
         conn.row_factory = sqlite3.Row
         conn.execute("PRAGMA busy_timeout = %d" % int(BUSY_TIMEOUT * 1000))
-        if not self.readonly:
-            conn.execute("PRAGMA synchronous = FULL")
+        if not self.readonly:  # FULL for each durable transaction (_tx)
+            conn.execute("PRAGMA synchronous = NORMAL")
         return conn
 
     def _migrate(self):
@@ -1652,23 +1702,21 @@ class SqliteStore(Store):
     def _tx(self, durable=True):
         """One write transaction (BEGIN IMMEDIATE ... COMMIT); errors are translated.
 
-        ``durable=False`` commits without waiting for the disk (``synchronous=NORMAL``
-        for this transaction): for a worker's bookkeeping of a run in flight (claim,
-        pid, lease renewals), which only matters while the machine stays up.  The
-        commit is visible to every process at once and survives a crash of any
-        process; only a power loss or kernel crash can undo it, and then only until
-        the next durable commit (the WAL is synced in order, so the run's own
-        durable ``finish`` makes it durable too).  An undone claim leaves the job
-        pending, to run again, like a rescue.  Each such commit saves an fsync (bench/)."""
+        ``durable`` (every user action) commits with ``synchronous=FULL``: it returns once
+        the WAL is on disk, and a failed flush fails the transaction.  ``durable=False``
+        commits with the connection's ``synchronous=NORMAL``, without waiting for the disk:
+        for a worker's own bookkeeping.  Such a commit is visible to every process at once
+        and survives a crash of any process; a power loss or kernel crash can undo it until
+        the next flush of the WAL (the WAL is flushed in order, so any later durable commit
+        or ``_sync`` makes it durable too).  The worker flushes its claims and results with
+        ``_sync`` outside the write lock (finish_and_claim, started); lease renewals and
+        idle marking are never flushed by themselves."""
         if self.readonly:
             raise DatabaseError("database %s is read-only: this command needs to write" % self.path)
-        if not durable:
-            self.conn.execute("PRAGMA synchronous = NORMAL")
+        if durable:
+            self.conn.execute("PRAGMA synchronous = FULL")
         try:
-            try:
-                self.conn.execute("BEGIN IMMEDIATE")
-            except sqlite3.Error as e:
-                raise _db_error(e, self.path) from None
+            self._begin()
             try:
                 yield self.conn
                 self.conn.execute("COMMIT")
@@ -1679,9 +1727,40 @@ class SqliteStore(Store):
                 self._rollback()
                 raise
         finally:
-            if not durable:
+            if durable:
                 with contextlib.suppress(sqlite3.Error):
-                    self.conn.execute("PRAGMA synchronous = FULL")
+                    self.conn.execute("PRAGMA synchronous = NORMAL")
+
+    def _begin(self):
+        """BEGIN IMMEDIATE, waiting for the write lock in short steps first.  SQLite's busy handler
+        sleeps 1 ms, then 2, 5, 10 ms... between tries: two workers that meet at the lock (many
+        times a second with short jobs) would lose milliseconds to a lock held for a tenth of one.
+        So for BUSY_SPIN seconds it is tried again every 0.05-1 ms (busy timeout 0), then the
+        busy timeout takes over."""
+        conn = self.conn
+        try:
+            conn.execute("PRAGMA busy_timeout = 0")
+            try:
+                deadline = None
+                delay = 0.00005
+                while True:
+                    try:
+                        conn.execute("BEGIN IMMEDIATE")
+                        return
+                    except sqlite3.OperationalError as e:
+                        if not _is_busy(e):
+                            raise
+                    now = time.monotonic()
+                    deadline = deadline or now + BUSY_SPIN
+                    if now >= deadline:
+                        break
+                    time.sleep(delay)
+                    delay = min(delay * 1.5, 0.001)
+            finally:
+                conn.execute("PRAGMA busy_timeout = %d" % int(BUSY_TIMEOUT * 1000))
+            conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as e:
+            raise _db_error(e, self.path) from None
 
     def _rollback(self):
         try:
@@ -1799,24 +1878,27 @@ class SqliteStore(Store):
         return True
 
     def claim(self, worker_id, host, now, lease, queues=None):
+        with self._tx(durable=False) as conn:  # durable with the run's pid (started)
+            return self._claim_in(conn, worker_id, host, now, lease, queues)
+
+    def _claim_in(self, conn, worker_id, host, now, lease, queues=None):
         params = {"worker": worker_id, "now": now, "lease_until": now + lease, "host": host}
-        with self._tx(durable=False) as conn:  # durable with the run's finish (see _tx)
-            limited = conn.execute(SQL_LIMITED_QUEUES).fetchall()
-            if not limited and not queues and self._has_returning:
-                rows = conn.execute(SQL_CLAIM, params).fetchall()  # the common case: one statement
-                row = rows[0] if rows else None
-            else:
-                seq = self._pick(conn, params, limited, queues)
-                row = None
-                if seq is not None:
-                    conn.execute(SQL_CLAIM_UPDATE, dict(params, seq=seq))
-                    row = conn.execute(SQL_JOB_BY_SEQ, {"seq": seq}).fetchone()
-            if row is None:
-                conn.execute(SQL_WORKER_STATE, {"state": "idle", "job": None, "now": now, "worker": worker_id})
-                return None
-            job = Job.from_row(row)
-            conn.execute(SQL_INSERT_ATTEMPT, {"id": job.id, "n": job.runs, "worker": worker_id, "host": host, "now": now})
-            conn.execute(SQL_WORKER_STATE, {"state": "busy", "job": job.id, "now": now, "worker": worker_id})
+        limited = conn.execute(SQL_LIMITED_QUEUES).fetchall()
+        if not limited and not queues and self._has_returning:
+            rows = conn.execute(SQL_CLAIM, params).fetchall()  # the common case: one statement
+            row = rows[0] if rows else None
+        else:
+            seq = self._pick(conn, params, limited, queues)
+            row = None
+            if seq is not None:
+                conn.execute(SQL_CLAIM_UPDATE, dict(params, seq=seq))
+                row = conn.execute(SQL_JOB_BY_SEQ, {"seq": seq}).fetchone()
+        if row is None:
+            conn.execute(SQL_WORKER_STATE, {"state": "idle", "job": None, "now": now, "worker": worker_id})
+            return None
+        job = Job.from_row(row)
+        conn.execute(SQL_INSERT_ATTEMPT, {"id": job.id, "n": job.runs, "worker": worker_id, "host": host, "now": now})
+        conn.execute(SQL_WORKER_STATE, {"state": "busy", "job": job.id, "now": now, "worker": worker_id})
         return job
 
     @staticmethod
@@ -1839,8 +1921,62 @@ class SqliteStore(Store):
         return best[0] if best else None
 
     def started(self, job_id, run, pid):
-        with self._tx(durable=False) as conn:  # a pid means nothing after the machine restarts
+        with self._tx(durable=False) as conn:
             conn.execute(SQL_SET_PID, {"pid": pid, "id": job_id, "n": run})
+        self._sync()  # durable: the claim, and the result committed with it (finish_and_claim)
+
+    def finish_and_claim(self, finished, claim):
+        """One transaction: the pages both write are written to the WAL once (18 pages a job,
+        the pid's commit included, instead of 25; bench/).  It commits without waiting for the disk: the worker's
+        ``started`` right after the spawn makes it durable, with an fsync that overlaps the
+        process start.  With nothing claimed there is no such call to come: it syncs now."""
+        with self._tx(durable=False) as conn:
+            ok = self._finish_in(conn, **finished)
+            job = self._claim_in(conn, **claim)
+        if job is None:
+            self._sync()
+        return ok, job
+
+    def _sync(self):
+        """Make every commit so far durable, the way ``synchronous=FULL`` does at a commit: one
+        fdatasync of the WAL file, but after the write lock is released, so that the other
+        processes' transactions go on meanwhile and one flush often covers theirs as well (a
+        group commit).  A commit in the WAL is durable once its frames are on disk; if a
+        checkpoint restarted the WAL since, it had copied them into the database and synced it
+        first.  Without a WAL file of its own to sync (an in-memory database, or the file
+        changed under it), a durable empty-ish commit does the same under the lock."""
+        fd = self._wal_handle()
+        if fd is None:
+            if self.path != ":memory:":
+                with self._tx() as conn:
+                    conn.execute("PRAGMA user_version = %d" % len(SCHEMA))  # a write that changes nothing
+            return
+        try:
+            (os.fdatasync if hasattr(os, "fdatasync") else os.fsync)(fd)
+        except OSError as e:
+            raise DatabaseError("cannot sync %s-wal: %s" % (self.path, e.strerror or e)) from None
+
+    def _wal_handle(self):
+        """A read-only descriptor of this database's WAL file (kept open: closing a descriptor of
+        a file drops the process's POSIX locks on it, and SQLite locks the database and -shm
+        files, never the WAL), checked to be the file at that path now; None when there is none."""
+        if self.path == ":memory:" or self.readonly:
+            return None
+        path = self._wal_path
+        fd = self._wal_fd
+        now = _file_identity(path)
+        if fd is not None and now is not None and _file_identity(fd) == now:
+            return fd
+        if fd is not None:
+            os.close(fd)
+            self._wal_fd = None
+        if now is None:
+            return None
+        try:
+            self._wal_fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        except OSError:
+            return None
+        return self._wal_fd if _file_identity(self._wal_fd) == now else None
 
     def heartbeat(self, worker_id, job_id=None, run=None, now=None, lease=None, output=None):
         now = time.time() if now is None else now
@@ -1857,26 +1993,31 @@ class SqliteStore(Store):
 
     def finish(self, job_id, run, worker_id, state, now, outcome, exit_code=None, error=None,
                output="", output_bytes=0, retry_at=None):
+        with self._tx() as conn:
+            return self._finish_in(conn, job_id, run, worker_id, state, now, outcome, exit_code, error,
+                                   output, output_bytes, retry_at)
+
+    def _finish_in(self, conn, job_id, run, worker_id, state, now, outcome, exit_code=None, error=None,
+                   output="", output_bytes=0, retry_at=None):
         state = JobState(state)
         if not can_transition(JobState.PROCESSING, state) or state is JobState.PENDING:
             raise ValueError("cannot finish a run into state %s" % state)
         p = {"id": job_id, "n": run, "worker": worker_id, "state": state.value, "now": now, "exit_code": exit_code,
              "error": error, "retry_at": retry_at, "outcome": outcome, "output": output or "", "output_bytes": output_bytes}
-        with self._tx() as conn:
-            row = conn.execute("SELECT queue, created_at, run_at, started_at FROM jobs WHERE id = :id AND runs = :n "
-                               "AND worker_id = :worker AND state = 'processing'", p).fetchone()
-            if row is None:
-                return False
-            conn.execute(SQL_FINISH_JOB, p)
-            conn.execute(SQL_FINISH_ATTEMPT, p)
-            conn.execute(SQL_WORKER_STATE, {"state": "busy", "job": None, "now": now, "worker": worker_id})
-            started = row["started_at"] or now
-            conn.execute(SQL_STATS, {"minute": int(now // 60), "queue": row["queue"], "outcome": outcome,
-                                     "run": now - started, "wait": max(0.0, started - row["run_at"])})
-            conn.execute(SQL_STATS_HIST, {"minute": int(now // 60), "queue": row["queue"],
-                                          "bucket": run_time_bucket(now - started)})
-            if state.value in FINAL_STATES:
-                self._ended(conn, job_id, state.value, now)
+        row = conn.execute("SELECT queue, created_at, run_at, started_at FROM jobs WHERE id = :id AND runs = :n "
+                           "AND worker_id = :worker AND state = 'processing'", p).fetchone()
+        if row is None:
+            return False
+        conn.execute(SQL_FINISH_JOB, p)
+        conn.execute(SQL_FINISH_ATTEMPT, p)
+        conn.execute(SQL_WORKER_RUN_DONE, p)
+        started = row["started_at"] or now
+        conn.execute(SQL_STATS, {"minute": int(now // 60), "queue": row["queue"], "outcome": outcome,
+                                 "run": now - started, "wait": max(0.0, started - row["run_at"])})
+        conn.execute(SQL_STATS_HIST, {"minute": int(now // 60), "queue": row["queue"],
+                                      "bucket": run_time_bucket(now - started)})
+        if state.value in FINAL_STATES:
+            self._ended(conn, job_id, state.value, now)
         return True
 
     def _ended(self, conn, job_id, state, now):
@@ -2274,6 +2415,10 @@ class SqliteStore(Store):
     def close(self):
         with contextlib.suppress(Exception):
             self.conn.close()
+        if self._wal_fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._wal_fd)
+            self._wal_fd = None
 
 
 def _file_identity(path_or_fd):
@@ -2300,6 +2445,8 @@ def _wal_of_another_file(path):
     database file before its -shm and unlocks it after, so a process that opens or closes the
     database meanwhile never looks like this, but two readings can catch it in between (and
     refuse a perfectly good database to concurrent commands)."""
+    if not os.path.exists(path + "-shm"):
+        return False  # (the usual case for a command run while no worker is: no reading of /proc/locks)
     table = _lock_table()
     return _locked(path + "-shm", 128, table) and not _locked(path, table=table)
 
@@ -2591,18 +2738,16 @@ def run_command(job, timeout, output_limit, kill_grace, events):
     timeout, a stop or a lost lease kills the whole group: SIGTERM, then
     SIGKILL after ``kill_grace`` seconds.
     """
-    env = dict(os.environ)
-    env.update(job.env or {})
-    env["QUEUECTL_JOB_ID"] = job.id
-    env["QUEUECTL_ATTEMPT"] = str(job.runs)
+    marks = {"QUEUECTL_JOB_ID": job.id, "QUEUECTL_ATTEMPT": str(job.runs)}
     if getattr(events, "worker_id", None):  # with the two above, marks the run's processes (run_processes)
-        env["QUEUECTL_WORKER_ID"] = events.worker_id
+        marks["QUEUECTL_WORKER_ID"] = events.worker_id
     buf = OutputBuffer(output_limit)
     try:
-        proc = subprocess.Popen(
-            ["/bin/sh", "-c", job.command], cwd=job.cwd or None, env=env, stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True, close_fds=True,
-        )
+        with _job_environment(job.env, marks) as env:
+            proc = subprocess.Popen(
+                ["/bin/sh", "-c", job.command], cwd=job.cwd or None, env=env, stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True, close_fds=True,
+            )
     except OSError as e:
         reason = e.strerror or str(e)
         if job.cwd and not os.path.isdir(job.cwd):
@@ -2667,6 +2812,32 @@ def run_command(job, timeout, output_limit, kill_grace, events):
     result.output = buf.text()
     result.output_bytes = buf.total
     return result
+
+
+@contextlib.contextmanager
+def _job_environment(extra, marks):
+    """The ``env`` for Popen: the worker's environment plus the job's own variables and the run's
+    marks.  A job without variables of its own inherits the process environment (env=None), with
+    the marks set in it (putenv) for the moment of the spawn and os.environ left as it was: Popen
+    encodes an explicit environment in Python, variable by variable, which cost a third of a
+    worker's CPU per `true` job (bench/)."""
+    if extra:
+        env = dict(os.environ)
+        env.update(extra)
+        env.update(marks)
+        yield env
+        return
+    for key, value in marks.items():
+        os.putenv(key, value)
+    try:
+        yield None
+    finally:
+        for key in marks:
+            value = os.environ.get(key)
+            if value is None:
+                os.unsetenv(key)
+            else:
+                os.putenv(key, value)
 
 
 #: What a monitor may ask of a running job -> the error recorded for it.
@@ -2785,6 +2956,7 @@ class Worker:
             os.set_blocking(fd, False)
         self._sock = None
         self.jobs_done = 0
+        self._unrecorded = None  # the last run's result, recorded with the next run's pid (execute)
 
     def _on_signal(self, signum, frame):
         self.stop_level = 2 if signum == signal.SIGQUIT else self.stop_level + 1
@@ -2854,6 +3026,10 @@ class Worker:
                         break  # burst mode: nothing is due, so the work is done
                     self.idle_wait()
         finally:
+            try:
+                self.record_result()
+            except QueuectlError as e:  # the run stays processing until a rescue runs it again
+                log.warning("worker %s: could not record the last result: %s", self.id, e)
             with contextlib.suppress(QueuectlError):
                 self.store.unregister_worker(self.id)
             if self._sock:
@@ -2876,9 +3052,17 @@ class Worker:
             if now - self._beat_at >= lease / 3.0:
                 self._beat_at = now
                 self.store.heartbeat(self.id, now=now)
-            job = self.store.claim(self.id, HOST, now, lease, queues=self.queues)
+            claim = {"worker_id": self.id, "host": HOST, "now": now, "lease": lease, "queues": self.queues}
+            pending = self._unrecorded
+            if pending is None:
+                job = self.store.claim(**claim)
+            else:  # the last run's result first: it may free a queue slot or release a dependent job
+                ok, job = self.store.finish_and_claim(pending[3], claim)
+                self._unrecorded = None
+                self._log_result(pending, ok)
         except DatabaseBusy as e:
             log.warning("worker %s: %s", self.id, e)
+            self.record_result()  # retried until it lands (or the lease runs out)
             return False
         if job is None:
             return False
@@ -2894,7 +3078,14 @@ class Worker:
         self.drain_wakeups()
 
     def execute(self, job, cfg):
-        """Run a claimed job to its end and record the result (fenced by run number)."""
+        """Run a claimed job to its end.  Its result is recorded (fenced by run number) in the
+        transaction that claims the next job, or on its own when there is none.
+
+        That transaction commits without waiting for the disk, and the next run's pid, recorded
+        durably right after its process starts, makes it durable: per job one transaction less
+        and one fsync that overlaps the next process's start (bench/).  A crash before the
+        result lands, or a power cut before that fsync, leaves the job processing, to be rescued
+        and run again, as a crash between the end of a process and its result always did."""
         log.info("job %s attempt %d started: %s", job.id, job.runs, _one_line(job.command, 80))
         monitor = JobMonitor(self, job, float(cfg["lease-seconds"]))
         result = run_command(job, effective_timeout(job, cfg), cfg["output-limit"], float(cfg["kill-grace"]), monitor)
@@ -2912,14 +3103,31 @@ class Worker:
             state, retry_at = JobState.CANCELLED, None
         else:
             state, retry_at = after_failure(job, cfg, now)
-        ok = self._retrying(lambda: self.store.finish(
-            job.id, job.runs, self.id, state, now, result.outcome, result.exit_code, result.error,
-            result.output, result.output_bytes, retry_at))
+        self._unrecorded = (job, state, result, dict(
+            job_id=job.id, run=job.runs, worker_id=self.id, state=state, now=now, outcome=result.outcome,
+            exit_code=result.exit_code, error=result.error, output=result.output, output_bytes=result.output_bytes,
+            retry_at=retry_at))
+        if self.stop_level:
+            self.record_result()  # no next job to record it with
+
+    def record_result(self):
+        """Record the last run's result now, if it is still waiting; True if there was one."""
+        pending = self._unrecorded
+        if pending is None:
+            return False
+        ok = self._retrying(lambda: self.store.finish(**pending[3]))
+        self._unrecorded = None
+        self._log_result(pending, ok)
+        return True
+
+    @staticmethod
+    def _log_result(pending, ok):
+        job, state, result, args = pending
         if not ok:
             log.warning("job %s attempt %d: no longer owned by this worker; result discarded", job.id, job.runs)
         elif state is JobState.FAILED:
             log.info("job %s attempt %d %s (%s); retry at %s", job.id, job.runs, result.outcome, result.error,
-                     rfc3339(retry_at, precise=False))
+                     rfc3339(args["retry_at"], precise=False))
         else:
             log.info("job %s attempt %d %s%s", job.id, job.runs, state.value,
                      "" if state is JobState.COMPLETED else " (%s)" % result.error)
@@ -2944,6 +3152,8 @@ class JobMonitor:
         self.worker, self.job, self.lease = worker, job, lease
         self.worker_id = worker.id  # run_command puts it in the job's environment (QUEUECTL_WORKER_ID)
         self.interval = max(0.05, min(lease / 3.0, 1.0))
+        self.pid = None
+        self.recorded = False  # the pid (and the previous result) are in the database
         self.next_beat = time.time() + lease / 3.0
         self.flushed_at = time.time()
         self.checked_at = time.time()
@@ -2952,8 +3162,15 @@ class JobMonitor:
         return self.worker.wake_fds()
 
     def on_start(self, pid):
-        with contextlib.suppress(QueuectlError):
-            self.worker.store.started(self.job.id, self.job.runs, pid)
+        self.pid = pid
+        self._record_pid()
+
+    def _record_pid(self):
+        try:
+            self.worker.store.started(self.job.id, self.job.runs, self.pid)
+            self.recorded = True
+        except QueuectlError as e:  # busy: the next tick tries again
+            log.debug("worker %s: recording pid %d: %s", self.worker.id, self.pid, e)
 
     def tick(self, now, buf):
         """Called on every wake-up; returns None, 'stopped' (cold stop), 'lost' (lease gone)
@@ -2961,6 +3178,8 @@ class JobMonitor:
         woken = self.worker.drain_wakeups()
         if self.worker.stop_level >= 2:
             return "stopped"
+        if not self.recorded and self.pid is not None:
+            self._record_pid()
         if woken or now - self.checked_at >= 1.0:
             self.checked_at = now
             with contextlib.suppress(DatabaseBusy):
@@ -3006,6 +3225,7 @@ class Supervisor:
         self._failures = 0
         self._purged_at = float("-inf")
         self._reopen = False  # the database file was deleted or replaced: restart the workers on the new one
+        self._reopen_since = 0.0
         self.db_failure = None  # the database became unusable: stop, then exit 74 with this error
 
     def _on_signal(self, signum, frame):
@@ -3063,7 +3283,8 @@ class Supervisor:
         return sum(1 for _, role in self.children.values() if role == "worker")
 
     def run(self):
-        _load_lazy_modules("secrets", "socket", "subprocess")  # before forking: workers start with them
+        _load_lazy_modules("secrets", "socket", "subprocess", "logging")  # before forking: workers start with them
+        _logger()
         store = open_store(self.db_path)
         try:
             if getattr(store, "readonly", False):  # or every worker would fail at once, forever
@@ -3145,6 +3366,7 @@ class Supervisor:
                 log.error("supervisor %d: %s; stopping the workers to start them again on a new database at that "
                           "path (the results of jobs running on the old file are lost with it)", self.pid, e)
                 self._reopen = True
+                self._reopen_since = time.monotonic()
                 for pid in list(self.children):
                     with contextlib.suppress(OSError):
                         os.kill(pid, signal.SIGTERM)
@@ -3157,7 +3379,15 @@ class Supervisor:
             store = open_store(self.db_path)
         except DatabaseGone:
             return store  # other processes still have the deleted file open: try again in a moment
+        except DatabaseCorrupt as e:
+            return self._fail(store, e)
         except DatabaseError as e:
+            # The last process to close the deleted file removes its -wal and -shm as it goes; a
+            # command that creates the new file in that moment can make the first open fail with
+            # an I/O error.  Try again for a while before giving up.
+            if time.monotonic() - self._reopen_since < REOPEN_GRACE:
+                log.warning("supervisor %d: %s; trying again", self.pid, e)
+                return store
             return self._fail(store, e)
         self._reopen = False
         log.warning("supervisor %d: starting the workers again on %s", self.pid, self.db_path)
@@ -3431,7 +3661,41 @@ def _fail(message, code):
     return code
 
 
-def build_parser():
+class _LeftOut:
+    """Stands in for a subcommand's parser that build_parser(only=...) does not build: every
+    method call on it, and on what those return, does nothing."""
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: self
+
+
+def command_word(argv):
+    """The subcommand named in ``argv`` (global options skipped), or None."""
+    args = iter(argv)
+    for arg in args:
+        if arg == "--db":
+            next(args, None)
+        elif arg.startswith("--db=") or arg in ("-v", "--verbose"):
+            continue
+        else:
+            return None if arg.startswith("-") else arg
+    return None
+
+
+def build_parser(only=None):
+    """The CLI's parser.  With ``only``, the name of a subcommand, the other subcommands are
+    left out: argparse builds each of the thirty parsers, with every option and help text, in
+    about 0.1 ms, and one command needs one (bench/: CLI start-up).  An unknown name builds all
+    of them, so that the error lists the choices."""
+    if only is not None:
+        parser = _build_parser(only)
+        if parser is not None:
+            return parser
+    return _build_parser(None)
+
+
+def _build_parser(only):
+    built = []
     common = ArgParser(add_help=False)
     common.add_argument("--db", default=argparse.SUPPRESS, metavar="PATH",
                         help="database file, or a postgresql://USER@HOST/DB[?schema=NAME] URL "
@@ -3444,6 +3708,10 @@ def build_parser():
     sub.required = True
 
     def add(name, help, epilog, parent=sub, **kw):
+        if parent is sub:
+            if only is not None and name != only:
+                return _LeftOut()
+            built.append(name)
         return parent.add_parser(name, help=help, description=help, epilog="examples:\n" + epilog,
                                  formatter_class=_Formatter, parents=[common], **kw)
 
@@ -3681,7 +3949,7 @@ ranges, steps and names (jan, mon), or @yearly, @monthly, @weekly, @daily,
                          ("resume", "fire a schedule again, from its next tick")):
         sx = add(action, text, "  queuectl schedule %s nightly" % action, parent=ssub)
         sx.add_argument("name", metavar="NAME")
-    return p
+    return p if built or only is None else None
 
 
 def add_job_options(parser):
@@ -4429,6 +4697,7 @@ def _web():
     """The dashboard package, imported only by `dashboard` and `up` (the core needs nothing else)."""
     if __name__ == "__main__":  # run as a script: let `import queuectl` find this module, not a second copy
         sys.modules.setdefault("queuectl", sys.modules[__name__])
+    _logger()  # its "queuectl.web" messages go through the "queuectl" logger's handler
     try:
         from queuectl_web import server
     except ImportError as e:
@@ -4560,6 +4829,13 @@ def _memoized_gettext():
 
 
 def setup_logging(verbose):
+    """Log to stderr (INFO, or DEBUG with ``verbose``), from the first message on."""
+    _LOG_VERBOSE[:] = [verbose]
+    if not isinstance(log, _LazyLogger):
+        _configure_logging(verbose)
+
+
+def _configure_logging(verbose):
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%dT%H:%M:%S"))
     logging.Formatter.converter = time.gmtime
@@ -4577,7 +4853,7 @@ def main(argv=None):
             return _fail("argument %s is not valid UTF-8 text" % ascii(arg), EXIT_USAGE)
     head, words = _split_command(argv)
     with _memoized_gettext():
-        parser = build_parser()
+        parser = build_parser(only=command_word(head))
     try:
         args = parser.parse_args(head)
     except SystemExit as e:

@@ -495,7 +495,10 @@ attempt AS (
     WHERE a.job_id = %(id)s AND a.n = %(n)s
 ),
 worker AS (
-    UPDATE {s}.workers w SET state = 'busy', job_id = NULL, heartbeat_at = done.at FROM done WHERE w.id = %(worker)s
+    UPDATE {s}.workers w
+    SET state = 'busy', job_id = CASE WHEN w.job_id = %(id)s THEN NULL ELSE w.job_id END,
+        heartbeat_at = greatest(w.heartbeat_at, done.at)
+    FROM done WHERE w.id = %(worker)s
 ),
 stat AS (
     INSERT INTO {s}.stats AS t (minute, queue, outcome, shard, count, run_sum, wait_sum)

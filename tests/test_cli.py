@@ -737,3 +737,84 @@ def test_readonly_database_refuses_writes(cli, readonly_db):
         assert_one_error_line(result, 74)
         assert "read-only" in result.err
     assert dump(readonly_db) == before
+
+
+# --- start-up: only the named subcommand's parser is built ------------------------------------
+
+
+@pytest.mark.parametrize("argv, word", [
+    (["enqueue", "--", "true"], "enqueue"),
+    (["--db", "x.db", "-v", "worker", "start"], "worker"),
+    (["--db=x.db", "status"], "status"),
+    (["--verbose", "list", "--state", "dead"], "list"),
+    (["--help"], None),
+    (["--db"], None),
+    ([], None),
+])
+def test_command_word_skips_the_global_options(argv, word):
+    assert queuectl.command_word(argv) == word
+
+
+@pytest.mark.parametrize("argv", [
+    ["enqueue", "-p", "high", "--timeout", "30", '{"command": "true"}'],
+    ["--db", "x.db", "worker", "start", "-c", "3", "--burst"],
+    ["dlq", "retry", "j1", "--reset-attempts"],
+    ["config", "set", "max-retries", "5"],
+    ["schedule", "add", "nightly", "0 3 * * *", "--", "true"],
+    ["list", "--state", "completed", "--limit", "5"],
+])
+def test_a_parser_of_one_subcommand_parses_as_the_whole_parser_does(argv):
+    head, _ = queuectl._split_command(argv)
+    word = queuectl.command_word(head)
+    assert vars(queuectl.build_parser(only=word).parse_args(head)) == vars(queuectl.build_parser().parse_args(head))
+
+
+def test_an_unknown_subcommand_still_lists_every_choice(cli):
+    r = cli("frobnicate")
+    assert r.rc == queuectl.EXIT_USAGE
+    assert "invalid choice: 'frobnicate'" in r.err and "'enqueue'" in r.err and "'schedule'" in r.err
+
+
+# --- the environment of a job ------------------------------------------------------------------
+
+
+class QuietEvents:
+    interval = 0.05
+    worker_id = "w-env"
+
+    def poll_fds(self):
+        return []
+
+    def on_start(self, pid):
+        pass
+
+    def tick(self, now, buf):
+        return None
+
+
+@pytest.mark.parametrize("own_env", [None, {"FOO": "bar"}])
+def test_a_job_sees_its_marks_and_the_worker_environment_is_left_as_it_was(db, own_env, monkeypatch):
+    monkeypatch.delenv("QUEUECTL_JOB_ID", raising=False)
+    monkeypatch.setenv("QUEUECTL_ATTEMPT", "mine")  # a value of the worker's own: restored after the spawn
+    store = queuectl.SqliteStore(str(db))
+    try:
+        now = time.time()
+        doc = {"command": 'echo "$QUEUECTL_JOB_ID $QUEUECTL_ATTEMPT $QUEUECTL_WORKER_ID ${FOO-none} $HOME"'}
+        if own_env:
+            doc["env"] = own_env
+        store.enqueue([queuectl.validate_job(doc, store.config(), now, cwd="/")], now)
+        job = store.claim("w-env", "host", now, 15.0)
+        result = queuectl.run_command(job, 10, 65536, 1.0, QuietEvents())
+    finally:
+        store.close()
+    assert result.outcome == "completed"
+    assert result.output.split() == [job.id, "1", "w-env", (own_env or {}).get("FOO", "none"), os.environ["HOME"]]
+    assert "QUEUECTL_JOB_ID" not in os.environ and os.environ["QUEUECTL_ATTEMPT"] == "mine"
+    after = subprocess_output(["/bin/sh", "-c", 'echo "${QUEUECTL_JOB_ID-unset} $QUEUECTL_ATTEMPT"'])
+    assert after.split() == ["unset", "mine"]  # the process environment (putenv) as well
+
+
+def subprocess_output(argv):
+    import subprocess
+
+    return subprocess.run(argv, capture_output=True, text=True, check=True).stdout

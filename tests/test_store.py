@@ -15,6 +15,7 @@ and providing three fixtures:
 import os
 import sqlite3
 import threading
+import time
 
 import pytest
 
@@ -314,6 +315,65 @@ class StoreContract:
 
     def test_finish_of_an_unknown_job_is_refused(self, store):
         assert store.finish("nope", 1, "w1", "completed", NOW, "completed", 0) is False
+
+    # --- finish_and_claim: a worker closes its last run and takes its next job ---------
+
+    @staticmethod
+    def finished(job_id, run=1, worker="w1", state="completed", now=NOW + 5, **kw):
+        return dict(dict(job_id=job_id, run=run, worker_id=worker, state=state, now=now, outcome="completed",
+                         exit_code=0), **kw)
+
+    @staticmethod
+    def claim_args(worker="w1", now=NOW + 5):
+        return {"worker_id": worker, "host": HOST, "now": now, "lease": LEASE}
+
+    def test_finish_and_claim_records_the_result_then_claims(self, store):
+        store.register_worker(worker_record("w1"))
+        self.enqueue_one(store, id="a")
+        self.enqueue_one(store, id="b", priority="low")
+        self.claim(store)
+        ok, job = store.finish_and_claim(self.finished("a", output="done\n", output_bytes=5), self.claim_args())
+        assert ok is True and job.id == "b" and job.runs == 1
+        a = store.get("a")
+        assert (a.state, a.finished_at, a.worker_id) == ("completed", NOW + 5, None)
+        assert store.attempt("a", 1).output == "done\n"
+        assert store.get("b").state == "processing"
+        (worker,) = store.workers()
+        assert (worker["state"], worker["job_id"]) == ("busy", "b")  # on its next job, not on none
+
+    def test_finish_and_claim_with_nothing_left_marks_the_worker_idle(self, store):
+        store.register_worker(worker_record("w1"))
+        self.enqueue_one(store, id="a")
+        self.claim(store)
+        assert store.finish_and_claim(self.finished("a"), self.claim_args()) == (True, None)
+        assert store.get("a").state == "completed"
+        (worker,) = store.workers()
+        assert (worker["state"], worker["job_id"]) == ("idle", None)
+
+    def test_finish_and_claim_releases_a_dependent_for_the_same_claim(self, store):
+        self.enqueue_one(store, id="a")
+        self.enqueue_one(store, id="b", after=["a"])
+        self.claim(store)
+        ok, job = store.finish_and_claim(self.finished("a"), self.claim_args())
+        assert ok and job.id == "b"
+
+    def test_finish_and_claim_is_fenced_and_still_claims(self, store):
+        self.enqueue_one(store, id="a")
+        self.enqueue_one(store, id="b", priority="low")
+        self.claim(store)
+        before = snapshot(store, "a")
+        ok, job = store.finish_and_claim(self.finished("a", worker="w2"), self.claim_args("w2"))
+        assert ok is False and job.id == "b" and job.worker_id == "w2"
+        assert snapshot(store, "a") == before
+
+    def test_a_queue_slot_freed_by_the_result_goes_to_the_same_claim(self, store):
+        store.set_queue("deploy", max_running=1)
+        self.enqueue_one(store, id="d1", queue="deploy", priority="high")
+        self.enqueue_one(store, id="d2", queue="deploy", priority="high")
+        self.enqueue_one(store, id="low", priority="low")
+        assert self.claim_id(store) == "d1"
+        ok, job = store.finish_and_claim(self.finished("d1"), self.claim_args())
+        assert ok and job.id == "d2"  # not "low": d1's slot is free by the time the claim looks
 
     # --- release ------------------------------------------------------------------------
 
@@ -710,6 +770,60 @@ class TestSqliteStore(StoreContract):
     def raw_counts(self, db):
         return lambda: dict(db_rows(db, "SELECT state, count(*) FROM jobs GROUP BY state"))
 
+
+
+def test_worker_commits_wait_for_no_disk_and_a_sync_flushes_the_wal(store, db):
+    """A claim commits with synchronous=NORMAL; started() then flushes the WAL by fdatasync
+    of the store's own descriptor of the -wal file, the very file SQLite writes."""
+    store.enqueue([spec()], NOW)
+    job = store.claim("w1", HOST, NOW, LEASE)
+    assert store.conn.execute("PRAGMA synchronous").fetchone()[0] == 1  # NORMAL between transactions
+    store.started(job.id, job.runs, 4242)
+    wal = os.stat(str(db) + "-wal")
+    assert os.fstat(store._wal_fd).st_ino == wal.st_ino and wal.st_size > 0
+    assert store.attempt(job.id, 1).pid == 4242
+
+
+def test_the_wal_descriptor_follows_a_new_wal_file(store, db):
+    store.enqueue([spec()], NOW)
+    store._sync()
+    old = store._wal_fd
+    os.unlink(str(db) + "-wal")  # (as if the file had been recreated: the next sync must not flush the old one)
+    with open(str(db) + "-wal", "wb"):
+        pass
+    store._sync()
+    assert os.fstat(store._wal_fd).st_ino == os.stat(str(db) + "-wal").st_ino
+    assert store._wal_fd != old or os.fstat(old).st_ino == os.stat(str(db) + "-wal").st_ino
+
+
+def test_an_in_memory_store_syncs_without_a_wal_file():
+    store = queuectl.SqliteStore(":memory:")
+    store.enqueue([spec()], NOW)
+    store._sync()
+    assert store._wal_fd is None
+    store.close()
+
+
+def test_a_writer_gets_the_lock_soon_after_it_is_released(store, db):
+    """The write lock is polled every 0.05-1 ms at first, not after SQLite's 1, 2, 5, 10 ms sleeps."""
+    other = sqlite3.connect(str(db), isolation_level=None, check_same_thread=False)
+    other.execute("BEGIN IMMEDIATE")
+    released = []
+
+    def release():
+        other.execute("COMMIT")
+        released.append(time.monotonic())
+
+    timer = threading.Timer(0.02, release)
+    timer.start()
+    try:
+        store.enqueue([spec()], NOW)
+        got = time.monotonic()
+    finally:
+        timer.join()
+        other.close()
+    assert got - released[0] < 0.008, "took %.1f ms after the lock was free" % ((got - released[0]) * 1e3)
+    assert store.conn.execute("PRAGMA busy_timeout").fetchone()[0] == int(queuectl.BUSY_TIMEOUT * 1000)
 
 
 def plan(store, sql):
