@@ -117,7 +117,6 @@ PRIORITIES = {"high": 1, "medium": 2, "low": 3}
 PRIORITY_NAMES = {v: k for k, v in PRIORITIES.items()}
 
 BUSY_TIMEOUT = 5.0  # seconds a command waits for a locked database
-BUSY_SPIN = 0.05  # seconds of those in which a writer polls the lock every 0.05-1 ms (SqliteStore._begin)
 HOUSEKEEPING_INTERVAL = 2.0  # how often idle workers and supervisors rescue lost jobs
 REOPEN_GRACE = 10.0  # seconds a supervisor keeps trying to open a new database after the old one was deleted
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)  # what workers and supervisors stop on
@@ -1599,6 +1598,7 @@ class SqliteStore(Store):
     """
 
     _wal_fd = None
+    _polling = False
 
     def __init__(self, path, create=True):
         self.path = path
@@ -1731,34 +1731,39 @@ class SqliteStore(Store):
                 with contextlib.suppress(sqlite3.Error):
                     self.conn.execute("PRAGMA synchronous = NORMAL")
 
-    def _begin(self):
-        """BEGIN IMMEDIATE, waiting for the write lock in short steps first.  SQLite's busy handler
-        sleeps 1 ms, then 2, 5, 10 ms... between tries: two workers that meet at the lock (many
-        times a second with short jobs) would lose milliseconds to a lock held for a tenth of one.
-        So for BUSY_SPIN seconds it is tried again every 0.05-1 ms (busy timeout 0), then the
-        busy timeout takes over."""
-        conn = self.conn
-        try:
-            conn.execute("PRAGMA busy_timeout = 0")
+    def poll_for_locks(self):
+        """Wait for a lock by trying again every 0.05 ms, growing to 2 ms, instead of through
+        SQLite's busy handler, which sleeps 1, 2, 5, 10 ms... between tries: two workers meet at
+        the write lock many times a second with short jobs, and would lose milliseconds to a lock
+        held for a tenth of one.  For workers; a command keeps the busy handler, which also waits
+        out the moments when another process closes the database as its last user."""
+        self.conn.execute("PRAGMA busy_timeout = 0")
+        self._polling = True
+
+    def _polled(self, statement, params=()):
+        """conn.execute(statement, params), tried again while the database is locked, for up to
+        BUSY_TIMEOUT (poll_for_locks)."""
+        deadline = None
+        delay = 0.00005
+        while True:
             try:
-                deadline = None
-                delay = 0.00005
-                while True:
-                    try:
-                        conn.execute("BEGIN IMMEDIATE")
-                        return
-                    except sqlite3.OperationalError as e:
-                        if not _is_busy(e):
-                            raise
-                    now = time.monotonic()
-                    deadline = deadline or now + BUSY_SPIN
-                    if now >= deadline:
-                        break
-                    time.sleep(delay)
-                    delay = min(delay * 1.5, 0.001)
-            finally:
-                conn.execute("PRAGMA busy_timeout = %d" % int(BUSY_TIMEOUT * 1000))
-            conn.execute("BEGIN IMMEDIATE")
+                return self.conn.execute(statement, params)
+            except sqlite3.OperationalError as e:
+                if not _is_busy(e):
+                    raise
+                now = time.monotonic()
+                deadline = deadline or now + BUSY_TIMEOUT
+                if now >= deadline:
+                    raise
+            time.sleep(delay)
+            delay = min(delay * 1.5, 0.002)
+
+    def _begin(self):
+        try:
+            if self._polling:
+                self._polled("BEGIN IMMEDIATE")
+            else:
+                self.conn.execute("BEGIN IMMEDIATE")
         except sqlite3.Error as e:
             raise _db_error(e, self.path) from None
 
@@ -1771,7 +1776,7 @@ class SqliteStore(Store):
 
     def _read(self, sql, params=(), one=False):
         try:
-            cur = self.conn.execute(sql, params)
+            cur = self._polled(sql, params) if self._polling else self.conn.execute(sql, params)
             return cur.fetchone() if one else cur.fetchall()
         except sqlite3.Error as e:
             raise _db_error(e, self.path) from None
@@ -2943,6 +2948,8 @@ class Worker:
         self.burst = burst
         self.queues = queues or None  # serve only these queues (None = all)
         self.store = store or open_store(db_path)
+        if hasattr(self.store, "poll_for_locks"):
+            self.store.poll_for_locks()
         self.pid = os.getpid()
         self.id = "%s-%d-%s" % (HOST, self.pid, secrets.token_hex(2))
         self.supervisor_pid = supervisor_pid

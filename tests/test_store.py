@@ -805,7 +805,8 @@ def test_an_in_memory_store_syncs_without_a_wal_file():
 
 
 def test_a_writer_gets_the_lock_soon_after_it_is_released(store, db):
-    """The write lock is polled every 0.05-1 ms at first, not after SQLite's 1, 2, 5, 10 ms sleeps."""
+    """A worker's store polls the write lock every 0.05-2 ms, not after SQLite's 1, 2, 5, 10 ms sleeps."""
+    store.poll_for_locks()
     other = sqlite3.connect(str(db), isolation_level=None, check_same_thread=False)
     other.execute("BEGIN IMMEDIATE")
     released = []
@@ -823,7 +824,22 @@ def test_a_writer_gets_the_lock_soon_after_it_is_released(store, db):
         timer.join()
         other.close()
     assert got - released[0] < 0.008, "took %.1f ms after the lock was free" % ((got - released[0]) * 1e3)
-    assert store.conn.execute("PRAGMA busy_timeout").fetchone()[0] == int(queuectl.BUSY_TIMEOUT * 1000)
+    assert store.conn.execute("PRAGMA busy_timeout").fetchone()[0] == 0  # reads poll too (_read)
+
+
+def test_a_polling_writer_gives_up_after_the_busy_timeout(store, db, monkeypatch):
+    monkeypatch.setattr(queuectl, "BUSY_TIMEOUT", 0.2)
+    store.poll_for_locks()
+    other = sqlite3.connect(str(db), isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(queuectl.DatabaseBusy):
+            store.enqueue([spec()], NOW)
+        assert 0.2 <= time.monotonic() - t0 < 2.0
+        assert store.counts().get("pending", 0) == 0
+    finally:
+        other.close()
 
 
 def plan(store, sql):
