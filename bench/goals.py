@@ -645,6 +645,15 @@ def memory(workdir, n):
                 raise TimeoutError("memory run did not finish")
             time.sleep(0.05)
         dt = time.monotonic() - t0
+        # "At the end" as "at the start": with the worker idle (its CPU time no longer moving).  The
+        # last job prints 3 MB, and when its result becomes visible the worker may still hold that
+        # output while it finishes recording it: a moment, not what it keeps.
+        def settled():
+            before = cpu_seconds(pid)
+            time.sleep(0.05)
+            return cpu_seconds(pid) == before
+
+        wait_for(settled, 30, 0.01, "the worker idle after the last job")
         end_rss = rss_bytes(pid)
         end_anon = rss_bytes(pid, "RssAnon")
         hwm = rss_bytes(pid, "VmHWM")
