@@ -3302,7 +3302,7 @@ class Supervisor:
         if need_sender:
             self._spawn("webhooks")
         log.info("supervisor %d: started %d worker(s) on %s", self.pid, self.count, db_label(self.db_path))
-        store = open_store(self.db_path)
+        store = self._open_after_spawn(store)
         last_housekeeping = time.time()
         restart_at = None
         announced = 0
@@ -3404,6 +3404,18 @@ class Supervisor:
             if role == "webhooks":
                 with contextlib.suppress(OSError):
                     os.kill(pid, signal.SIGTERM)
+
+    def _open_after_spawn(self, closed):
+        """The supervisor's connection, opened once its workers run.  They may already have run
+        jobs, and the file may have been deleted, replaced or overwritten meanwhile: then the
+        store that was open before the fork (``closed``, whose check() still compares the file
+        with the one it opened) goes to the loop, which deals with that as at any other time."""
+        try:
+            return open_store(self.db_path)
+        except DatabaseGone:
+            return closed  # _watch_database sees which (deleted: start again on a new file; replaced: stop)
+        except QueuectlError as e:
+            return self._fail(closed, e)
 
     def _spawn_without_connection(self, store, roles):
         """Fork children with no SQLite connection open in this process: SQLite keeps

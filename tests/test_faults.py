@@ -291,6 +291,19 @@ def test_database_deleted_while_workers_run(run, db, workers, tmp_path):
     assert integrity(db) == "ok"
 
 
+def test_a_supervisor_whose_database_is_overwritten_while_it_forks_stops_cleanly(db):
+    """Its workers can run jobs before the supervisor opens its own connection: a file changed in
+    that moment is handled as at any other time (stop, exit 74), not by an exception."""
+    import queuectl
+
+    store = queuectl.SqliteStore(str(db))
+    store.close()  # the supervisor closes its connection before it forks
+    db.write_bytes(b"not a database" * 1000)
+    sup = queuectl.Supervisor(str(db), 1)
+    assert sup._open_after_spawn(store) is store
+    assert isinstance(sup.db_failure, queuectl.DatabaseCorrupt) and sup.stop_level == 1
+
+
 @pytest.mark.e2e
 @pytest.mark.parametrize("how", ["overwritten", "replaced"])
 def test_database_overwritten_or_replaced_with_garbage_while_workers_run(run, db, workers, tmp_path, how):
