@@ -571,6 +571,29 @@ _ID_TABLE = bytes(ord(ID_ALPHABET[b % len(ID_ALPHABET)]) for b in range(256))
 HIST_BASE, HIST_RATIO, HIST_TOP = 0.001, 1.25, 120  # run-time buckets: 1 ms * 1.25**n, n < 120
 
 
+def schedule_tick(s, now, next_run, cfg, state_of, id_taken):
+    """What firing one due schedule row ``s`` does, for every store: ``(job, upcoming)``, the
+    validated job to enqueue (None when the tick is dropped) and the schedule's next run.
+
+    The missed-tick policy: a tick over 60 s late is dropped with 'skip' ('once' runs one job for
+    all missed ticks).  The overlap policy: 'skip' enqueues nothing while the previous job is
+    unfinished (``state_of(job_id)``, None for a job that is gone).  The job id is the schedule's
+    name and tick, with a random suffix when ``id_taken`` (a job kept under that id)."""
+    tick = s["next_run"]
+    upcoming = next_run(dict(s), now)
+    if s["overlap"] == "skip" and s["last_job"] and state_of(s["last_job"]) in ACTIVE_STATES:
+        return None, upcoming
+    if now - tick > 60 and s["missed"] == "skip":
+        return None, upcoming
+    spec = dict(json.loads(s["spec"]))
+    spec["id"] = "%s.%s" % (s["name"], time.strftime("%Y%m%dT%H%MZ", time.gmtime(tick)))
+    if id_taken(spec["id"]):
+        spec["id"] += "." + new_job_id()[:4]
+    job = validate_job(spec, cfg, now, cwd=spec.get("cwd") or "/")
+    job["schedule"] = s["name"]
+    return job, upcoming
+
+
 def run_time_bucket(seconds):
     """The histogram bucket of a run time: bucket n holds times up to 1 ms * 1.25**n (+-12%)."""
     if seconds <= HIST_BASE:
@@ -2276,27 +2299,20 @@ class SqliteStore(Store):
                       one=True) is None:
             return created
         with self._tx() as conn:
+            def state_of(job_id):
+                row = conn.execute("SELECT state FROM jobs WHERE id = :id", {"id": job_id}).fetchone()
+                return row[0] if row else None
+
+            def id_taken(job_id):
+                return conn.execute("SELECT 1 FROM jobs WHERE id = :id", {"id": job_id}).fetchone() is not None
+
             for s in conn.execute(SQL_SCHEDULES_DUE, {"now": now}).fetchall():
-                tick = s["next_run"]
-                upcoming = next_run(dict(s), now)
-                job_id = None
-                late = now - tick > 60
-                busy = False
-                if s["overlap"] == "skip" and s["last_job"]:
-                    prev = conn.execute("SELECT state FROM jobs WHERE id = :id", {"id": s["last_job"]}).fetchone()
-                    busy = prev is not None and prev[0] in ACTIVE_STATES
-                if not busy and not (late and s["missed"] == "skip"):
-                    spec = dict(json.loads(s["spec"]))
-                    spec["id"] = "%s.%s" % (s["name"], time.strftime("%Y%m%dT%H%MZ", time.gmtime(tick)))
-                    if conn.execute("SELECT 1 FROM jobs WHERE id = :id", {"id": spec["id"]}).fetchone():
-                        spec["id"] += "." + new_job_id()[:4]
-                    job = validate_job(spec, cfg, now, cwd=spec.get("cwd") or "/")
-                    job["schedule"] = s["name"]
-                    job_id = self._insert_in_tx(conn, job, now)
-                    if job_id:
-                        created.append(job_id)
+                job, upcoming = schedule_tick(s, now, next_run, cfg, state_of, id_taken)
+                job_id = self._insert_in_tx(conn, job, now) if job is not None else None
+                if job_id:
+                    created.append(job_id)
                 conn.execute(SQL_SCHEDULE_ADVANCE, {"name": s["name"], "next_run": upcoming,
-                                                    "last_run": tick if job_id else None, "job": job_id})
+                                                    "last_run": s["next_run"] if job_id else None, "job": job_id})
         return created
 
     def _insert_in_tx(self, conn, job, now):

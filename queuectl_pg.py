@@ -1509,29 +1509,24 @@ class PostgresStore(Store):
         if self._one(self.sql.SCHEDULE_ANY_DUE, {"at": at}) is None:
             return created
         with self._cursor(transaction=True) as cur:
+            def state_of(job_id):
+                row = cur.execute(self.sql.JOB_STATE, {"id": job_id}).fetchone()
+                return row["state"] if row else None
+
+            def id_taken(job_id):
+                return cur.execute(self.sql.JOB_EXISTS, {"id": job_id}).fetchone() is not None
+
             for s in cur.execute(self.sql.SCHEDULES_DUE, {"at": at}).fetchall():
-                tick = s["next_run"]
-                upcoming = next_run(dict(s), at)
+                job, upcoming = queuectl.schedule_tick(s, at, next_run, cfg, state_of, id_taken)
                 job_id = None
-                late = at - tick > 60
-                busy = False
-                if s["overlap"] == "skip" and s["last_job"]:
-                    prev = cur.execute(self.sql.JOB_STATE, {"id": s["last_job"]}).fetchone()
-                    busy = prev is not None and prev["state"] in queuectl.ACTIVE_STATES
-                if not busy and not (late and s["missed"] == "skip"):
-                    spec = dict(json.loads(s["spec"]))
-                    spec["id"] = "%s.%s" % (s["name"], time.strftime("%Y%m%dT%H%MZ", time.gmtime(tick)))
-                    if cur.execute(self.sql.JOB_EXISTS, {"id": spec["id"]}).fetchone():
-                        spec["id"] += "." + new_job_id()[:4]
-                    job = queuectl.validate_job(spec, cfg, at, cwd=spec.get("cwd") or "/")
-                    job["schedule"] = s["name"]
+                if job is not None:
                     row = self._row(job, set())
                     if not (row.get("unique_key") and self._by_key(cur, row["unique_key"])):
                         if self._insert_one(cur, row, "pending", at, {row["id"]}, set()) is None:
                             job_id = row["id"]
                             created.append(job_id)
                 cur.execute(self.sql.SCHEDULE_ADVANCE, {"name": s["name"], "next_run": upcoming,
-                                                        "last_run": tick if job_id else None, "job": job_id})
+                                                        "last_run": s["next_run"] if job_id else None, "job": job_id})
             if created:
                 cur.execute(self.sql.NOTIFY, {"channel": self.channel})
         return created

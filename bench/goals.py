@@ -4,7 +4,6 @@ returns a plain dict; run.py turns them into tables."""
 
 import contextlib
 import io
-import json
 import os
 import random
 import shutil
@@ -12,14 +11,11 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import tempfile
-import threading
 import time
 import urllib.request
 from pathlib import Path
 
-from lib import (PY, ROOT, StartProbe, Gate, cli_env, cpu_seconds, kill_pids, median, percentile, rss_bytes,
-                 run_quiet, summary, wait_for)
+from lib import PY, ROOT, StartProbe, Gate, cli_env, cpu_seconds, median, rss_bytes, run_quiet, summary, wait_for
 from systems import Queuectl, queuectl
 
 # --- anchors ----------------------------------------------------------------------------

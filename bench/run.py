@@ -17,7 +17,6 @@ scale, memory, peers), --no-peers.
 import argparse
 import contextlib
 import json
-import os
 import shutil
 import sys
 import tempfile
@@ -165,27 +164,17 @@ def main(argv=None):
     G1 = {}
 
     def pickup():
-        qa = systems.Queuectl(work / "pickup-api", "api")
-        qa.setup()
-        try:
-            qa.start_workers(1)
-            G1["api"] = goals.pickup(qa, 1, P["pickup_samples"], work)
-        finally:
-            qa.teardown()
-        qc = systems.Queuectl(work / "pickup-cli", "cli")
-        qc.setup()
-        try:
-            qc.start_workers(1)
-            G1["cli"] = goals.pickup(qc, 1, P["pickup_cli_samples"], work)
-        finally:
-            qc.teardown()
-        qp = systems.Queuectl(work / "pickup-poll", "nowake")
-        qp.setup()
-        try:
-            qp.start_workers(1)
-            G1["poll"] = goals.pickup(qp, 1, P["pickup_poll_samples"], work, idle_gap=0.3)
-        finally:
-            qp.teardown()
+        # enqueue by a Python call, by a `queuectl enqueue` process, and without the wake-up
+        for key, mode, samples, gap in (("api", "api", "pickup_samples", 0.05),
+                                        ("cli", "cli", "pickup_cli_samples", 0.05),
+                                        ("poll", "nowake", "pickup_poll_samples", 0.3)):
+            q = systems.Queuectl(work / ("pickup-" + key), mode)
+            q.setup()
+            try:
+                q.start_workers(1)
+                G1[key] = goals.pickup(q, 1, P[samples], work, idle_gap=gap)
+            finally:
+                q.teardown()
         G1["idle"] = goals.idle_cpu(work, 2, P["idle_seconds"])
         return G1
 
