@@ -17,12 +17,14 @@ __version__ = "0.1.0"
 import argparse
 import contextlib
 import enum
+import errno
 import json
 import os
 import re
 import select
 import signal
 import sqlite3
+import stat
 import sys
 import time
 
@@ -121,6 +123,9 @@ HOUSEKEEPING_INTERVAL = 2.0  # how often idle workers and supervisors rescue los
 REOPEN_GRACE = 10.0  # seconds a supervisor keeps trying to open a new database after the old one was deleted
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)  # what workers and supervisors stop on
 STOP_WAIT = 60.0  # how long `worker stop` waits for running jobs before a cold stop
+SHARED_ENV = "QUEUECTL_SHARED"  # "group": the queue's files are shared with the owner's group
+TOKEN_ENV = "QUEUECTL_DASHBOARD_TOKEN"  # the dashboard's token; never passed on to jobs
+SAFE_DIRECTORY_ENV = "QUEUECTL_SAFE_DIRECTORY"  # directories (":"-separated, or "*") trusted whoever owns them
 DASHBOARD_HOST = "127.0.0.1"  # `dashboard` and `up` listen here unless told otherwise
 DASHBOARD_PORT = 5000
 MAX_COMMAND_BYTES = 131071  # Linux MAX_ARG_STRLEN minus the terminating NUL
@@ -177,6 +182,10 @@ class DatabaseGone(DatabaseError):
 
 class DatabaseCorrupt(DatabaseError):
     """The file is not (or no longer) a usable SQLite database: nothing will make it work again."""
+
+
+class UntrustedFile(DatabaseError):
+    """A file or directory queuectl would use was planted or can be changed by another account."""
 
 
 class DatabaseBusy(QueuectlError):
@@ -1566,6 +1575,162 @@ def default_db_path():
     return os.path.join(base, "queuectl", "queuectl.db")
 
 
+# --- files other accounts must not read or plant (README "Security model") ---------------------
+
+
+def group_shared():
+    """Does the owner share this queue's files with their group (QUEUECTL_SHARED=group)?"""
+    value = os.environ.get(SHARED_ENV, "").strip().lower()
+    if value in ("", "0", "no", "none", "private"):
+        return False
+    if value == "group":
+        return True
+    raise InvalidInput("%s must be 'group' (share the queue's files with your group) or empty, got %s"
+                       % (SHARED_ENV, _short(value)))
+
+
+def private_mode(directory=False):
+    """Mode of what queuectl creates: owner only, or owner and group with QUEUECTL_SHARED=group."""
+    mode = 0o770 if group_shared() else 0o700
+    return mode if directory else mode & 0o666
+
+
+def make_private_dir(path):
+    """Create directory ``path`` (and its parents) for queuectl's files: 0700 (0770 shared) whatever
+    the umask.  A directory that exists already is left as it is (check_trusted judges it)."""
+    if os.path.isdir(path):
+        return
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(path, private_mode(directory=True))
+        os.chmod(path, private_mode(directory=True))  # (mkdir's mode passes through the umask)
+
+
+def _trusted_dirs():
+    return [d for d in os.environ.get(SAFE_DIRECTORY_ENV, "").split(":") if d]
+
+
+def _is_trusted_dir(directory):
+    trusted = _trusted_dirs()
+    return "*" in trusted or any(os.path.realpath(d) == directory for d in trusted)
+
+
+def _foreign(st):
+    """Why a file with stat ``st`` cannot be trusted, or None: owned by another account (root and,
+    with QUEUECTL_SHARED=group, a group of ours excepted), or writable by every account."""
+    uid = os.geteuid()
+    if st.st_uid not in (uid, 0) and not (group_shared() and st.st_gid in os.getgroups() + [os.getegid()]):
+        return "is owned by another user (uid %d)" % st.st_uid
+    if st.st_mode & 0o002:
+        return "is writable by every user (mode %04o)" % stat.S_IMODE(st.st_mode)
+    return None
+
+
+def check_trusted(path):
+    """Refuse (UntrustedFile, exit 74) a database that another account planted or can change: the
+    file, its -wal/-shm or its directory owned by another user, or writable by everyone (git's
+    safe.directory rule).  QUEUECTL_SAFE_DIRECTORY lists directories trusted anyway."""
+    real = os.path.realpath(path)
+    directory = os.path.dirname(real)
+    if _is_trusted_dir(directory):
+        return
+    hint = ("keep the queue in a directory of your own (the default is %s), not a shared one such as /tmp; "
+            "or, if you trust whoever can write there, allow it with %s=%s"
+            % (os.path.dirname(default_db_path()), SAFE_DIRECTORY_ENV, directory))
+    for name, what in ((directory, "directory"), (real, "file"), (real + "-wal", "file"), (real + "-shm", "file")):
+        try:
+            st = os.lstat(name)
+        except FileNotFoundError:
+            continue
+        except OSError as e:
+            raise DatabaseError("cannot open database %s: %s: %s" % (path, name, e.strerror))
+        if what == "file" and name != real and stat.S_ISLNK(st.st_mode):
+            reason = "is a symbolic link"
+        else:
+            reason = _foreign(st)
+        if reason:
+            raise UntrustedFile("refusing database %s: %s %s %s; %s" % (path, what, name, reason, hint))
+
+
+def tighten_private(path):
+    """Take away what others may do with the database and its -wal/-shm if they are ours (files of an
+    older queuectl were created under the umask, often world-readable).  Returns the old mode when
+    it changed it, else None."""
+    keep = private_mode()
+    old = None
+    for name in (path, path + "-wal", path + "-shm"):
+        try:
+            st = os.stat(name)
+        except OSError:
+            continue
+        mode = stat.S_IMODE(st.st_mode)
+        if st.st_uid == os.geteuid() and mode & ~keep & 0o077:
+            with contextlib.suppress(OSError):
+                os.chmod(name, mode & (keep | 0o700))
+                old = mode if name == path else (old or mode)
+    return old
+
+
+def create_private_file(path):
+    """Create an empty file at ``path`` with the private mode (not following a symlink), unless one exists.
+    SQLite then opens it, and gives its -wal and -shm the same mode."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+                     | getattr(os, "O_CLOEXEC", 0), private_mode())
+    except FileExistsError:
+        return
+    try:
+        os.fchmod(fd, private_mode())  # (the umask may have taken the group's bits)
+    finally:
+        os.close(fd)
+
+
+def read_token_file(path):
+    """A secret kept in a file, as OpenSSH takes a key: a regular file of ours (or root's), not a
+    symlink, that no one else may read or write."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
+    except OSError as e:
+        raise InvalidInput("cannot read token file %s: %s" % (path, "it is a symbolic link" if e.errno == errno.ELOOP
+                                                               else e.strerror))
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        reason = "is not a regular file" if not stat.S_ISREG(st.st_mode) else _foreign(st)
+        if not reason and st.st_mode & 0o077:
+            reason = "may be read by other users (mode %04o; chmod 600 it)" % stat.S_IMODE(st.st_mode)
+        if reason:
+            raise UntrustedFile("refusing token file %s: it %s" % (path, reason))
+        text = f.read(4096).decode("utf-8", "replace").strip()
+    if not text:
+        raise InvalidInput("token file %s is empty" % path)
+    return text
+
+
+def open_private_log(path):
+    """Open a log for appending, created private; refuse a symlink or a file another user owns or
+    everyone may write (something planted to make us write into another file)."""
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOCTTY | getattr(os, "O_NOFOLLOW", 0) \
+        | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(path, flags, private_mode())
+    except OSError as e:
+        # (ELOOP; some kernels answer EACCES for a symlink in a sticky directory)
+        if e.errno == errno.ELOOP or os.path.islink(path):
+            raise UntrustedFile("refusing log %s: it is a symbolic link (another user may have planted it)" % path)
+        raise QueuectlError("cannot open log %s: %s" % (path, e.strerror))
+    try:
+        st = os.fstat(fd)
+        reason = "is not a regular file" if not stat.S_ISREG(st.st_mode) else _foreign(st)
+        if reason:
+            raise UntrustedFile("refusing log %s: it %s" % (path, reason))
+        if st.st_uid == os.geteuid() and stat.S_IMODE(st.st_mode) & ~private_mode():
+            os.fchmod(fd, stat.S_IMODE(st.st_mode) & private_mode())
+    except BaseException:
+        os.close(fd)
+        raise
+    return os.fdopen(fd, "ab")
+
+
 def _write_failure_hint(path):
     """Why a write may have failed, as far as we can tell: a full disk, or a file size limit (ulimit -f)."""
     hints = []
@@ -1630,6 +1795,7 @@ class SqliteStore(Store):
             directory = os.path.dirname(os.path.abspath(path)) or "."
             if not os.path.isdir(directory):
                 raise DatabaseError("cannot create database %s: directory %s does not exist" % (path, directory))
+            check_trusted(path)
             if not os.path.exists(path):
                 if not create:
                     raise NotFound("database %s does not exist" % path)
@@ -1641,6 +1807,7 @@ class SqliteStore(Store):
                     raise DatabaseGone("database %s was deleted while in use: processes still have the deleted file "
                                        "open (running workers notice within seconds and start on a new database); "
                                        "nothing was written, try again" % path)
+                create_private_file(path)
             elif os.path.isdir(path):
                 raise DatabaseError("cannot open database %s: it is a directory" % path)
             elif _wal_of_another_file(path):
@@ -1654,6 +1821,11 @@ class SqliteStore(Store):
             self._migrate()
         except sqlite3.Error as e:
             raise _db_error(e, path) from None
+        if path != ":memory:" and not self.readonly:
+            old_mode = tighten_private(path)  # a database of an older queuectl, created under the umask
+            if old_mode is not None:
+                log.warning("database %s was open to other users (mode %04o): made it private (%04o); "
+                            "set %s=group to share it with your group", path, old_mode, private_mode(), SHARED_ENV)
         self._has_returning = sqlite3.sqlite_version_info >= (3, 35, 0)
         self._identity = None if path == ":memory:" else _file_identity(path)
         # SQLite names the WAL after the database's real path (it follows symlinks)
@@ -2528,10 +2700,25 @@ def db_location(db):
 
 def db_label(db):
     """A database as it is shown: a file's absolute path, or the URL without its password."""
-    if not is_db_url(db):
-        return os.path.abspath(db)
-    url = re.sub(r"^(postgres(?:ql)?://[^:/@?#]*):[^@/?#]*@", r"\1:***@", str(db))
+    return redact_url(db) if is_db_url(db) else os.path.abspath(db)
+
+
+def redact_url(url):
+    """``url`` without the password of its user part or of a ``password=`` parameter."""
+    url = re.sub(r"^([A-Za-z][A-Za-z0-9+.-]*://[^:/@?#]*):[^@/?#]*@", r"\1:***@", str(url))
     return re.sub(r"([?&]password=)[^&#]*", r"\1***", url)
+
+
+def split_userinfo(url):
+    """``http://user:pw@host/p`` -> (``http://host/p``, ``"user:pw"``); (url, None) without a user part."""
+    from urllib.parse import unquote, urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url, None
+    userinfo, _, hostport = parts.netloc.rpartition("@")
+    user, _, password = userinfo.partition(":")
+    return urlunsplit(parts._replace(netloc=hostport)), "%s:%s" % (unquote(user), unquote(password))
 
 
 def open_store(db, create=True):
@@ -2835,6 +3022,9 @@ def run_command(job, timeout, output_limit, kill_grace, events):
     return result
 
 
+_TOKEN_ENV_BYTES = TOKEN_ENV.encode()
+
+
 def _job_environment(extra, marks):
     """The ``env`` for Popen: the worker's environment, the job's own variables, the run's marks.
 
@@ -2843,6 +3033,7 @@ def _job_environment(extra, marks):
     (Setting the marks in the worker's own environment with putenv and passing none would be
     cheaper still, but glibc never frees a value set that way: a new job id per job leaks.)"""
     env = dict(os.environb)
+    env.pop(_TOKEN_ENV_BYTES, None)  # a secret given to queuectl, not to its jobs
     fsencode = os.fsencode
     for key, value in (extra or {}).items():
         env[fsencode(key)] = fsencode(value)
@@ -3488,6 +3679,16 @@ class Supervisor:
                     store.rescue(time.time(), HOST, pid_alive, kill_lost_group)
 
 
+def _no_redirects():
+    import urllib.request
+
+    class NoRedirects(urllib.request.HTTPRedirectHandler):
+        def redirect_request(self, req, fp, code, msg, headers, newurl):
+            return None  # urllib then raises HTTPError with the 3xx
+
+    return NoRedirects
+
+
 class WebhookSender:
     """Delivers queued webhook events (a JSON POST per finished job) from its own
     process, so a slow or dead endpoint never holds up a worker.  Each delivery has
@@ -3524,7 +3725,8 @@ class WebhookSender:
                     if error is None:
                         self.store.webhook_result(delivery["id"], now)
                     elif attempt >= self.MAX_ATTEMPTS:
-                        log.warning("webhook %s: giving up after %d attempts: %s", delivery["url"], attempt, error)
+                        log.warning("webhook %s: giving up after %d attempts: %s", redact_url(delivery["url"]),
+                                    attempt, error)
                         self.store.webhook_result(delivery["id"], now, error=error)
                     else:
                         self.store.webhook_result(delivery["id"], now, error=error, next_at=now + 2.0 ** attempt)
@@ -3532,18 +3734,25 @@ class WebhookSender:
         return 0
 
     def post(self, delivery):
-        """POST one event; None on a 2xx answer, else the error text."""
+        """POST one event; None on a 2xx answer, else the error text.  A redirect is not followed
+        (it could send the event, and its credentials, anywhere); a URL's user part is sent as
+        HTTP Basic authentication."""
+        import base64
         import urllib.error
         import urllib.request
 
-        request = urllib.request.Request(
-            delivery["url"], data=delivery["payload"].encode(), method="POST",
-            headers={"Content-Type": "application/json", "User-Agent": "queuectl/" + __version__})
+        url, userinfo = split_userinfo(delivery["url"])
+        headers = {"Content-Type": "application/json", "User-Agent": "queuectl/" + __version__}
+        if userinfo is not None:
+            headers["Authorization"] = "Basic " + base64.b64encode(userinfo.encode()).decode("ascii")
+        request = urllib.request.Request(url, data=delivery["payload"].encode(), method="POST", headers=headers)
         try:
-            with urllib.request.urlopen(request, timeout=self.TIMEOUT) as response:
+            with urllib.request.build_opener(_no_redirects()).open(request, timeout=self.TIMEOUT) as response:
                 response.read(65536)
                 return None
         except urllib.error.HTTPError as e:
+            if 300 <= e.code < 400:
+                return "HTTP %d: redirect to %s not followed" % (e.code, _short(redact_url(e.headers.get("Location", "?")), 200))
             return "HTTP %d" % e.code
         except Exception as e:  # noqa: BLE001 - any network failure is retried
             return str(getattr(e, "reason", e)) or type(e).__name__
@@ -3864,12 +4073,13 @@ in the JSON.  Durations take s/m/h/d/w suffixes (90, 90s, 15m, 2h).""")
 
     for name, text, epilog in (
             ("dashboard", "serve the live dashboard and HTTP API (http://127.0.0.1:5000/ by default)", """\
-  queuectl dashboard                        # then open http://127.0.0.1:5000/
+  queuectl dashboard                        # open the http://127.0.0.1:5000/?token=... it prints
   queuectl dashboard --port 8080 --read-only
-  QUEUECTL_DASHBOARD_TOKEN=$(cat /etc/queuectl.token) queuectl dashboard --host 0.0.0.0
+  queuectl dashboard --host 0.0.0.0 --token-file ~/.config/queuectl/token
 
 Runs in the foreground until Ctrl-C or SIGTERM; prints its URL on stdout.
-Listening on anything but a loopback address needs a token."""),
+Every request needs the token (other users of this machine can reach
+loopback too): open the printed URL once, or send Authorization: Bearer."""),
             ("up", "run workers and the dashboard together in the foreground", """\
   queuectl up                               # 1 worker, dashboard on http://127.0.0.1:5000/
   queuectl up --count 4 --port 8080
@@ -3885,9 +4095,12 @@ stops the jobs now and puts them back in the queue).""")):
         dp.add_argument("--port", type=_port_arg, default=DASHBOARD_PORT,
                         help="port to listen on (default %d; 0 = any free port)" % DASHBOARD_PORT)
         dp.add_argument("--read-only", action="store_true", help="refuse every change (enqueue, retry, clear)")
-        dp.add_argument("--token", metavar="TOKEN",
-                        help="require this token for every request (default $QUEUECTL_DASHBOARD_TOKEN); "
-                             "without one a random token guards changes only")
+        tok = dp.add_mutually_exclusive_group()
+        tok.add_argument("--token", metavar="TOKEN",
+                         help="the token every request needs (default $%s, else a new random one "
+                              "in the printed URL)" % TOKEN_ENV)
+        tok.add_argument("--token-file", metavar="PATH",
+                         help="read the token from this file (yours, not readable by others)")
         dp.add_argument("--allow-host", action="append", default=[], metavar="NAME",
                         help="also answer to this host name, e.g. behind a reverse proxy (repeatable)")
 
@@ -4050,10 +4263,14 @@ def resolve_db(args):
     if db:
         return db
     path = default_db_path()
+    directory = os.path.dirname(path)
     try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
+        make_private_dir(directory)
+        st = os.stat(directory)
+        if st.st_uid == os.geteuid() and stat.S_IMODE(st.st_mode) & ~private_mode(directory=True):
+            os.chmod(directory, stat.S_IMODE(st.st_mode) & private_mode(directory=True))  # an older queuectl's 0755
     except OSError as e:
-        raise DatabaseError("cannot create data directory %s: %s" % (os.path.dirname(path), e.strerror))
+        raise DatabaseError("cannot create data directory %s: %s" % (directory, e.strerror))
     return path
 
 
@@ -4219,12 +4436,9 @@ def cmd_worker_start(args, store):
 
         log_dir = os.path.dirname(default_db_path())
         with contextlib.suppress(OSError):
-            os.makedirs(log_dir, exist_ok=True)
+            make_private_dir(log_dir)
         log_path = os.path.join(log_dir, "workers-%s.log" % hashlib.sha1(db.encode()).hexdigest()[:12])
-    try:
-        logf = open(log_path, "ab")
-    except OSError as e:
-        raise QueuectlError("cannot open worker log %s: %s" % (log_path, e.strerror))
+    logf = open_private_log(log_path)
     # A URL may hold a password: hand it over in the environment, not on the command line `ps` shows.
     env = dict(os.environ, QUEUECTL_DB=db) if is_db_url(db) else None
     argv = self_command() + ([] if env else ["--db", db]) + ["worker", "start", "--foreground", "--count",
@@ -4732,7 +4946,9 @@ def _web():
 
 def _dashboard_server(args):
     """A bound (not yet serving) dashboard server for `dashboard` and `up`."""
-    token = args.token or os.environ.get("QUEUECTL_DASHBOARD_TOKEN") or None
+    # Popped: nothing this process starts later (up's workers and their jobs) inherits the secret.
+    env_token = os.environ.pop(TOKEN_ENV, None)
+    token = args.token or (read_token_file(args.token_file) if args.token_file else env_token) or None
     return _web().make_server(db_location(args.db_path), host=args.host, port=args.port, token=token,
                               read_only=args.read_only, allow_hosts=args.allow_host)
 
@@ -4762,7 +4978,7 @@ def _serve_in_foreground(server, supervisor_pid=None):
     status = None
     try:
         server.start()
-        sys.stdout.write("dashboard: %s\n" % server.url)
+        sys.stdout.write("dashboard: %s\n" % server.login_url)
         sys.stdout.flush()
         while True:
             if supervisor_pid:

@@ -1,32 +1,43 @@
 """The dashboard and HTTP API: a small ``http.server`` app with a route table.
 
 Everything a client can reach is in ``ROUTES`` (API, SSE, metrics, health)
-and ``STATIC`` (the page's three files); nothing else is served.
+and ``STATIC`` (the page's files); nothing else is served.
 
-Security model (README "Security model" says the same for users):
+Security model (docs/security.md says the same for users).  Other accounts on
+this machine can reach loopback, browsers run pages of any site, and a bound
+address may face a network, so:
 
-* Binds 127.0.0.1 by default.  Any other address needs a token (``--token``
-  or ``QUEUECTL_DASHBOARD_TOKEN``), and with a token every request but
-  ``/healthz`` must present it: ``Authorization: Bearer``, the
-  ``X-Queuectl-Token`` header, or a cookie set by opening ``/?token=...``.
-* Every mutation is a POST with a JSON body carrying the per-server token in
-  ``X-Queuectl-Token``.  Without ``--token`` the token is random per server
-  start; the page receives it inside its HTML, which other sites cannot read
-  (no CORS headers are ever sent, and ``Host`` is checked, which defeats DNS
-  rebinding).
+* Every request but ``/healthz`` needs the server's secret token, on loopback
+  too: ``Authorization: Bearer``, the ``X-Queuectl-Token`` header, or the
+  session cookie set by opening ``/?token=...`` once (HttpOnly,
+  SameSite=Strict; the printed URL carries a fresh random token unless one is
+  given).  Nothing is served to a client that has not presented it.
+* A change is a POST with a JSON body.  Made with the cookie (a browser), it
+  must also carry the page's CSRF value in ``X-Queuectl-CSRF``; the page gets
+  that value only inside its HTML, which only an authenticated client sees.
+  The cookie and the CSRF value are derived from the token, never the token.
 * A request with a foreign ``Origin`` (or a cross-site ``Sec-Fetch-Site`` on
   anything but a navigation), or with a ``Host`` that is neither an IP
-  address nor a known name of this server, is refused.
-* ``--read-only`` refuses every POST.  Request bodies are limited to
-  ``MAX_BODY`` bytes.  Errors never carry a traceback.
+  address nor a known name of this server, is refused (DNS rebinding).
+* Before a client is authenticated it can cost only a bounded amount: the
+  request head is at most ``MAX_HEAD_BYTES`` and must arrive within
+  ``HEAD_TIMEOUT`` seconds, a body within ``BODY_TIMEOUT``; at most
+  ``MAX_CONNECTIONS`` connections (event streams included) are served at once.
+* Secrets in jobs (env values, webhook URLs) are masked in every answer.
+* ``--read-only`` refuses every POST.  Errors never carry a traceback; bad
+  input (a query number out of range, JSON nested too deep) is a 400.
 * The page inserts job strings as text only; CSP forbids inline script.
 """
 
 import base64
+import contextlib
 import hmac
+import hashlib
 import html
+import http.client
 import http.server
 import importlib.resources
+import io
 import ipaddress
 import json
 import logging
@@ -52,9 +63,18 @@ STATS_MINUTES = 60
 SSE_POLL_INTERVAL = 0.2  # seconds between PRAGMA data_version checks
 SSE_KEEPALIVE = 15.0  # seconds between comment lines on an idle event stream
 SSE_MAX_CLIENTS = 32
-REQUEST_TIMEOUT = 30.0  # seconds a connection may sit idle mid-request
+REQUEST_TIMEOUT = 30.0  # seconds a connection may wait for a client's next bytes
+HEAD_TIMEOUT = 10.0  # seconds from waiting for a request to having its whole head (also ends idle keep-alives)
+BODY_TIMEOUT = 30.0  # seconds to receive a request body (at most MAX_BODY bytes)
+MAX_HEAD_BYTES = 32 * 1024  # request line and headers together
+MAX_CONNECTIONS = 64  # served at once, event streams included; more get a 503 at once
+MAX_QUERY_INT = 2 ** 31 - 1
+MAX_CURSOR = 512  # characters
 TOKEN_HEADER = "X-Queuectl-Token"
+CSRF_HEADER = "X-Queuectl-CSRF"
 TOKEN_RE = re.compile(r"^[A-Za-z0-9._~+/=-]{16,256}$")
+TOKEN_IN_URL = re.compile(r"([?&]token=)[^&\s#]*")
+MASK = "***"
 FAILED_OUTCOMES = queuectl.FAILED_OUTCOMES
 LOST_OUTCOMES = ("lost", "stopped")
 
@@ -205,6 +225,31 @@ class ChangeWatcher:
 # --- views: JSON documents built from the store ----------------------------------------
 
 
+def mask_url(url):
+    """A URL as the dashboard shows it: scheme and host only.  Credentials may sit in the user
+    part, the path (a Slack-style hook) or the query; the owner sees them with `queuectl get`."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        host = parts.hostname or ""
+        port = parts.port
+    except ValueError:
+        return MASK
+    if ":" in host:
+        host = "[%s]" % host
+    userinfo = MASK + "@" if "@" in parts.netloc else ""
+    rest = "/" + MASK if parts.path.strip("/") or parts.query or parts.fragment else "/"
+    return "%s://%s%s%s%s" % (parts.scheme, userinfo, host, ":%d" % port if port else "", rest)
+
+
+def job_view(job):
+    """Every field of a job, its secrets masked: env values, webhook URL."""
+    d = job.to_dict()
+    d["env"] = {name: MASK for name in d.get("env") or {}}
+    if d.get("webhook"):
+        d["webhook"] = mask_url(d["webhook"])
+    return d
+
+
 def job_brief(job):
     """The fields a jobs table shows."""
     d = job.to_dict()
@@ -276,13 +321,16 @@ def encode_cursor(job, by_id):
 
 
 def decode_cursor(text, by_id):
+    if len(text) > MAX_CURSOR:
+        raise HTTPError(400, "invalid cursor (take it from a previous page's 'next')")
     try:
         doc = json.loads(base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)).decode())
-        if by_id and doc[0] == "i" and isinstance(doc[1], str):
+        if by_id and doc[0] == "i" and isinstance(doc[1], str) and len(doc[1]) <= queuectl.MAX_ID_LENGTH:
             return doc[1]
-        if not by_id and doc[0] == "t" and isinstance(doc[1], (int, float)) and isinstance(doc[2], int):
+        if not by_id and doc[0] == "t" and isinstance(doc[1], (int, float)) and not isinstance(doc[1], bool) \
+                and abs(doc[1]) < 1e12 and isinstance(doc[2], int) and 0 <= doc[2] < 2 ** 63:
             return float(doc[1]), doc[2]
-    except (ValueError, TypeError, IndexError, KeyError):
+    except (ValueError, TypeError, IndexError, KeyError, RecursionError):
         pass
     raise HTTPError(400, "invalid cursor (take it from a previous page's 'next')")
 
@@ -356,14 +404,21 @@ class DashboardServer(http.server.ThreadingHTTPServer):
             raise InvalidInput("the dashboard token must be 16-256 characters of A-Z a-z 0-9 . _ ~ + / = - "
                                "(make one with: python3 -c 'import secrets; print(secrets.token_urlsafe())')")
         if not is_loopback(host) and not token:
-            raise InvalidInput("listening on %s exposes the dashboard to the network: give a token with --token or "
-                               "QUEUECTL_DASHBOARD_TOKEN (or keep the default --host 127.0.0.1)" % (host or "all addresses"))
+            raise InvalidInput("listening on %s exposes the dashboard to the network: choose its token with --token, "
+                               "--token-file or QUEUECTL_DASHBOARD_TOKEN (or keep the default --host 127.0.0.1)"
+                               % (host or "all addresses"))
         store = queuectl.open_store(db_path)  # create or migrate now, so errors show before serving
         store.close()
         self.db_path = db_path
         self.read_only = read_only
-        self.require_auth = token is not None
+        self.token_given = token is not None
         self.token = token or secrets.token_urlsafe(32)
+        # What a browser holds (the cookie) and what the page holds (the CSRF value) are derived from
+        # the token: neither gives the token itself away (for the API, Prometheus, other sessions).
+        self.session = self._derive("session")
+        self.csrf = self._derive("csrf")
+        self.connections = 0
+        self._connections_lock = threading.Lock()
         self.static = load_static()
         self.watcher = ChangeWatcher(db_path)
         self.stopping = False
@@ -382,6 +437,9 @@ class DashboardServer(http.server.ThreadingHTTPServer):
             raise QueuectlError("cannot listen on %s port %s: %s" % (host, port, e.strerror or e))
         self.cookie_name = "queuectl_token_%d" % self.server_address[1]
 
+    def _derive(self, purpose):
+        return hmac.new(self.token.encode(), b"queuectl-dashboard-" + purpose.encode(), hashlib.sha256).hexdigest()
+
     @property
     def url(self):
         host, port = self.server_address[:2]
@@ -390,6 +448,43 @@ class DashboardServer(http.server.ThreadingHTTPServer):
         if ":" in host:
             host = "[%s]" % host
         return "http://%s:%d/" % (host, port)
+
+    @property
+    def login_url(self):
+        """The URL to print: with the token when this server made it up (Jupyter's way), else plain
+        (the owner chose the token and knows it; it stays out of logs)."""
+        return self.url if self.token_given else self.url + "?token=" + self.token
+
+    # --- connections: a bounded number, refused before any thread is started for them ----
+
+    def process_request(self, request, client_address):
+        with self._connections_lock:
+            full = self.connections >= MAX_CONNECTIONS
+            if not full:
+                self.connections += 1
+        if full:
+            body = b"503 too many connections\n"
+            with contextlib.suppress(OSError):
+                request.setblocking(False)
+                request.send(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\n"
+                             b"Content-Length: %d\r\nRetry-After: 5\r\nConnection: close\r\n\r\n%s" % (len(body), body))
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._connection_done()
+            raise
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._connection_done()
+
+    def _connection_done(self):
+        with self._connections_lock:
+            self.connections -= 1
 
     def start(self):
         """Serve in a background thread (call after any fork)."""
@@ -425,10 +520,69 @@ def make_server(db_path, host="127.0.0.1", port=5000, token=None, read_only=Fals
     return DashboardServer(db_path, host, port, token=token, read_only=read_only, allow_hosts=allow_hosts)
 
 
+class HeadTooLarge(http.client.HTTPException):
+    """A request head over MAX_HEAD_BYTES (http.server answers 431 to an HTTPException in the headers)."""
+
+
+class BoundedSocketReader(io.RawIOBase):
+    """The socket as a handler reads it, with an absolute deadline for a request's head or body
+    (a client trickling a byte at a time cannot hold a connection past it) and a byte budget
+    for the head (nothing unauthenticated makes the server keep megabytes of headers)."""
+
+    def __init__(self, sock, idle_timeout):
+        self.sock = sock
+        self.idle_timeout = idle_timeout
+        self.deadline = None
+        self.budget = None
+
+    def readable(self):
+        return True
+
+    def expect(self, seconds, budget=None):
+        """From now on reads end ``seconds`` from now, and at most ``budget`` bytes may be read."""
+        self.deadline = time.monotonic() + seconds
+        self.budget = budget
+
+    def done(self):
+        """A request is read: no deadline or budget; writes get the idle timeout again."""
+        self.deadline = self.budget = None
+        self.sock.settimeout(self.idle_timeout)
+
+    def readinto(self, buffer):
+        view = memoryview(buffer)
+        if self.budget is not None:
+            if self.budget <= 0:
+                raise HeadTooLarge("request head larger than %d bytes" % MAX_HEAD_BYTES)
+            view = view[:self.budget]
+        timeout = self.idle_timeout
+        if self.deadline is not None:
+            left = self.deadline - time.monotonic()
+            if left <= 0:
+                raise socket.timeout("request not received in time")
+            timeout = min(timeout, left)
+        self.sock.settimeout(timeout)
+        n = self.sock.recv_into(view)
+        if self.budget is not None:
+            self.budget -= n
+        return n
+
+
+def query_int(query, name, default, lo, hi):
+    """A whole number from the query string: ASCII digits only, from ``lo`` to ``hi``, else 400."""
+    text = (query.get(name) or [""])[0]
+    if text == "":
+        return default
+    if not re.match(r"^[0-9]{1,10}$", text) or not lo <= int(text) <= hi:
+        raise HTTPError(400, "%s must be a whole number from %d to %d" % (name, lo, hi))
+    return int(text)
+
+
 class Handler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "queuectl"
     timeout = REQUEST_TIMEOUT
+    head_timeout = HEAD_TIMEOUT
+    body_timeout = BODY_TIMEOUT
     error_content_type = "text/plain; charset=utf-8"
     error_message_format = "%(code)d %(message)s\n"
 
@@ -451,6 +605,22 @@ class Handler(http.server.BaseHTTPRequestHandler):
     OPEN = ("get_healthz",)  # reachable without the token even when one is required
 
     # --- plumbing ---------------------------------------------------------------------
+
+    def setup(self):
+        super().setup()
+        self.rfile.close()  # (the plain file setup() made: reads go through the bounded reader)
+        self.reader = BoundedSocketReader(self.connection, self.timeout)
+        self.rfile = io.BufferedReader(self.reader)
+
+    def handle_one_request(self):
+        self.reader.expect(self.head_timeout, MAX_HEAD_BYTES)
+        try:
+            super().handle_one_request()
+        except HeadTooLarge:  # in the request line (in headers, http.server itself answers 431)
+            self.requestline, self.request_version, self.command = "", "", ""  # (as http.server does for a 414)
+            self.send_error(431)
+        except socket.timeout:  # (Python 3.9: http.server catches only its own socket.timeout)
+            self.close_connection = True
 
     def do_GET(self):
         self._handle("GET")
@@ -477,7 +647,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         return "queuectl"
 
     def log_message(self, fmt, *args):
-        log.debug("%s %s", self.address_string(), fmt % args)
+        log.debug("%s %s", self.address_string(), TOKEN_IN_URL.sub(r"\1" + MASK, fmt % args))
 
     def send_error(self, code, message=None, explain=None):
         """Errors found by http.server itself (bad request line, ...): a short text, no details."""
@@ -531,6 +701,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self._responded = False
         self._body_pending = bool(self.headers.get("Transfer-Encoding")) or self.headers.get("Content-Length",
                                                                                            "0").strip() not in ("", "0")
+        if self._body_pending:
+            self.reader.expect(self.body_timeout)  # the head is in: the body has this long to arrive
+        else:
+            self.reader.done()
         try:
             self._dispatch(method)
         except HTTPError as e:
@@ -569,18 +743,20 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if site == "cross-site" and self.headers.get("Sec-Fetch-Mode") != "navigate":
             raise HTTPError(403, "cross-site request refused")
 
-    def _authenticated(self, query):
-        """With a required token: True if this request presents it (header, bearer, cookie)."""
-        expected = self.server.token.encode()
-        candidates = [self.headers.get(TOKEN_HEADER, "")]
+    def _credential(self):
+        """How this request authenticates: "token" (bearer or token header: an API client),
+        "cookie" (a browser that opened the token URL), or None."""
+        token = self.server.token.encode()
         auth = self.headers.get("Authorization", "")
-        if auth[:7].lower() == "bearer ":
-            candidates.append(auth[7:].strip())
+        for given in (auth[7:].strip() if auth[:7].lower() == "bearer " else "", self.headers.get(TOKEN_HEADER, "")):
+            if given and hmac.compare_digest(given.encode("utf-8", "replace"), token):
+                return "token"
+        session = self.server.session.encode()
         for part in self.headers.get("Cookie", "").split(";"):
             name, _, value = part.strip().partition("=")
-            if name == self.server.cookie_name:
-                candidates.append(value)
-        return any(hmac.compare_digest(c.encode(), expected) for c in candidates if c)
+            if name == self.server.cookie_name and hmac.compare_digest(value.encode("utf-8", "replace"), session):
+                return "cookie"
+        return None
 
     def _dispatch(self, method):
         url = urllib.parse.urlsplit(self.path)
@@ -603,24 +779,29 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 methods = set(allowed) | ({"HEAD"} if "GET" in allowed else set())
                 raise HTTPError(405, "method not allowed", {"Allow": ", ".join(sorted(methods))})
             raise HTTPError(404, "not found")
-        if self.server.require_auth and route not in self.OPEN:
+        credential = None
+        if route not in self.OPEN:
             if route == "static" and path == "/" and "token" in query:
                 given = query["token"][0]
-                if hmac.compare_digest(given.encode(), self.server.token.encode()):
-                    cookie = "%s=%s; Path=/; HttpOnly; SameSite=Strict" % (self.server.cookie_name, given)
+                if hmac.compare_digest(given.encode("utf-8", "replace"), self.server.token.encode()):
+                    cookie = "%s=%s; Path=/; HttpOnly; SameSite=Strict" % (self.server.cookie_name,
+                                                                           self.server.session)
                     self._send(303, "", "text/plain; charset=utf-8", {"Location": "/", "Set-Cookie": cookie})
                     return
-            if not self._authenticated(query):
+            credential = self._credential()
+            if credential is None:
                 if route == "static":
-                    raise HTTPError(401, "this dashboard needs its token: open /?token=TOKEN once")
+                    raise HTTPError(401, "this dashboard needs its token: open the URL that `queuectl dashboard` "
+                                         "printed (it ends in ?token=...)")
                 raise HTTPError(401, "this dashboard needs its token (Authorization: Bearer TOKEN)",
                                 {"WWW-Authenticate": 'Bearer realm="queuectl"'})
         if method == "POST":
             if self.server.read_only:
                 raise HTTPError(403, "the dashboard is read-only (--read-only)")
-            given = self.headers.get(TOKEN_HEADER, "")
-            if not given or not hmac.compare_digest(given.encode(), self.server.token.encode()):
-                raise HTTPError(403, "missing or wrong %s header" % TOKEN_HEADER)
+            if credential == "cookie":  # a browser: the page's own CSRF value proves the page sent it
+                given = self.headers.get(CSRF_HEADER, "")
+                if not given or not hmac.compare_digest(given.encode("utf-8", "replace"), self.server.csrf.encode()):
+                    raise HTTPError(403, "missing or wrong %s header" % CSRF_HEADER)
             params["body"] = self._read_body()
         if route == "static":
             return self._static(path)
@@ -652,6 +833,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             raise HTTPError(413, "request body larger than %d bytes" % MAX_BODY)
         data = self.rfile.read(n) if n else b""
         self._body_pending = False
+        self.reader.done()
         if len(data) != n:
             self.close_connection = True
             raise HTTPError(400, "incomplete request body")
@@ -664,14 +846,16 @@ class Handler(http.server.BaseHTTPRequestHandler):
             doc = json.loads(data.decode("utf-8"))
         except (UnicodeDecodeError, ValueError):
             raise HTTPError(400, "the request body is not valid JSON")
+        except RecursionError:
+            raise HTTPError(400, "the request body is nested too deeply")
         if not isinstance(doc, dict):
             raise HTTPError(400, "the request body must be a JSON object")
         return doc
 
     def _static(self, path):
         body, ctype = self.server.static[path]
-        if path == "/":
-            body = (body.replace(b"__QUEUECTL_TOKEN__", html.escape(self.server.token).encode())
+        if path == "/":  # (only an authenticated client gets here)
+            body = (body.replace(b"__QUEUECTL_CSRF__", html.escape(self.server.csrf).encode())
                     .replace(b"__QUEUECTL_READ_ONLY__", b"true" if self.server.read_only else b"false"))
         self._send(200, body, ctype)
 
@@ -711,12 +895,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         q = (query.get("q") or [""])[0].strip() or None
         if q is not None and len(q) > queuectl.MAX_ID_LENGTH:
             raise HTTPError(400, "search text longer than %d characters" % queuectl.MAX_ID_LENGTH)
-        try:
-            limit = int((query.get("limit") or [PAGE_LIMIT_DEFAULT])[0])
-        except ValueError:
-            limit = -1
-        if not 1 <= limit <= PAGE_LIMIT_MAX:
-            raise HTTPError(400, "limit must be from 1 to %d" % PAGE_LIMIT_MAX)
+        limit = query_int(query, "limit", PAGE_LIMIT_DEFAULT, 1, PAGE_LIMIT_MAX)
         cursor = (query.get("cursor") or [""])[0]
         after = decode_cursor(cursor, by_id=q is not None) if cursor else None
         jobs, more = store.jobs_page(state=state, id_prefix=q, limit=limit, after=after)
@@ -731,13 +910,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if job is None:
             raise HTTPError(404, "no job with id %s" % queuectl._short(job_id))
         attempts = store.attempts(job.id)
-        number = (query.get("attempt") or [""])[0]
-        if number:
-            if not number.isdigit():
-                raise HTTPError(400, "attempt must be a number")
-            attempt = store.attempt(job.id, int(number))
+        number = query_int(query, "attempt", None, 1, MAX_QUERY_INT)
+        if number is not None:
+            attempt = store.attempt(job.id, number)
             if attempt is None:
-                raise HTTPError(404, "job %s has no attempt %s" % (job.id, number))
+                raise HTTPError(404, "job %s has no attempt %d" % (job.id, number))
         else:
             attempt = store.attempt(job.id)
         output = None
@@ -745,7 +922,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             text = attempt.output or ""
             output = {"attempt": attempt.n, "text": text[-OUTPUT_TAIL:], "truncated": len(text) > OUTPUT_TAIL,
                       "bytes": attempt.output_bytes, "running": attempt.outcome is None}
-        self._json(200, {"job": job.to_dict(), "attempts": [a.to_dict() for a in attempts], "output": output})
+        self._json(200, {"job": job_view(job), "attempts": [a.to_dict() for a in attempts], "output": output})
 
     def get_workers(self, store, query):
         now = time.time()
@@ -776,6 +953,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.send_header("Connection", "close")
             self.end_headers()
             self._responded = True
+            if self.command == "HEAD":  # the headers only: no stream
+                return
             version = watcher.version
             self.wfile.write(b"retry: 2000\nevent: hello\ndata: {\"version\": %d}\n\n" % version)
             quiet_since = time.monotonic()

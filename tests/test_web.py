@@ -59,9 +59,12 @@ class Client:
     def host(self):
         return "127.0.0.1:%d" % self.port
 
-    def request(self, method, path, body=None, headers=None):
+    def request(self, method, path, body=None, headers=None, auth=True):
+        """``auth``: send the server's token as a bearer (an API client), as every request must."""
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
         hdrs = {"Host": self.host}
+        if auth and self.token:
+            hdrs["Authorization"] = "Bearer " + self.token
         hdrs.update(headers or {})
         hdrs = {k: v for k, v in hdrs.items() if v is not None}
         try:
@@ -71,8 +74,8 @@ class Client:
         finally:
             conn.close()
 
-    def get(self, path, **headers):
-        return self.request("GET", path, headers=headers)
+    def get(self, path, auth=True, **headers):
+        return self.request("GET", path, headers=headers, auth=auth)
 
     def get_json(self, path):
         r = self.get(path)
@@ -80,13 +83,14 @@ class Client:
         return r.json()
 
     def post(self, path, doc=None, token="default", headers=None):
+        """With the server's token as a bearer; ``token=T`` sends T in the token header instead,
+        ``token=None`` no token at all."""
         hdrs = {"Content-Type": "application/json"}
-        if token == "default":
-            token = self.token
-        if token is not None:
+        if token not in ("default", None):
             hdrs[web.TOKEN_HEADER] = token
         hdrs.update(headers or {})
-        return self.request("POST", path, body=json.dumps(doc if doc is not None else {}).encode(), headers=hdrs)
+        return self.request("POST", path, body=json.dumps(doc if doc is not None else {}).encode(), headers=hdrs,
+                            auth=token == "default")
 
 
 def raw_exchange(port, data, timeout=5):
@@ -315,11 +319,12 @@ def test_retry_all_dead_moves_every_dead_job(store, db):
 # --- the API ------------------------------------------------------------------------------------
 
 
-def test_page_is_served_with_its_token_and_security_headers(serve):
+def test_page_is_served_with_its_csrf_value_and_security_headers(serve):
     srv, client = serve()
     r = client.get("/")
     assert r.status == 200 and r.header("content-type") == "text/html; charset=utf-8"
-    assert '<meta name="queuectl-token" content="%s">' % srv.token in r.text
+    assert '<meta name="queuectl-csrf" content="%s">' % srv.csrf in r.text
+    assert srv.token not in r.text
     assert '<meta name="queuectl-read-only" content="false">' in r.text
     csp = r.header("content-security-policy")
     assert "script-src 'self'" in csp and "frame-ancestors 'none'" in csp and "unsafe-inline" not in csp
@@ -383,7 +388,7 @@ def test_job_endpoint_has_fields_attempts_and_output_tail(store, api):
     big = "x" * (web.OUTPUT_TAIL + 100) + "THE END\n"
     run_once(store, job.id, now=job.run_at + 1, output=big)
     doc = api.get_json("/api/jobs/with%3Aodd%40id%2B1")
-    assert doc["job"]["id"] == "with:odd@id+1" and doc["job"]["env"] == {"A": "1"}
+    assert doc["job"]["id"] == "with:odd@id+1" and doc["job"]["env"] == {"A": "***"}  # (values masked)
     assert [a["outcome"] for a in doc["attempts"]] == ["failed", "completed"]
     out = doc["output"]
     assert out["attempt"] == 2 and out["truncated"] and out["text"].endswith("THE END\n")
@@ -485,10 +490,11 @@ def read_event(sock_file, deadline):
     return None
 
 
-def open_events(port, origin=None):
+def open_events(port, origin=None, token=None):
     s = socket.create_connection(("127.0.0.1", port), timeout=2)
-    s.sendall(("GET /api/events HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nAccept: text/event-stream\r\n%s\r\n"
-               % (port, "Origin: %s\r\n" % origin if origin else "")).encode())
+    s.sendall(("GET /api/events HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nAccept: text/event-stream\r\n%s%s\r\n"
+               % (port, "Origin: %s\r\n" % origin if origin else "",
+                  "Authorization: Bearer %s\r\n" % token if token else "")).encode())
     f = s.makefile("rb")
     status = f.readline()
     while f.readline() not in (b"\r\n", b""):
@@ -498,7 +504,7 @@ def open_events(port, origin=None):
 
 def test_events_stream_announces_a_change_within_a_second(store, serve):
     srv, client = serve()
-    s, f, status = open_events(srv.server_address[1])
+    s, f, status = open_events(srv.server_address[1], token=srv.token)
     try:
         assert b"200" in status
         assert read_event(f, time.monotonic() + 2)[0] == "hello"
@@ -516,7 +522,7 @@ def test_events_stream_announces_a_change_within_a_second(store, serve):
 
 def test_events_streams_end_when_the_server_stops(serve):
     srv, client = serve()
-    s, f, _ = open_events(srv.server_address[1])
+    s, f, _ = open_events(srv.server_address[1], token=srv.token)
     try:
         assert read_event(f, time.monotonic() + 2)[0] == "hello"
         srv.stop()
@@ -566,18 +572,37 @@ def snapshot(db):
     return db_rows(db, "SELECT id, state FROM jobs ORDER BY id")
 
 
+def login_cookie(client):
+    """Open the token URL as a browser does: the cookie it sets ("name=value")."""
+    r = client.get("/?token=" + client.token, auth=False)
+    assert r.status == 303 and r.header("location") == "/"
+    return r.header("set-cookie").split(";")[0]
+
+
 def test_mutations_need_the_token(store, db, api):
     add_jobs(store, [{"id": "d", "command": "false"}])
     set_state(db, "d", "dead")
     before = snapshot(db)
+    cookie = login_cookie(api)
     for path in MUTATIONS:
         for token in (None, "", "wrong-token-wrong-token", api.token + "x", api.token.upper()):
             r = api.post(path, {"command": "echo pwned"}, token=token)
-            assert r.status == 403, (path, token, r.status)
-        r = api.request("POST", path + "?token=" + api.token, body=b"{}", headers={"Content-Type": "application/json"})
-        assert r.status == 403  # a token in the URL does not count for changes
+            assert r.status == 401, (path, token, r.status)
+        r = api.request("POST", path + "?token=" + api.token, body=b"{}", headers={"Content-Type": "application/json"},
+                        auth=False)
+        assert r.status == 401  # a token in the URL does not count for changes
+        # A browser's cookie alone is not enough: the page's CSRF value must come with it.
+        for csrf in (None, "", api.token, "0" * 64):
+            r = api.post(path, {"command": "echo pwned"}, token=None, headers={"Cookie": cookie, web.CSRF_HEADER: csrf})
+            assert r.status == 403, (path, csrf, r.status)
     assert snapshot(db) == before
     assert api.post("/api/jobs", {"command": "echo ok", "id": "ok"}).status == 201
+    assert api.post("/api/jobs", {"command": "echo ok", "id": "ok2"}, token=api.token).status == 201
+    page = api.get("/", auth=False, Cookie=cookie).text
+    csrf = re.search(r'name="queuectl-csrf" content="([0-9a-f]+)"', page).group(1)
+    r = api.post("/api/jobs", {"command": "echo ok", "id": "ok3"}, token=None,
+                 headers={"Cookie": cookie, web.CSRF_HEADER: csrf})
+    assert r.status == 201
 
 
 def test_mutations_are_post_only(store, db, api):
@@ -621,11 +646,11 @@ def test_unexpected_host_is_refused(api):
         for path in ("/", "/api/status", "/api/events", "/metrics"):
             r = api.get(path, Host=host)
             assert r.status == 403, (host, path, r.status)
-            assert b"queuectl-token" not in r.body
+            assert b"queuectl-csrf" not in r.body
     for host in ("127.0.0.1:%d" % api.port, "localhost:%d" % api.port, "LOCALHOST:%d" % api.port, "[::1]:%d" % api.port):
         assert api.get("/", Host=host).status == 200, host
-    answer = raw_exchange(api.port, b"GET / HTTP/1.0\r\n\r\n")  # no Host at all
-    assert answer.startswith(b"HTTP/1.1 403") and b"queuectl-token" not in answer
+    answer = raw_exchange(api.port, b"GET / HTTP/1.0\r\nAuthorization: Bearer %s\r\n\r\n" % api.token.encode())
+    assert answer.startswith(b"HTTP/1.1 403") and b"queuectl-csrf" not in answer  # (no Host at all)
 
 
 def test_allow_host_adds_a_name(serve):
@@ -642,18 +667,22 @@ def test_no_cors_headers_so_other_sites_cannot_read_the_token(api):
     assert api.request("OPTIONS", "/api/jobs").status == 405
 
 
-def test_token_is_per_server_and_only_in_the_page(store, serve):
+def test_token_is_per_server_and_never_sent_back(store, serve):
     add_jobs(store, [{"id": "j", "command": "true"}])
     srv1, c1 = serve()
     srv2, c2 = serve()
     assert srv1.token != srv2.token and len(srv1.token) >= 32
-    for path in ("/api/status", "/api/jobs", "/api/jobs/j", "/api/workers", "/api/stats", "/metrics", "/healthz",
+    assert srv1.csrf != srv2.csrf and srv1.session != srv2.session
+    for path in ("/", "/api/status", "/api/jobs", "/api/jobs/j", "/api/workers", "/api/stats", "/metrics", "/healthz",
                  "/app.js"):
-        assert srv1.token.encode() not in c1.get(path).body, path
-    assert c1.post("/api/jobs", {"command": "true"}, token=srv2.token).status == 403
+        body = c1.get(path).body
+        assert srv1.token.encode() not in body and srv1.session.encode() not in body, path
+        assert (srv1.csrf.encode() in body) == (path == "/"), path  # the CSRF value: in the page only
+    assert c1.post("/api/jobs", {"command": "true"}, token=srv2.token).status == 401
+    assert c1.get("/api/status", auth=False, Authorization="Bearer " + srv2.token).status == 401
 
 
-def test_other_binds_need_a_token(db, run):
+def test_other_binds_need_a_chosen_token(db, run):
     for host in ("0.0.0.0", "::", "192.0.2.10", "example.com"):
         with pytest.raises(queuectl.InvalidInput, match="token"):
             web.make_server(str(db), host=host, port=0)
@@ -664,25 +693,36 @@ def test_other_binds_need_a_token(db, run):
     assert r.out == "" and "Traceback" not in r.err
 
 
-def test_with_a_token_every_request_needs_it(store, serve):
-    token = "s3cret-token-for-the-network"
-    srv, client = serve(host="0.0.0.0", token=token)
-    for path in ("/", "/app.js", "/api/status", "/api/jobs", "/api/events", "/metrics"):
-        r = client.get(path)
-        assert r.status == 401, path
-        assert b"queuectl-token" not in r.body
-    assert client.get("/healthz").status == 200  # for load balancers; tells nothing
-    assert client.get("/api/status", Authorization="Bearer " + token).status == 200
-    assert client.get("/metrics", Authorization="Bearer wrong" + token).status == 401
-    assert client.get("/?token=wrong").status == 401
-    r = client.get("/?token=" + token)
-    assert r.status == 303 and r.header("location") == "/"
-    cookie = r.header("set-cookie")
-    assert "HttpOnly" in cookie and "SameSite=Strict" in cookie
-    jar = cookie.split(";")[0]
-    page = client.get("/", Cookie=jar)
-    assert page.status == 200 and 'content="%s"' % token in page.text
-    assert client.get("/api/status", Cookie=jar).status == 200
+@pytest.mark.parametrize("options", [{}, {"host": "0.0.0.0", "token": "s3cret-token-for-the-network"}],
+                         ids=["default", "network"])
+def test_every_request_needs_the_token(store, serve, options):
+    """On loopback too: other accounts of this machine can connect to 127.0.0.1."""
+    srv, client = serve(**options)
+    token = srv.token
+    for path in ("/", "/app.js", "/app.css", "/favicon.svg", "/api/status", "/api/jobs", "/api/events", "/metrics",
+                 "/api/workers", "/api/stats"):
+        for method in ("GET", "HEAD"):
+            r = client.request(method, path, auth=False)
+            assert r.status == 401, (method, path)
+            assert token.encode() not in r.body and srv.csrf.encode() not in r.body
+            assert b"queuectl-csrf" not in r.body
+    assert client.get("/healthz", auth=False).status == 200  # for load balancers; tells nothing
+    assert client.get("/api/status", auth=False, Authorization="Bearer " + token).status == 200
+    assert client.get("/api/status", auth=False, **{web.TOKEN_HEADER: token}).status == 200
+    assert client.get("/metrics", auth=False, Authorization="Bearer wrong" + token).status == 401
+    assert client.get("/?token=wrong", auth=False).status == 401
+    assert client.get("/?token=", auth=False).status == 401
+    assert client.get("/api/status?token=" + token, auth=False).status == 401  # the URL logs in the page only
+    jar = login_cookie(client)
+    assert "HttpOnly" in client.get("/?token=" + token, auth=False).header("set-cookie")
+    assert "SameSite=Strict" in client.get("/?token=" + token, auth=False).header("set-cookie")
+    assert token not in jar  # the cookie holds a value derived from the token, not the token
+    page = client.get("/", auth=False, Cookie=jar)
+    assert page.status == 200 and 'content="%s"' % srv.csrf in page.text and token not in page.text
+    assert client.get("/api/status", auth=False, Cookie=jar).status == 200
+    name, value = jar.split("=", 1)
+    assert client.get("/api/status", auth=False, Cookie="%s=%s" % (name, value[:-1] + "0")).status == 401
+    assert client.get("/api/status", auth=False, Cookie="%s=%s" % (name, token)).status == 401
     assert client.post("/api/jobs", {"command": "true"}, token=token).status == 201
 
 
@@ -784,7 +824,9 @@ class Program:
         line = proc.stdout.readline().decode()
         assert line.startswith("dashboard: http://"), (line, self.stderr(proc))
         proc.url = line.split()[-1]
-        proc.port = int(proc.url.rstrip("/").rsplit(":", 1)[1])
+        m = re.match(r"^http://127\.0\.0\.1:(\d+)/\?token=([A-Za-z0-9_-]{32,})$", proc.url)
+        assert m, proc.url
+        proc.port, proc.token = int(m.group(1)), m.group(2)
         return proc
 
     def stderr(self, proc):
@@ -820,14 +862,17 @@ def port_open(port):
 @pytest.mark.e2e
 def test_dashboard_command_serves_the_page_and_stops_on_sigterm(programs, run):
     proc = programs.start("dashboard", "--port", "0")
-    client = Client(proc.port)
-    page = client.get("/")
-    assert page.status == 200 and "queuectl-token" in page.text
-    token = re.search(r'name="queuectl-token" content="([^"]+)"', page.text).group(1)
+    client = Client(proc.port, proc.token)
+    assert client.get("/", auth=False).status == 401
+    cookie = login_cookie(client)
+    page = client.get("/", auth=False, Cookie=cookie)
+    assert page.status == 200 and "queuectl-csrf" in page.text
+    csrf = re.search(r'name="queuectl-csrf" content="([^"]+)"', page.text).group(1)
     for path in ("/app.js", "/app.css", "/favicon.svg"):
-        assert client.get(path).status == 200
-    client.token = token
-    assert client.post("/api/jobs", {"command": "echo hi", "id": "from-web"}).status == 201
+        assert client.get(path, auth=False, Cookie=cookie).status == 200
+    r = client.post("/api/jobs", {"command": "echo hi", "id": "from-web"}, token=None,
+                    headers={"Cookie": cookie, web.CSRF_HEADER: csrf})
+    assert r.status == 201
     assert run("get", "from-web", "--json").rc == 0
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(10) == 0
@@ -844,7 +889,7 @@ def test_dashboard_command_reports_a_busy_port(programs, run):
 @pytest.mark.e2e
 def test_up_runs_workers_and_dashboard_and_stops_gracefully(db, programs, run):
     proc = programs.start("up", "--count", "2", "--port", "0", "--poll-interval", "0.05")
-    client = Client(proc.port)
+    client = Client(proc.port, proc.token)
     wait_until(lambda: client.get_json("/api/status")["workers_summary"]["total"] == 2, 20,
                message="workers of `up` did not register")
     for i in range(3):
@@ -876,8 +921,8 @@ def test_up_second_signal_stops_running_jobs_now(db, programs, run):
 def test_seed_manual_test4_dashboard_and_monitoring(db, programs, run, workers):
     """The seed README's Test 4: 5 high and 5 low `sleep` jobs, 3 workers, watched live on the dashboard."""
     proc = programs.start("dashboard", "--port", "0")
-    client = Client(proc.port)
-    s, f, status = open_events(proc.port)
+    client = Client(proc.port, proc.token)
+    s, f, status = open_events(proc.port, token=proc.token)
     try:
         assert b"200" in status and read_event(f, time.monotonic() + 5)[0] == "hello"
         for i in range(1, 6):

@@ -9,7 +9,7 @@
 "use strict";
 
 (function () {
-  const TOKEN = document.querySelector('meta[name="queuectl-token"]').content;
+  const CSRF = document.querySelector('meta[name="queuectl-csrf"]').content;
   const READ_ONLY = document.querySelector('meta[name="queuectl-read-only"]').content === "true";
   const PAGE_SIZE = 50;
   const POLL_MS = 2000;
@@ -136,7 +136,7 @@
   async function post(path, body) {
     const res = await fetch(path, {
       method: "POST",
-      headers: { "Content-Type": "application/json", "X-Queuectl-Token": TOKEN, Accept: "application/json" },
+      headers: { "Content-Type": "application/json", "X-Queuectl-CSRF": CSRF, Accept: "application/json" },
       body: JSON.stringify(body || {}),
       cache: "no-store",
     });
