@@ -35,7 +35,7 @@ class _LazyModule:
     Every CLI command pays for what ``import queuectl`` imports; the modules
     only some commands need (subprocess and socket for workers, ...) are bound
     to this stand-in and imported the first time an attribute is read (bench/
-    measures the start-up cost; see the README's Performance section).
+    measures the start-up cost; see docs/performance.md).
     """
 
     def __init__(self, name):
@@ -1575,7 +1575,7 @@ def default_db_path():
     return os.path.join(base, "queuectl", "queuectl.db")
 
 
-# --- files other accounts must not read or plant (README "Security model") ---------------------
+# --- files other accounts must not read or plant (docs/security.md) ---------------------
 
 
 def group_shared():

@@ -6,7 +6,7 @@ for such URLs, so the default path stays standard-library only; this module
 needs psycopg 3 (``pip install 'queuectl[postgres]'``, or a ``.pyz`` built with
 ``./build.sh --with-postgres``).
 
-Design (the README's "Running across machines" has the user's view):
+Design (docs/postgresql.md has the user's view):
 
 - **Same contract.**  ``PostgresStore`` implements every method of
   ``queuectl.Store`` with the semantics of ``SqliteStore`` and runs the same

@@ -4,7 +4,7 @@
 Each run imports queuectl from one tree, queues N `true` jobs in a fresh database and drains them
 with W in-process workers (forked, `burst` mode, no supervisor), alternating the two trees so
 that both see the same machine; prints jobs/s per run and the medians.  For a change to the
-worker or the store, with `git worktree add /tmp/old HEAD~1` as OLD_DIR (the README's
+worker or the store, with `git worktree add /tmp/old HEAD~1` as OLD_DIR (docs/performance.md,
 "What the measurements changed" figures were taken this way).
 """
 

@@ -91,7 +91,7 @@ def verdict(ok):
 
 
 def md_table(headers, rows):
-    """A Markdown pipe table (printed as is, and pasted into the README)."""
+    """A Markdown pipe table (printed as is, and pasted into docs/performance.md)."""
     cells = [[str(c) for c in r] for r in rows]
     widths = [len(h) for h in headers]
     for r in cells:

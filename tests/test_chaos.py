@@ -1,6 +1,6 @@
 """The chaos suite (tests/chaos.py) in CI: a short run, and its checker on made-up rounds.
 
-The long run is documented in the README (20 rounds x 500 jobs, kill -9 every
+The long run is documented in docs/guarantees.md (20 rounds x 500 jobs, kill -9 every
 1-2 s); here 3 rounds of 100 jobs: the first without kills (so duplicates
 must be 0: exactly-once without crashes), the others with kill -9 of workers
 and whole supervisor trees every 1-2 s.
