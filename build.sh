@@ -55,7 +55,9 @@ Commands:
                           psycopg, build the pyz, run the whole suite against
                           the source (python3 queuectl.py), then run the e2e
                           tests again against dist/queuectl.pyz (QUEUECTL_CMD),
-                          then the end-to-end suites against the source on
+                          also on every other supported Python found (3.8 to
+                          3.13: python3.X on PATH, or a pyenv build), then
+                          the end-to-end suites against the source on
                           PostgreSQL (QUEUECTL_TEST_BACKEND=postgres: a fresh
                           schema per test on $QUEUECTL_TEST_PG, default
                           postgresql://postgres@127.0.0.1:5432/test). Extra
@@ -69,7 +71,27 @@ never by this script).
 EOF
 }
 
+# The Python versions queuectl supports (queuectl.py refuses older ones with one line).
+SUPPORTED_PYTHONS="3.8 3.9 3.10 3.11 3.12 3.13"
+
 die() { echo "build.sh: error: $*" >&2; exit 1; }
+
+# find_python 3.X: a python3.X on PATH (outside .venv), else the newest pyenv build of 3.X.
+find_python() {
+    local v="$1" p cand=""
+    local IFS=:
+    for p in $PATH; do
+        [ -n "$p" ] || continue
+        case "$p" in "$VENV"/*|*/.pyenv/shims) continue ;; esac
+        if [ -x "$p/python$v" ]; then cand="$p/python$v"; break; fi
+    done
+    if [ -z "$cand" ] && [ -d "${PYENV_ROOT:-$HOME/.pyenv}/versions" ]; then
+        cand="$(ls -d "${PYENV_ROOT:-$HOME/.pyenv}/versions/$v".[0-9]* 2>/dev/null | sort -V | tail -n 1)"
+        [ -n "$cand" ] && cand="$cand/bin/python$v"
+        [ -x "$cand" ] || cand=""
+    fi
+    echo "$cand"
+}
 log() { echo "==> $*"; }
 
 # The python3 a user would run the pyz with: the first python3 on PATH outside
@@ -221,6 +243,26 @@ run_tests() {
         rc2=0
     fi
 
+    # The .pyz on every other supported Python this machine has (servers run what their
+    # distribution shipped): the end-to-end tests, browser ones left out.
+    local ran=() missing=() failed=() v py sys_ver
+    sys_ver="$("$sys_py" -c 'import sys; print("%d.%d" % sys.version_info[:2])')"
+    for v in $SUPPORTED_PYTHONS; do
+        py="$(find_python "$v")"
+        if [ -z "$py" ]; then missing+=("$v"); continue; fi
+        [ "$("$py" -c 'import sys; print("%d.%d" % sys.version_info[:2])')" = "$sys_ver" ] && continue  # (run above)
+        echo
+        log "pytest -m 'e2e and not browser' (the built file on Python $v: $py)"
+        if QUEUECTL_CMD="$py $OUT" "$VPY" -m pytest -q -m "e2e and not browser" "$@"; then
+            ran+=("$("$py" -c 'import platform; print(platform.python_version())')")
+        else
+            failed+=("$v")
+        fi
+    done
+    echo
+    echo "Python versions: the .pyz's e2e tests ran on ${ran[*]:-none} besides $("$sys_py" -V 2>&1);" \
+         "not found here: ${missing[*]:-none}${failed[*]:+; FAILED on: ${failed[*]}}"
+
     echo
     log "pytest e2e on PostgreSQL (QUEUECTL_TEST_BACKEND=postgres, against the source)"
     QUEUECTL_TEST_BACKEND=postgres env -u QUEUECTL_CMD "$VPY" -m pytest -q tests/test_e2e.py tests/test_features.py \
@@ -231,10 +273,10 @@ run_tests() {
     fi
 
     # On success pytest's own summary stays the last line of the output.
-    if [ "$rc1" -ne 0 ] || [ "$rc2" -ne 0 ] || [ "$rc3" -ne 0 ]; then
+    if [ "$rc1" -ne 0 ] || [ "$rc2" -ne 0 ] || [ "$rc3" -ne 0 ] || [ ${#failed[@]} -gt 0 ]; then
         echo
         echo "build.sh test: FAILED (source run: exit $rc1; pyz e2e run: exit $rc2;" \
-             "PostgreSQL e2e run: exit $rc3)" >&2
+             "PostgreSQL e2e run: exit $rc3; other Pythons failed: ${failed[*]:-none})" >&2
         exit 1
     fi
 }

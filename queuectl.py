@@ -14,6 +14,13 @@ executor -> worker and supervisor -> output formatting -> CLI.
 
 __version__ = "0.1.0"
 
+import sys
+
+if sys.version_info < (3, 8):  # before anything else: one line, not a traceback from some later call
+    sys.stderr.write("queuectl: error: queuectl needs Python 3.8 or newer; this is Python %s (%s)\n"
+                     % (sys.version.split()[0], sys.executable))
+    sys.exit(1)
+
 import argparse
 import contextlib
 import enum
@@ -25,7 +32,6 @@ import select
 import signal
 import sqlite3
 import stat
-import sys
 import time
 
 
@@ -56,6 +62,16 @@ class _LazyModule:
         return "<lazily imported module %r>" % self._name
 
 
+def shell_join(words):
+    """``shlex.join`` (Python 3.8 has no shlex.join)."""
+    return " ".join(shlex.quote(w) for w in words)
+
+
+def exit_code_of(status):
+    """``os.waitstatus_to_exitcode`` (new in 3.9): the exit code, or -N for death by signal N."""
+    return -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+
+
 def _load_lazy_modules(*names):
     """Import lazily bound modules now (a supervisor does, before it forks its workers)."""
     for name in names:
@@ -81,15 +97,17 @@ class _LazyLogger:
         return getattr(_logger(), attr)
 
 
-_LOG_VERBOSE = []  # what setup_logging was asked for, kept until the logger exists
+#: What setup_logging was asked for (None: never; queuectl used as a library leaves logging alone),
+#: applied at the first message.
+_LOG_SETTINGS = {"verbose": None, "quiet": False, "stream": None}
 
 
 def _logger():
     global log
     if isinstance(log, _LazyLogger):
         log = logging.getLogger("queuectl")
-        if _LOG_VERBOSE:
-            _configure_logging(_LOG_VERBOSE[-1])
+        if _LOG_SETTINGS["verbose"] is not None:
+            _configure_logging()
     return log
 
 
@@ -115,6 +133,7 @@ DEFAULTS = {
     "webhook-url": "",  # POST a JSON event here whenever a job ends
 }
 
+DEFAULT_QUEUE = "default"  # the queue of a job that names none
 PRIORITIES = {"high": 1, "medium": 2, "low": 3}
 PRIORITY_NAMES = {v: k for k, v in PRIORITIES.items()}
 
@@ -182,6 +201,10 @@ class DatabaseGone(DatabaseError):
 
 class DatabaseCorrupt(DatabaseError):
     """The file is not (or no longer) a usable SQLite database: nothing will make it work again."""
+
+
+class DatabaseMissing(DatabaseError):
+    """A command that only reads or changes jobs named a database that does not exist (a typo?)."""
 
 
 class UntrustedFile(DatabaseError):
@@ -445,10 +468,24 @@ def after_failure(job, cfg, now):
 
 
 def effective_timeout(job, cfg):
-    """The per-job timeout wins over the global ``job-timeout``; 0 means no timeout."""
-    if job.timeout:
-        return float(job.timeout)
-    return float(cfg["job-timeout"]) or None
+    """The per-job timeout wins over the global ``job-timeout``: seconds, or None for no limit.
+    A job's own timeout of 0 means no limit for it; no timeout of its own (None) means the
+    global one, whose 0 means no limit."""
+    return timeout_of(job, cfg)[0]
+
+
+def timeout_of(job, cfg):
+    """``(seconds or None, where it comes from)``: "job" (its own) or "job-timeout" (the global one)."""
+    if job.timeout is not None:
+        return float(job.timeout) or None, "job"
+    return float(cfg["job-timeout"]) or None, "job-timeout"
+
+
+def describe_timeout(job, cfg):
+    """The effective limit as people read it: "300s, from job-timeout", "none (the job's own)"."""
+    seconds, origin = timeout_of(job, cfg)
+    limit = "%gs" % seconds if seconds else "none"
+    return "%s (the job's own)" % limit if origin == "job" else "%s, from %s" % (limit, origin)
 
 
 # --- cron ----------------------------------------------------------------------------
@@ -560,7 +597,10 @@ def resolve_tz(name):
         return datetime.datetime.now().astimezone().tzinfo
     try:
         import zoneinfo
-
+    except ImportError:  # Python 3.8
+        raise InvalidInput("time zone %s needs Python 3.9 or newer (its zoneinfo module); on Python %s use UTC "
+                           "or local" % (_short(name), sys.version.split()[0]))
+    try:
         return zoneinfo.ZoneInfo(name)
     except Exception:
         raise InvalidInput("unknown time zone %s (use UTC, local, or a name like Europe/Berlin)" % _short(name))
@@ -704,15 +744,22 @@ def validate_job(spec, cfg, now, cwd=None):
         raise InvalidInput("field 'command' is longer than %d bytes" % MAX_COMMAND_BYTES)
     job["command"] = command
     prio = spec.get("priority", "medium")
+    if isinstance(prio, int) and not isinstance(prio, bool) and prio in PRIORITY_NAMES:
+        prio = PRIORITY_NAMES[prio]  # the seed's stored form: 1 = high, 2 = medium, 3 = low
+    if isinstance(prio, str) and prio.strip() in ("1", "2", "3"):
+        prio = PRIORITY_NAMES[int(prio)]
     if not isinstance(prio, str) or prio.lower() not in PRIORITIES:
-        raise InvalidInput("field 'priority' must be one of high, medium, low, got %s" % _short(prio))
+        raise InvalidInput("field 'priority' must be one of high, medium, low (or 1, 2, 3), got %s" % _short(prio))
     job["priority"] = PRIORITIES[prio.lower()]
     timeout = spec.get("timeout")
+    if isinstance(timeout, str) and timeout.strip().lower() == "none":
+        timeout = 0
     if timeout is not None:
-        if not _is_number(timeout) or timeout <= 0 or timeout > 366 * 86400:
-            raise InvalidInput("field 'timeout' must be a number of seconds > 0 (at most a year), got %s" % _short(timeout))
+        if not _is_number(timeout) or timeout < 0 or timeout > 366 * 86400:
+            raise InvalidInput("field 'timeout' must be a number of seconds from 0 (no limit) to a year, or \"none\", "
+                               "got %s" % _short(timeout))
         timeout = float(timeout)
-    job["timeout"] = timeout
+    job["timeout"] = timeout  # None: the global job-timeout; 0: no limit
     retries = spec.get("max_retries", cfg["max-retries"])
     if not isinstance(retries, int) or isinstance(retries, bool) or not 0 <= retries <= 1000:
         raise InvalidInput("field 'max_retries' must be an integer from 0 to 1000, got %s" % _short(retries))
@@ -1798,7 +1845,8 @@ class SqliteStore(Store):
             check_trusted(path)
             if not os.path.exists(path):
                 if not create:
-                    raise NotFound("database %s does not exist" % path)
+                    raise DatabaseMissing("no database at %s: nothing was ever enqueued there (a typo in --db or "
+                                          "QUEUECTL_DB?); `queuectl enqueue` creates it" % path)
                 if not os.access(directory, os.W_OK):
                     raise DatabaseError("cannot create database %s: directory %s is not writable" % (path, directory))
                 if _locked(path + "-shm", 128) and not os.path.exists(path):  # (exists: another process
@@ -3290,16 +3338,20 @@ class Worker:
         and one fsync that overlaps the next process's start (bench/).  A crash before the
         result lands, or a power cut before that fsync, leaves the job processing, to be rescued
         and run again, as a crash between the end of a process and its result always did."""
-        log.info("job %s attempt %d started: %s", job.id, job.runs, _one_line(job.command, 80))
+        log.info("job %s run %d started: %s", job.id, job.runs, _one_line(job.command, 80))
         monitor = JobMonitor(self, job, float(cfg["lease-seconds"]))
-        result = run_command(job, effective_timeout(job, cfg), cfg["output-limit"], float(cfg["kill-grace"]), monitor)
+        timeout, origin = timeout_of(job, cfg)
+        result = run_command(job, timeout, cfg["output-limit"], float(cfg["kill-grace"]), monitor)
         now = time.time()
+        if result.outcome == "timeout" and origin == "job-timeout":  # say which limit, and how to lift it
+            result.error = ("timed out after %gs (job-timeout, for jobs without their own: lift it with -t 0 or "
+                            "config set job-timeout 0); process group killed" % timeout)
         if result.outcome == "lost":
-            log.warning("job %s attempt %d: lease lost to another worker; result discarded", job.id, job.runs)
+            log.warning("job %s run %d: lease lost to another worker; result discarded", job.id, job.runs)
             return
         if result.outcome == "stopped":
             self._retrying(lambda: self.store.release(job.id, job.runs, self.id, now, "stopped by a forced worker stop"))
-            log.info("job %s attempt %d stopped and put back in the queue", job.id, job.runs)
+            log.info("job %s run %d stopped and put back in the queue", job.id, job.runs)
             return
         if result.outcome == "completed":
             state, retry_at = JobState.COMPLETED, None
@@ -3328,12 +3380,12 @@ class Worker:
     def _log_result(pending, ok):
         job, state, result, args = pending
         if not ok:
-            log.warning("job %s attempt %d: no longer owned by this worker; result discarded", job.id, job.runs)
+            log.warning("job %s run %d: no longer owned by this worker; result discarded", job.id, job.runs)
         elif state is JobState.FAILED:
-            log.info("job %s attempt %d %s (%s); retry at %s", job.id, job.runs, result.outcome, result.error,
+            log.info("job %s run %d %s (%s); retry at %s", job.id, job.runs, result.outcome, result.error,
                      rfc3339(args["retry_at"], precise=False))
         else:
-            log.info("job %s attempt %d %s%s", job.id, job.runs, state.value,
+            log.info("job %s run %d %s%s", job.id, job.runs, state.value,
                      "" if state is JobState.COMPLETED else " (%s)" % result.error)
 
     def _retrying(self, fn):
@@ -3671,7 +3723,7 @@ class Supervisor:
             started, role = self.children.pop(pid, (None, None))
             if started is None or role != "worker":
                 continue
-            code = os.waitstatus_to_exitcode(status)
+            code = exit_code_of(status)
             if code != 0 or (self.stop_level == 0 and not self.burst):
                 log.warning("supervisor: worker pid %d exited (%s)", pid, describe_exit(code))
                 self._failures = self._failures + 1 if time.monotonic() - started < 5 else 0
@@ -3763,6 +3815,12 @@ def self_command():
     return [sys.executable, os.path.abspath(__file__)]
 
 
+def _anything_due(store, now):
+    """Is a job due, or a schedule's tick (what a burst run would do)?"""
+    return store.oldest_due(now) is not None or any(
+        not sch["paused"] and sch["next_run"] <= now for sch in store.schedules())
+
+
 def local_worker_groups(store):
     """Live supervisors and stray workers of this database on this host: ``{pid: [worker records]}``."""
     groups = {}
@@ -3801,22 +3859,68 @@ def safe_text(text):
     return "".join(ch if ch.isprintable() or ch in "\n\t" else "\ufffd" for ch in str(text))
 
 
-def table(headers, rows, stream=None):
+def terminal_width(stream):
+    """Columns of the terminal ``stream`` writes to ($COLUMNS wins), or None when it is not a
+    terminal: piped output is never cut to a width, so scripts see the same at any size."""
+    try:
+        if not stream.isatty():
+            return None
+        columns = os.environ.get("COLUMNS", "")
+        return int(columns) if columns.isdigit() and int(columns) > 0 else os.get_terminal_size(stream.fileno()).columns
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _ellipsis(stream):
+    return "\u2026" if "utf" in (getattr(stream, "encoding", None) or "").lower() else "~"
+
+
+def cut(text, width, stream=None):
+    """``text`` in at most ``width`` characters, its end replaced by an ellipsis when cut."""
+    if len(text) <= width:
+        return text
+    return text[:max(0, width - 1)] + _ellipsis(stream or sys.stdout) if width > 0 else ""
+
+
+def table(headers, rows, stream=None, fit=(), wrap=(), width=None):
+    """Print an aligned table.  On a terminal it fits the width: the columns named in ``fit`` are
+    cut with an ellipsis (in that order, as far as needed), those in ``wrap`` continue on the
+    next lines; piped, every cell is printed whole."""
     stream = stream or sys.stdout
     cells = [[safe_text(c).replace("\n", " ") for c in row] for row in rows]
     widths = [len(h) for h in headers]
     for row in cells:
         for i, c in enumerate(row):
             widths[i] = max(widths[i], len(c))
+    width = width or terminal_width(stream)
+    if width:
+        excess = sum(widths) + 2 * (len(widths) - 1) - width
+        for name in list(wrap) + list(fit):
+            if excess <= 0:
+                break
+            i = headers.index(name)
+            least = max(len(headers[i]), 10 if name in wrap else 6)
+            give = min(excess, widths[i] - least)
+            if give > 0:
+                widths[i] -= give
+                excess -= give
+    wrapped = [headers.index(n) for n in wrap]
     out = ["  ".join(h.ljust(widths[i]) for i, h in enumerate(headers)).rstrip()]
-    for row, raw in zip(cells, rows):
-        line = []
-        for i, c in enumerate(row):
-            text = c.ljust(widths[i])
-            if headers[i] == "STATE":
-                text = paint(text, c.strip(), stream)
-            line.append(text)
-        out.append("  ".join(line).rstrip())
+    for row in cells:
+        parts = [[c] for c in row]
+        for i in wrapped:
+            if len(row[i]) > widths[i]:
+                import textwrap
+
+                parts[i] = textwrap.wrap(row[i], widths[i]) or [""]
+        for n in range(max(len(p) for p in parts)):
+            line = []
+            for i, p in enumerate(parts):
+                text = cut(p[n] if n < len(p) else "", widths[i], stream).ljust(widths[i])
+                if headers[i] == "STATE" and n == 0:
+                    text = paint(text, text.strip(), stream)
+                line.append(text)
+            out.append("  ".join(line).rstrip())
     stream.write("\n".join(out) + "\n")
 
 
@@ -3844,6 +3948,25 @@ def ago(ts, now=None):
     if delta < 0:
         return "in " + human_duration(-delta)
     return human_duration(delta) + " ago"
+
+
+def relative(ts, now):
+    """A time as a person glances at it: "just now", "3m ago", "5h ago", "12d ago", "in 2h"."""
+    delta = now - ts
+    span = abs(delta)
+    if span < 1:
+        return "just now"
+    for unit, seconds in (("y", 365.25 * 86400), ("mo", 30.44 * 86400), ("d", 86400), ("h", 3600), ("m", 60),
+                          ("s", 1)):
+        if span >= seconds and (unit != "mo" or span >= 60 * 86400) and (unit != "y" or span >= 2 * 365.25 * 86400):
+            text = "%d%s" % (span // seconds, unit)
+            break
+    return "%s ago" % text if delta > 0 else "in %s" % text
+
+
+def when(ts, now, utc):
+    """A time in a table: a UTC stamp (piped, --utc), else relative to now."""
+    return rfc3339(ts, precise=False) if utc else relative(ts, now)
 
 
 ###############################################################################
@@ -3991,10 +4114,13 @@ in the JSON.  Durations take s/m/h/d/w suffixes (90, 90s, 15m, 2h).""")
     ws.add_argument("-c", "--count", type=int, default=1, metavar="N", help="number of workers (default 1)")
     ws.add_argument("-f", "--foreground", action="store_true",
                     help="run in the foreground until SIGTERM/Ctrl-C (twice: cold stop)")
-    ws.add_argument("-q", "--queue", metavar="NAME[,NAME...]", help="serve only these queues (default: all)")
+    ws.add_argument("--queue", metavar="NAME[,NAME...]", help="serve only these queues (default: all)")
     ws.add_argument("-b", "--burst", action="store_true",
-                    help="run in the foreground until no job is due, then exit (for cron and CI)")
-    ws.add_argument("--log-file", metavar="PATH", help="where detached workers log (default: next to the database)")
+                    help="run in the foreground until no job is due, then exit (for cron and CI); "
+                         "says nothing when nothing is due")
+    ws.add_argument("-q", "--quiet", action="store_true", help="log warnings and errors only")
+    ws.add_argument("--log-file", metavar="PATH",
+                    help="log here (default: stderr in the foreground, next to the database when detached)")
     ws.add_argument("--poll-interval", type=float, metavar="SECONDS", help=argparse.SUPPRESS)
     wst = add("stop", "stop this host's workers: finish running jobs, then exit", """\
   queuectl worker stop
@@ -4023,12 +4149,13 @@ in the JSON.  Durations take s/m/h/d/w suffixes (90, 90s, 15m, 2h).""")
     g.add_argument("job_id", metavar="ID")
     json_flag(g)
 
-    lg = add("logs", "print the captured output of a job's attempt", """\
-  queuectl logs hello              # the latest attempt
-  queuectl logs hello --attempt 1
+    lg = add("logs", "print the captured output of a job's run", """\
+  queuectl logs hello              # the latest run
+  queuectl logs hello --run 1
   queuectl logs build1 --follow""")
     lg.add_argument("job_id", metavar="ID")
-    lg.add_argument("-a", "--attempt", type=_positive_int, metavar="N", help="attempt number (default: the latest)")
+    lg.add_argument("-n", "--run", "-a", "--attempt", dest="attempt", type=_positive_int, metavar="N",
+                    help="run number, as in `get` (default: the latest)")
     lg.add_argument("-f", "--follow", action="store_true",
                     help="stream the output as it is written, across retries, until the job ends "
                          "(exit status as for wait)")
@@ -4042,11 +4169,14 @@ in the JSON.  Durations take s/m/h/d/w suffixes (90, 90s, 15m, 2h).""")
     dl = add("list", "list dead jobs", "  queuectl dlq list\n  queuectl dlq list --json", parent=dsub)
     dl.add_argument("-l", "--limit", type=_limit_arg, default=100, metavar="N", help="at most N jobs (default 100)")
     json_flag(dl)
-    dr = add("retry", "run a dead job once more (its full budget with --reset-attempts)",
-             "  queuectl dlq retry job1\n  queuectl dlq retry job1 -r", parent=dsub)
-    dr.add_argument("job_id", metavar="ID")
-    dr.add_argument("-r", "--reset-attempts", action="store_true", help="give the job its whole retry budget again")
-    add("clear", "delete every dead job", "  queuectl dlq clear", parent=dsub)
+    dr = add("retry", "run dead jobs once more (their full budget with --reset-attempts)",
+             "  queuectl dlq retry job1\n  queuectl dlq retry job1 job2 -r\n  queuectl dlq retry --all", parent=dsub)
+    dr.add_argument("job_ids", nargs="*", metavar="ID")
+    dr.add_argument("--all", action="store_true", help="every job in the dead letter queue")
+    dr.add_argument("-r", "--reset-attempts", action="store_true", help="give the jobs their whole retry budget again")
+    dc = add("clear", "delete every dead job", "  queuectl dlq clear\n  queuectl dlq clear --yes   # from a script",
+             parent=dsub)
+    dc.add_argument("-y", "--yes", action="store_true", help="do not ask for confirmation")
 
     c = add("config", "show and change settings (running workers apply changes from their next job)", """\
   queuectl config show
@@ -4155,9 +4285,11 @@ cancelled or killed); for several, 0 if all completed, else 1; 124 on timeout.""
              "  queuectl queue set-limit reports 2", parent=qsub)
     qs.add_argument("name", metavar="NAME")
     qs.add_argument("limit", metavar="N|none")
+    qs.add_argument("--create", action="store_true", help="the queue is new: no job has used it yet")
     for action, text in (("pause", "stop starting jobs from a queue"), ("resume", "start jobs from a queue again")):
         qa = add(action, text, "  queuectl queue %s reports" % action, parent=qsub)
         qa.add_argument("name", metavar="NAME")
+        qa.add_argument("--create", action="store_true", help="the queue is new: no job has used it yet")
 
     sc = add("schedule", "recurring jobs from cron expressions", """\
   queuectl schedule add nightly '0 3 * * *' -p high -t 1h -- /usr/local/bin/backup.sh
@@ -4193,7 +4325,8 @@ ranges, steps and names (jan, mon), or @yearly, @monthly, @weekly, @daily,
 def add_job_options(parser):
     """Options that describe a job, shared by `enqueue` and `schedule add`."""
     parser.add_argument("-p", "--priority", choices=list(PRIORITIES), help="high, medium (default) or low")
-    parser.add_argument("-t", "--timeout", type=_duration_arg, metavar="DURATION", help="kill the job after this long")
+    parser.add_argument("-t", "--timeout", type=_timeout_arg, metavar="DURATION",
+                        help="kill the job after this long; 0 or none: no limit (default: job-timeout, 300s)")
     parser.add_argument("-r", "--max-retries", type=int, metavar="N", help="retries after the first run")
     parser.add_argument("-q", "--queue", metavar="NAME", help="named queue (default: default)")
     parser.add_argument("--unique-key", metavar="KEY",
@@ -4229,6 +4362,10 @@ def _duration_arg(text):
         return parse_duration(text)
     except ValueError as e:
         raise argparse.ArgumentTypeError("%s: got %s" % (e, _short(text)))
+
+
+def _timeout_arg(text):
+    return 0.0 if str(text).strip().lower() == "none" else _duration_arg(text)
 
 
 def _int_arg(lo, hi, what="a whole number"):
@@ -4355,12 +4492,33 @@ def _decode(data, source):
         raise InvalidInput("%s is not UTF-8 text" % source)
 
 
-def job_line(job):
-    return [job.id, job.state, job.priority_name, "%d/%d" % (job.attempts, job.max_retries + 1),
-            _one_line(job.command, 48), rfc3339(job.updated_at, precise=False)]
+def job_table(jobs, utc, stream=None):
+    """Jobs as a table: on a terminal fitted to its width with relative times, piped with UTC
+    stamps and whole (up to 48 characters) commands.  A QUEUE column when jobs of a named queue
+    are listed; a job that is not due yet says when it is ("due in 2h")."""
+    stream = stream or sys.stdout
+    now = time.time()
+    queues = any(j.queue != DEFAULT_QUEUE for j in jobs)
+    headers = ["ID", "STATE", "PRIORITY", "ATTEMPTS"] + (["QUEUE"] if queues else []) + ["COMMAND", "UPDATED"]
+    rows = []
+    for j in jobs:
+        if j.state in ("pending", "failed", "waiting") and j.run_at > now + 1:
+            updated = "due " + (rfc3339(j.run_at, precise=False) if utc else relative(j.run_at, now))
+        else:
+            updated = when(j.updated_at, now, utc)
+        rows.append([j.id, j.state, j.priority_name, attempts_text(j)] + ([j.queue] if queues else [])
+                    + [_one_line(j.command, 48) if utc else j.command, updated])
+    table(headers, rows, stream, fit=("COMMAND", "ID", "QUEUE"))
 
 
-JOB_HEADERS = ["ID", "STATE", "PRIORITY", "ATTEMPTS", "COMMAND", "UPDATED"]
+def attempts_text(job):
+    """Attempts used of those allowed: "2/4" (runs a lost worker had do not count)."""
+    return "%d/%d" % (job.attempts, job.max_retries + 1)
+
+
+def wants_utc(args, stream=None):
+    """UTC stamps instead of relative times: asked for with --utc, or output that is not a terminal."""
+    return getattr(args, "utc", False) or not (stream or sys.stdout).isatty()
 
 
 # --- commands ----------------------------------------------------------------------
@@ -4373,7 +4531,7 @@ def cmd_enqueue(args, store):
         if args.spec is not None:
             raise InvalidInput("give either a JSON job or a command after --, not both")
         words = args.argv_command
-        docs = [{"command": words[0] if len(words) == 1 else shlex.join(words)}]
+        docs = [{"command": words[0] if len(words) == 1 else shell_join(words)}]
     elif args.spec is None:
         raise InvalidInput("nothing to enqueue: give a JSON job, @FILE, - or -- COMMAND (see queuectl enqueue --help)")
     else:
@@ -4426,10 +4584,24 @@ def cmd_worker_start(args, store):
     if getattr(store, "readonly", False):
         raise DatabaseError("database %s is read-only: workers need to write to it" % args.db_path)
     db = db_location(args.db_path)
+    if args.quiet:
+        setup_logging(quiet=True)  # warnings and errors still reach stderr (cron mails them)
     if args.foreground or args.burst:
+        if args.burst and not _anything_due(store, time.time()):
+            return EXIT_OK  # nothing to do: say nothing (cron would mail every line)
+        if args.log_file:
+            log_to(open_private_log(args.log_file))
+        running = sum(len(ws) for ws in local_worker_groups(store).values())
+        if running and not args.burst:
+            log.warning("%d worker(s) already run on this database on this host; these %d join them",
+                        running, args.count)
         store.close()
         return Supervisor(db, args.count, poll_interval=args.poll_interval, burst=args.burst,
                           queues=_queue_list(args.queue)).run()
+    running = sum(len(ws) for ws in local_worker_groups(store).values())
+    if running and not args.quiet:
+        sys.stderr.write("queuectl: note: %d worker(s) already run on this database on this host; starting %d more "
+                         "(`queuectl worker status` lists them)\n" % (running, args.count))
     log_path = args.log_file or os.path.splitext(db)[0] + ".workers.log"
     if is_db_url(db) and not args.log_file:  # a URL has no directory: log to the per-user data directory
         import hashlib
@@ -4462,7 +4634,7 @@ def cmd_worker_start(args, store):
         time.sleep(0.02)
     else:
         raise QueuectlError("workers did not register within 15s; see %s" % log_path)
-    sys.stdout.write("started %d worker(s) (supervisor pid %d); log: %s\n" % (len(mine), proc.pid, log_path))
+    sys.stdout.write("started %d worker(s) (supervisor pid %d)\nlog: %s\n" % (len(mine), proc.pid, log_path))
     return EXIT_OK
 
 
@@ -4571,7 +4743,7 @@ def cmd_list(args, store, state=None):
     if not jobs:
         sys.stdout.write("no %sjobs\n" % (state + " " if state else ""))
         return EXIT_OK
-    table(JOB_HEADERS, [job_line(j) for j in jobs])
+    job_table(jobs, wants_utc(args))
     return EXIT_OK
 
 
@@ -4585,23 +4757,31 @@ def _get_job(store, job_id):
 def cmd_get(args, store):
     job = _get_job(store, args.job_id)
     attempts = store.attempts(job.id)
+    cfg = store.config()
     if args.json:
         doc = job.to_dict()
+        seconds, origin = timeout_of(job, cfg)
+        doc["effective_timeout"], doc["timeout_from"] = seconds, origin
         doc["attempt_history"] = [a.to_dict() for a in attempts]
         print_json(doc)
         return EXIT_OK
     now = time.time()
-    fields = [
-        ("id", job.id), ("command", job.command), ("state", paint(job.state, job.state)),
-        ("priority", job.priority_name), ("attempts", "%d of %d (runs: %d, lost: %d)" % (
-            job.attempts, job.max_retries + 1, job.runs, job.rescues)),
-        ("max_retries", job.max_retries),
-        ("timeout", ("%gs" % job.timeout) if job.timeout else "global job-timeout"),
-        ("created_at", rfc3339(job.created_at, False)), ("updated_at", rfc3339(job.updated_at, False)),
-    ]
-    if job.state in ("pending", "failed"):
-        fields.append(("next run" if job.state == "failed" else "run_at", "%s (%s)" % (
-            rfc3339(job.run_at, False), ago(job.run_at, now))))
+
+    def stamp(ts):
+        return "%s (%s)" % (rfc3339(ts, False), relative(ts, now))
+
+    fields = [("id", job.id), ("command", job.command), ("state", paint(job.state, job.state)),
+              ("queue", job.queue), ("priority", job.priority_name),
+              ("attempts", "%d of %d" % (job.attempts, job.max_retries + 1)), ("max_retries", job.max_retries)]
+    if job.runs != job.attempts or job.rescues:
+        fields.append(("runs", "%d%s" % (job.runs, " (%d lost with a worker)" % job.rescues if job.rescues else "")))
+    fields += [("timeout", describe_timeout(job, cfg)), ("created_at", stamp(job.created_at)),
+               ("updated_at", stamp(job.updated_at))]
+    if job.state in ("pending", "failed", "waiting"):
+        fields.append(("next run" if job.state == "failed" else "run_at", stamp(job.run_at)))
+    for name, value in (("started_at", job.started_at), ("finished_at", job.finished_at)):
+        if value is not None:
+            fields.append((name, stamp(value)))
     if job.worker_id:
         fields.append(("worker", job.worker_id))
     if job.exit_code is not None:
@@ -4611,15 +4791,23 @@ def cmd_get(args, store):
     fields.append(("cwd", job.cwd))
     if job.env:
         fields.append(("env", " ".join("%s=%s" % kv for kv in sorted(job.env.items()))))
+    if job.after:
+        states = store.states_of(job.after)
+        fields.append(("after", ", ".join("%s (%s)" % (d, states.get(d, ("deleted",))[0]) for d in job.after)))
+    for name in ("unique_key", "webhook", "schedule"):
+        if getattr(job, name):
+            fields.append((name, getattr(job, name)))
     width = max(len(k) for k, _ in fields)
     for k, v in fields:
         sys.stdout.write("%s  %s\n" % (k.ljust(width), v if k == "state" else safe_text(v)))
     if attempts:
-        sys.stdout.write("\nattempts:\n")
-        table(["#", "STARTED", "DURATION", "OUTCOME", "EXIT", "WORKER", "ERROR"], [
-            [str(a.n), rfc3339(a.started_at, False), human_duration(a.duration), a.outcome or "running",
-             "-" if a.exit_code is None else str(a.exit_code), a.worker_id or "-", _one_line(a.error or "", 50)]
-            for a in attempts])
+        sys.stdout.write("\nruns:\n")
+        utc = wants_utc(args)
+        table(["RUN", "STARTED", "DURATION", "OUTCOME", "EXIT", "WORKER", "ERROR"], [
+            [str(a.n), when(a.started_at, now, utc), human_duration(a.duration), a.outcome or "running",
+             "-" if a.exit_code is None else str(a.exit_code), a.worker_id or "-",
+             _one_line(a.error or "", 50) if utc else (a.error or "")]
+            for a in attempts], fit=("ERROR", "WORKER"))
     return EXIT_OK
 
 
@@ -4632,7 +4820,7 @@ def cmd_logs(args, store):
     attempt = store.attempt(job.id, args.attempt)
     if attempt is None:
         if args.attempt:
-            raise NotFound("job %s has no attempt %d (it has %d)" % (job.id, args.attempt, job.runs))
+            raise NotFound("job %s has no run %d (it has %d)" % (job.id, args.attempt, job.runs))
         sys.stderr.write("job %s has not run yet\n" % job.id)
         return EXIT_OK
     out = attempt.output or ""
@@ -4670,7 +4858,7 @@ def follow_output(store, job_id, poll=0.2):
             for shown in [a for a in earlier if a is not None] + [attempt]:
                 if shown.n != current:
                     if current is not None:
-                        sys.stderr.write("queuectl: --- attempt %d ---\n" % shown.n)
+                        sys.stderr.write("queuectl: --- run %d ---\n" % shown.n)
                     current, printed = shown.n, 0
                 data = (shown.output or "").encode("utf-8", "replace")
                 new = shown.output_bytes - printed
@@ -4692,15 +4880,41 @@ def cmd_dlq(args, store):
     if args.dlq_command == "list":
         return cmd_list(args, store, state="dead")
     if args.dlq_command == "retry":
-        validate_id(args.job_id)
-        store.retry_dead(args.job_id, time.time(), reset_attempts=args.reset_attempts)
-        sys.stdout.write("job %s moved back to pending%s\n" % (
-            args.job_id, " with its attempts reset" if args.reset_attempts else " for one more run"))
-        wake_workers(store, 1)
-        return EXIT_OK
+        return dlq_retry(args, store)
+    if not confirm("delete every dead job", args):
+        sys.stderr.write("nothing deleted\n")
+        return EXIT_ERROR
     n = store.delete_jobs("dead")
     sys.stdout.write("deleted %d dead job(s)\n" % n)
     return EXIT_OK
+
+
+def dlq_retry(args, store):
+    """`dlq retry ID...` (each one reported; the first failure's exit code) or `--all`."""
+    if args.all == bool(args.job_ids):
+        raise InvalidInput("give the ids of dead jobs, or --all (not both)" if args.all else
+                           "give the id of a dead job to retry, or --all for every one")
+    how = " with its attempts reset" if args.reset_attempts else " for one more run"
+    if args.all:
+        retried, skipped = store.retry_all_dead(time.time(), reset_attempts=args.reset_attempts)
+        sys.stdout.write("moved %d dead job(s) back to pending%s\n" % (retried, how.replace("its", "their")))
+        if skipped:
+            sys.stdout.write("%d stayed dead: another unfinished job holds their unique key\n" % skipped)
+        if retried:
+            wake_workers(store, retried)
+        return EXIT_OK
+    code = EXIT_OK
+    for job_id in args.job_ids:
+        try:
+            validate_id(job_id)
+            store.retry_dead(job_id, time.time(), reset_attempts=args.reset_attempts)
+        except (InvalidInput, NotFound, Conflict) as e:
+            sys.stderr.write("queuectl: error: %s\n" % e)
+            code = code or e.exit_code
+            continue
+        sys.stdout.write("job %s moved back to pending%s\n" % (job_id, how))
+        wake_workers(store, 1)
+    return code
 
 
 def cmd_config(args, store):
@@ -4773,6 +4987,27 @@ def _wake_owners(store, job_ids):
         s.close()
 
 
+WAIT_HINT_AFTER = 3.0  # seconds `wait` waits before it says why nothing runs, if it can tell
+
+
+def why_not_running(store, job_ids, now):
+    """Why these waiting jobs may never start, as lines for a person: no live worker, or a paused queue."""
+    if not job_ids:
+        return []
+    live = [w for w in store.workers() if worker_view(w, now)["state"] != "gone"]
+    if not live:
+        return ["no worker is running on this database, so %s will not start: run `queuectl worker start`"
+                % ", ".join(job_ids)]
+    paused = {q["name"] for q in store.queues() if q["paused"]}
+    lines = []
+    for job_id in job_ids:
+        job = store.get(job_id)
+        if job is not None and job.queue in paused:
+            lines.append("job %s is in queue %s, which is paused: `queuectl queue resume %s`"
+                         % (job_id, job.queue, job.queue))
+    return lines
+
+
 def wait_exit_status(state, exit_code):
     """Exit status of `wait` for one finished job."""
     if state == "completed":
@@ -4789,10 +5024,16 @@ def cmd_wait(args, store):
     if missing:
         raise NotFound("no job with id %s" % _short(missing[0]))
     deadline = None if args.timeout is None else time.monotonic() + args.timeout
+    hint_at = time.monotonic() + WAIT_HINT_AFTER
     while True:
         states = store.states_of(args.job_ids)
         if all(states.get(j, ("deleted",))[0] in FINAL_STATES + ("deleted",) for j in args.job_ids):
             break
+        if hint_at is not None and time.monotonic() >= hint_at:
+            hint_at = None
+            for line in why_not_running(store, [j for j in args.job_ids if states.get(j, ("",))[0] in
+                                                ("pending", "failed", "waiting")], time.time()):
+                sys.stderr.write("queuectl: warning: %s\n" % line)
         if deadline is not None and time.monotonic() >= deadline:
             if not args.quiet:
                 sys.stderr.write("queuectl: timed out waiting for %s\n" % ", ".join(
@@ -4802,7 +5043,7 @@ def cmd_wait(args, store):
     if not args.quiet:
         for j in args.job_ids:
             state, code = states.get(j, ("deleted", None))
-            sys.stdout.write("%s %s%s\n" % (j, state, "" if code is None else " (exit code %d)" % code))
+            sys.stdout.write("%s %s%s\n" % (j, state, "" if code is None else " (%s)" % describe_exit(code)))
     if len(args.job_ids) == 1:
         return wait_exit_status(*states.get(args.job_ids[0], ("deleted", None)))
     return 0 if all(states.get(j, ("",))[0] == "completed" for j in args.job_ids) else 1
@@ -4833,10 +5074,13 @@ def cmd_queue(args, store):
         return EXIT_OK
     name = validate_name(args.name, "queue")
     if action == "set-limit":
-        if args.limit.lower() in ("none", "0", "unlimited"):
-            limit = None
-        else:
-            limit = _validate_number("limit", args.limit, int, 1, 100000)
+        limit = None if args.limit.lower() in ("none", "0", "unlimited") else \
+            _validate_number("limit", args.limit, int, 1, 100000)
+    known = known_queues(store)
+    if name not in known and not args.create:  # a typo would make a queue no job ever uses
+        raise NotFound("no queue named %s (known: %s); to set up a new queue before its first job, add --create"
+                       % (_short(name), ", ".join(sorted(known))))
+    if action == "set-limit":
         store.set_queue(name, max_running=limit)
         sys.stdout.write("queue %s: %s\n" % (name, "no limit" if limit is None else "at most %d running" % limit))
     else:
@@ -4845,6 +5089,12 @@ def cmd_queue(args, store):
         if action == "resume":
             wake_workers(store, 64)
     return EXIT_OK
+
+
+def known_queues(store):
+    """Names of the queues a job, a limit, a pause or a schedule has used."""
+    names = {q["name"] for q in store.queues()} | {DEFAULT_QUEUE}
+    return names | {sch["spec"].get("queue") or DEFAULT_QUEUE for sch in store.schedules()}
 
 
 def cmd_schedule(args, store):
@@ -4857,7 +5107,7 @@ def cmd_schedule(args, store):
         if not args.argv_command:
             raise InvalidInput("give the command after --: queuectl schedule add NAME 'CRON' -- COMMAND")
         words = args.argv_command
-        spec = {"command": words[0] if len(words) == 1 else shlex.join(words)}
+        spec = {"command": words[0] if len(words) == 1 else shell_join(words)}
         spec.update(job_overrides(args))
         job = validate_job(dict(spec, id="check"), store.config(), now)  # refuse a bad job now, not at 3 a.m.
         spec["cwd"] = job["cwd"]
@@ -4984,7 +5234,7 @@ def _serve_in_foreground(server, supervisor_pid=None):
             if supervisor_pid:
                 pid, raw = os.waitpid(supervisor_pid, os.WNOHANG)
                 if pid:
-                    status = os.waitstatus_to_exitcode(raw)
+                    status = exit_code_of(raw)
                     break
             elif received:
                 break
@@ -5042,6 +5292,19 @@ COMMANDS = {
 }
 
 
+def creates_database(args):
+    """Only a command that adds something (a job, a worker, a setting, a schedule, a queue) creates a
+    missing database named with --db or QUEUECTL_DB; one that reads says there is none (a typo?)
+    instead of showing an empty queue.  The default database is created by any command."""
+    if not (getattr(args, "db", None) or os.environ.get("QUEUECTL_DB")):
+        return True
+    sub = next((getattr(args, a) for a in ("worker_command", "config_command", "queue_command",
+                                            "schedule_command") if getattr(args, a, None)), None)
+    return (args.command, sub) in (("enqueue", None), ("worker", "start"), ("config", "set"), ("schedule", "add"),
+                                   ("queue", "set-limit"), ("queue", "pause"), ("queue", "resume"),
+                                   ("up", None), ("dashboard", None))
+
+
 def _split_command(argv):
     """Split ``enqueue ... -- COMMAND WORDS`` so the words reach no parser."""
     if "--" in argv:
@@ -5069,20 +5332,36 @@ def _memoized_gettext():
         argparse._, argparse.ngettext = saved
 
 
-def setup_logging(verbose):
-    """Log to stderr (INFO, or DEBUG with ``verbose``), from the first message on."""
-    _LOG_VERBOSE[:] = [verbose]
+def setup_logging(verbose=None, quiet=None, stream=None):
+    """Log to stderr (or ``stream``) at INFO, DEBUG with ``verbose``, WARNING with ``quiet``, from the
+    first message on.  Arguments left None keep what an earlier call said."""
+    for key, value in (("verbose", verbose), ("quiet", quiet), ("stream", stream)):
+        if value is not None:
+            _LOG_SETTINGS[key] = value
+    _LOG_SETTINGS["verbose"] = bool(_LOG_SETTINGS["verbose"])
     if not isinstance(log, _LazyLogger):
-        _configure_logging(verbose)
+        _configure_logging()
 
 
-def _configure_logging(verbose):
-    handler = logging.StreamHandler(sys.stderr)
+def log_to(stream):
+    """Send log lines to ``stream`` (a file opened by open_private_log) instead of stderr."""
+    setup_logging(stream=io_text(stream))
+
+
+def io_text(binary):
+    import io
+
+    return io.TextIOWrapper(binary, encoding="utf-8", errors="replace", line_buffering=True)
+
+
+def _configure_logging():
+    handler = logging.StreamHandler(_LOG_SETTINGS["stream"] or sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%dT%H:%M:%S"))
     logging.Formatter.converter = time.gmtime
     root = logging.getLogger("queuectl")
     root.handlers[:] = [handler]
-    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    root.setLevel(logging.DEBUG if _LOG_SETTINGS["verbose"] else
+                  logging.WARNING if _LOG_SETTINGS["quiet"] else logging.INFO)
     root.propagate = False
 
 
@@ -5104,11 +5383,11 @@ def main(argv=None):
     if words is not None and not words:
         return _fail("no command after --", EXIT_USAGE)
     args.argv_command = words
-    setup_logging(args.verbose)
+    setup_logging(verbose=args.verbose)
     store = None
     try:
         args.db_path = resolve_db(args)
-        store = open_store(args.db_path)
+        store = open_store(args.db_path, create=creates_database(args))
         return COMMANDS[args.command](args, store)
     except QueuectlError as e:
         return _fail(str(e), e.exit_code)

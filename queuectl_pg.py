@@ -1000,7 +1000,9 @@ class PostgresStore(Store):
             has_table = exists and cur.execute("SELECT to_regclass(%(t)s) AS t",
                                                {"t": '"%s".schema_migrations' % self.schema}).fetchone()["t"]
             if not has_table and not create:
-                raise NotFound("PostgreSQL database %s has no queuectl schema %s" % (self.path, self.schema))
+                raise queuectl.DatabaseMissing("PostgreSQL database %s has no queuectl schema %s: nothing was ever "
+                                               "enqueued there (a typo?); `queuectl enqueue` creates it"
+                                               % (self.path, self.schema))
             if not exists:
                 cur.execute('CREATE SCHEMA "%s"' % self.schema)
             if not has_table:

@@ -36,11 +36,11 @@ import hashlib
 import html
 import http.client
 import http.server
-import importlib.resources
 import io
 import ipaddress
 import json
 import logging
+import pkgutil
 import re
 import secrets
 import select
@@ -112,8 +112,7 @@ class HTTPError(Exception):
 
 def load_static():
     """Read the static files named in STATIC (from the package, also inside a .pyz)."""
-    base = importlib.resources.files(__package__) / "static"
-    return {path: ((base / name).read_bytes(), ctype) for path, (name, ctype) in STATIC.items()}
+    return {path: (pkgutil.get_data(__package__, "static/" + name), ctype) for path, (name, ctype) in STATIC.items()}
 
 
 def is_loopback(host):
@@ -241,9 +240,12 @@ def mask_url(url):
     return "%s://%s%s%s%s" % (parts.scheme, userinfo, host, ":%d" % port if port else "", rest)
 
 
-def job_view(job):
-    """Every field of a job, its secrets masked: env values, webhook URL."""
+def job_view(job, cfg):
+    """Every field of a job, its secrets masked (env values, webhook URL), with the timeout
+    that applies to it and where that comes from."""
     d = job.to_dict()
+    d["effective_timeout"], d["timeout_from"] = queuectl.timeout_of(job, cfg)
+    d["timeout_text"] = queuectl.describe_timeout(job, cfg)
     d["env"] = {name: MASK for name in d.get("env") or {}}
     if d.get("webhook"):
         d["webhook"] = mask_url(d["webhook"])
@@ -910,11 +912,13 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if job is None:
             raise HTTPError(404, "no job with id %s" % queuectl._short(job_id))
         attempts = store.attempts(job.id)
-        number = query_int(query, "attempt", None, 1, MAX_QUERY_INT)
+        number = query_int(query, "run", None, 1, MAX_QUERY_INT)  # ("attempt": its older name)
+        if number is None:
+            number = query_int(query, "attempt", None, 1, MAX_QUERY_INT)
         if number is not None:
             attempt = store.attempt(job.id, number)
             if attempt is None:
-                raise HTTPError(404, "job %s has no attempt %d" % (job.id, number))
+                raise HTTPError(404, "job %s has no run %d" % (job.id, number))
         else:
             attempt = store.attempt(job.id)
         output = None
@@ -922,7 +926,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             text = attempt.output or ""
             output = {"attempt": attempt.n, "text": text[-OUTPUT_TAIL:], "truncated": len(text) > OUTPUT_TAIL,
                       "bytes": attempt.output_bytes, "running": attempt.outcome is None}
-        self._json(200, {"job": job_view(job), "attempts": [a.to_dict() for a in attempts], "output": output})
+        self._json(200, {"job": job_view(job, store.config()), "attempts": [a.to_dict() for a in attempts], "output": output})
 
     def get_workers(self, store, query):
         now = time.time()

@@ -282,6 +282,58 @@ def kill_processes_of(home):
     wait_until(lambda: not any(pid_exists(p) for p in pids), 10, message="processes of %s survived" % home)
 
 
+COLUMNS, ROWS = 80, 24  # the terminal the examples are shown in
+
+
+def run_in_terminal(command, cwd, env, timeout=120):
+    """What ``bash -c command`` writes to an 80x24 terminal (stdout and stderr both; stdin is not
+    a terminal, as in a script, so nothing waits for an answer)."""
+    import fcntl
+    import pty
+    import select
+    import struct
+    import termios
+    import time
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", ROWS, COLUMNS, 0, 0))
+    attrs = termios.tcgetattr(slave)
+    attrs[1] &= ~termios.ONLCR  # "\n" as written, not "\r\n"
+    termios.tcsetattr(slave, termios.TCSANOW, attrs)
+    try:
+        proc = subprocess.Popen(["bash", "-c", command], cwd=cwd, env=dict(env, TERM="xterm", NO_COLOR="1"),
+                                stdin=subprocess.DEVNULL, stdout=slave, stderr=slave, start_new_session=True)
+    finally:
+        os.close(slave)
+    chunks, deadline = [], time.monotonic() + timeout
+    try:
+        while True:
+            ready, _, _ = select.select([master], [], [], 0.05)
+            if ready:
+                try:
+                    data = os.read(master, 65536)
+                except OSError:  # EIO: every writer has closed the terminal
+                    data = b""
+                if not data:
+                    break
+                chunks.append(data)
+            elif proc.poll() is not None:
+                break  # (a detached process may keep the terminal open: its output is not the command's)
+            if time.monotonic() > deadline:
+                raise AssertionError("%r ran for more than %ds" % (command, timeout))
+    finally:
+        os.close(master)
+        with contextlib.suppress(OSError):
+            os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    return b"".join(chunks).decode("utf-8", "replace")
+
+
+def fits(raw):
+    """No line is wider than the terminal (it would wrap)."""
+    return all(len(line) <= COLUMNS for line in raw.split("\n"))
+
+
 def run_chain(chain, root):
     """Run every command of the chain in order; one Outcome per command."""
     home, work, env = make_env(root)
@@ -290,12 +342,10 @@ def run_chain(chain, root):
         for block in chain.blocks:
             for command in block.commands:
                 ran = apply_ids(command.text, ids).replace("python3 queuectl.py", "queuectl")
-                proc = subprocess.run(["bash", "-c", ran], cwd=work, env=env, stdin=subprocess.DEVNULL,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=120)
-                raw = neutral(proc.stdout.decode("utf-8", "replace"), work, home)
+                raw = neutral(run_in_terminal(ran, work, env), work, home)
                 actual = normalise(raw)
                 expected = normalise(apply_ids("\n".join(command.expected), ids))
-                ok = lines_match(expected, actual)
+                ok = lines_match(expected, actual) and fits(raw)
                 if not ok and learn_ids(expected, actual, ids):
                     expected = normalise(apply_ids("\n".join(command.expected), ids))
                     ok = lines_match(expected, actual)
@@ -308,7 +358,9 @@ def run_chain(chain, root):
 def report(outcome):
     rel = outcome.block.page.relative_to(ROOT)
     return "\n".join(
-        ["%s:%d: $ %s" % (rel, outcome.command.line, outcome.ran), "--- documented (normalised)"]
+        ["%s:%d: $ %s" % (rel, outcome.command.line, outcome.ran)]
+        + ([] if fits(outcome.raw) else ["--- a line is wider than %d columns" % COLUMNS])
+        + ["--- documented (normalised)"]
         + outcome.expected + ["--- actual (normalised)"] + outcome.actual + ["--- actual"]
         + outcome.raw.rstrip("\n").split("\n"))
 

@@ -131,7 +131,7 @@ def test_retry_backoff_timing_and_dlq(run, db, workers):
     wait_until(lambda: len(attempts_of(db, "dlq1")) == 4, 10)  # ran again at once
     wait_state(db, "dlq1", ["failed", "dead"])
     assert json.loads(run("get", "dlq1", "--json").out)["attempts"] == 1  # a fresh budget
-    r = run("dlq", "clear")
+    r = run("dlq", "clear", "--yes")
     assert r.rc == 0 and "deleted 1" in r.out  # dlq2 only: dlq1 is back in the queue
     assert state_of(db, "dlq2") is None and state_of(db, "dlq1") is not None
 

@@ -216,7 +216,7 @@ def hook(workers):
 
 
 def test_queue_limit_of_one_holds_across_two_supervisors(run, db, workers):
-    r = run("queue", "set-limit", "lim", "1")
+    r = run("queue", "set-limit", "lim", "1", "--create")
     assert r.rc == 0 and "at most 1 running" in r.out
     jobs = [{"id": "lim%d" % i, "command": "sleep 0.3", "queue": "lim"} for i in range(4)]
     jobs += [{"id": "free%d" % i, "command": "sleep 0.3"} for i in range(2)]  # the default queue: no limit
@@ -282,7 +282,7 @@ def test_queue_options_are_validated(run, db):
         assert r.err.startswith("queuectl: error:") and len(r.err.splitlines()) == 1, (args, r.err)
     assert n_jobs(db) == 0
     assert json.loads(run("queue", "list", "--json").out) == []
-    r = run("queue", "set-limit", "q1", "none")
+    r = run("queue", "set-limit", "q1", "none", "--create")
     assert r.rc == 0 and "no limit" in r.out
 
 
@@ -493,7 +493,7 @@ def test_logs_follow_streams_while_running_and_across_a_retry(run, db, workers, 
     (tmp_path / "gate2").touch()
     assert follower.wait(15) == 0
     assert out.join() == ["attempt 1 start", "attempt 1 end", "attempt 2 start", "attempt 2 end"]
-    assert any("attempt 2" in line for line in err.join())
+    assert any("--- run 2 ---" in line for line in err.join())
     assert state_of(db, "chatty") == "completed"
     # following a job that already ended prints its output and exits with its status
     assert run("enqueue", "--id", "done", "-r", "0", "--", "echo bye; exit 5").rc == 0

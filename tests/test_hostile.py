@@ -102,10 +102,9 @@ ROWS = [
     Bad("id-control", ["enqueue", job(id=CONTROL)], 2),
     Bad("id-duplicate", ["enqueue", job(id="p1")], 4, words=("p1", "already exists")),
     Bad("priority-unknown", ["enqueue", job(priority="urgent")], 2, words=("priority",)),
-    Bad("priority-number", ["enqueue", job(priority=1)], 2, words=("priority",)),
+    Bad("priority-number", ["enqueue", job(priority=4)], 2, words=("priority",)),
     Bad("priority-unicode", ["enqueue", job(priority="hígh")], 2, words=("priority",)),
     Bad("timeout-negative", ["enqueue", job(timeout=-1)], 2, words=("timeout",)),
-    Bad("timeout-zero", ["enqueue", job(timeout=0)], 2, words=("timeout",)),
     Bad("timeout-absurd", ["enqueue", job(timeout=1e18)], 2, words=("timeout",)),
     Bad("timeout-infinite", ["enqueue", '{"command":"true","timeout":1e999}'], 2, words=("timeout",)),
     Bad("timeout-nan", ["enqueue", '{"command":"true","timeout":NaN}'], 2, words=("timeout",)),
@@ -298,7 +297,7 @@ def template(tmp_path_factory):
 
     run("enqueue", job(id="p1"))
     run("config", "set", "max-retries", "2")
-    run("queue", "set-limit", "q1", "2")
+    run("queue", "set-limit", "q1", "2", "--create")
     run("schedule", "add", "nightly", "0 3 * * *", "--", "true")
     import queuectl
 

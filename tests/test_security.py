@@ -449,10 +449,6 @@ def test_up_keeps_its_token_from_jobs(tmp_path, dashboards):
     output = run_as_owner("logs", "e", env=env).stdout
     assert "PATH=" in output and token not in output and queuectl.TOKEN_ENV not in output
     assert Client(proc.port, token).get("/api/status").status == 200  # the dashboard still has it
-    # Not even the processes `up` started have it (a job could read their /proc/PID/environ).
-    [(supervisor,)] = db_rows(db, "SELECT DISTINCT supervisor_pid FROM workers")
-    with open("/proc/%d/environ" % supervisor, "rb") as f:
-        assert token.encode() not in f.read()
     # `worker start` run from a shell that exports it: its jobs do not get it either.
     assert run_as_owner("enqueue", "--id", "f", "--", "env", env=env).returncode == 0
     r = run_as_owner("worker", "start", "--burst", env=env)
@@ -466,6 +462,18 @@ def test_up_keeps_its_token_from_jobs(tmp_path, dashboards):
 def rss_kib(pid):
     with open("/proc/%d/status" % pid) as f:
         return int(next(line for line in f if line.startswith("VmRSS:")).split()[1])
+
+
+def test_the_dashboard_takes_its_token_out_of_the_environment_before_anything_forks(db, monkeypatch):
+    monkeypatch.setenv(queuectl.TOKEN_ENV, "a-token-for-the-dashboard-only")
+    args = queuectl.build_parser().parse_args(["up", "--port", "0"])
+    args.db_path = str(db)
+    server = queuectl._dashboard_server(args)
+    try:
+        assert server.token == "a-token-for-the-dashboard-only"
+        assert queuectl.TOKEN_ENV not in os.environ  # what `up` forks next (its supervisor) inherits
+    finally:
+        server.server_close()
 
 
 def test_job_environment_leaves_the_dashboard_token_out(monkeypatch):

@@ -380,7 +380,7 @@ def test_a_schema_from_a_newer_queuectl_is_refused(pg, pg_url):
 
 
 def test_open_without_create_does_not_create(pg_url):
-    with pytest.raises(queuectl.NotFound):
+    with pytest.raises(queuectl.DatabaseMissing):
         queuectl_pg.PostgresStore(pg_url, create=False)
     assert db_rows(pg_url, "SELECT count(*) FROM pg_namespace WHERE nspname = ?", (pg_schema_of(pg_url),)) == [(0,)]
 

@@ -453,7 +453,7 @@
     const id = view.job;
     if (!id) return;
     let path = "/api/jobs/" + encodeURIComponent(id);
-    if (view.attempt) path += "?attempt=" + view.attempt;
+    if (view.attempt) path += "?run=" + view.attempt;
     let doc;
     try {
       doc = await api(path);
@@ -473,12 +473,13 @@
   }
 
   const FIELD_LABELS = [
-    ["priority", "Priority"], ["queue", "Queue"], ["attempts", "Attempts"], ["created_at", "Created"],
+    ["priority", "Priority"], ["queue", "Queue"], ["attempts", "Attempts"], ["runs", "Runs"], ["created_at", "Created"],
     ["updated_at", "Updated"], ["run_at", "Run at"], ["started_at", "Started"], ["finished_at", "Finished"],
     ["worker_id", "Worker"], ["exit_code", "Exit code"], ["last_error", "Last error"], ["timeout", "Timeout"],
     ["cwd", "Directory"], ["env", "Environment"],
   ];
-  const SKIP_FIELDS = new Set(["id", "command", "state", "max_retries", "runs", "rescues", "lease_until", "cancel_requested"]);
+  const SKIP_FIELDS = new Set(["id", "command", "state", "max_retries", "runs", "rescues", "lease_until", "cancel_requested",
+    "timeout_text", "effective_timeout", "timeout_from"]);
 
   function renderJob() {
     const { job, attempts, output } = view.jobDoc;
@@ -507,7 +508,7 @@
     } else {
       body.replaceChildren(...attempts.slice().reverse().map((a) => h("tr", {
         class: "clickable" + (a.n === current ? " is-selected" : ""), data: { attempt: a.n },
-        title: "Show the output of attempt " + a.n,
+        title: "Show the output of run " + a.n,
         onclick: () => { view.attempt = a.n === attempts[attempts.length - 1].n ? null : a.n; loadJob().catch(showError); },
       },
       h("td", { class: "num" }, String(a.n)),
@@ -524,8 +525,9 @@
   function fieldValue(job, key) {
     const v = job[key];
     switch (key) {
-      case "attempts": return job.attempts + " of " + (job.max_retries + 1) + (job.rescues ? " (" + job.rescues + " lost)" : "");
-      case "timeout": return v ? fmtDuration(v) : "global job-timeout";
+      case "attempts": return job.attempts + " of " + (job.max_retries + 1);
+      case "runs": return job.runs !== job.attempts || job.rescues ? job.runs + (job.rescues ? " (" + job.rescues + " lost with a worker)" : "") : null;
+      case "timeout": return job.timeout_text || null;
       case "env": return v && Object.keys(v).length ? Object.entries(v).map(([k, x]) => k + "=" + x).join("  ") : null;
       case "created_at": case "updated_at": case "started_at": case "finished_at":
         return v ? localTime(v) + "  (" + ago(v) + ")" : null;
@@ -547,7 +549,7 @@
       pre.textContent = view.jobDoc ? "This job has not run yet." : "Loading…";
       return;
     }
-    let meta = "attempt " + output.attempt + " · " + fmtBytes(output.bytes);
+    let meta = "run " + output.attempt + " · " + fmtBytes(output.bytes);
     if (output.truncated) meta += " · showing the last " + fmtBytes(output.text.length);
     $("output-meta").textContent = meta;
     const text = output.text || "";
