@@ -778,13 +778,12 @@ def validate_job(spec, cfg, now, cwd=None):
             raise InvalidInput("field 'delay' must be a number of seconds >= 0, got %s" % _short(delay))
         run_at = now + delay
     job["run_at"] = run_at
-    base = cwd or os.getcwd()
     jcwd = spec.get("cwd")
-    if jcwd is None:
-        jcwd = base
-    elif not isinstance(jcwd, str) or not jcwd or "\x00" in jcwd:
+    if jcwd is not None and (not isinstance(jcwd, str) or not jcwd or "\x00" in jcwd):
         raise InvalidInput("field 'cwd' must be a non-empty path string")
-    job["cwd"] = os.path.normpath(os.path.join(base, jcwd))
+    if jcwd is None or not os.path.isabs(jcwd):
+        jcwd = os.path.join(cwd or current_directory(), jcwd or "")
+    job["cwd"] = os.path.normpath(jcwd)
     env = spec.get("env")
     if env is not None:
         if not isinstance(env, dict):
@@ -804,6 +803,14 @@ def validate_job(spec, cfg, now, cwd=None):
     job["unique_key"] = key
     job["webhook"] = None if spec.get("webhook") is None else validate_url(spec["webhook"], "field 'webhook'")
     return job
+
+
+def current_directory():
+    try:
+        return os.getcwd()
+    except FileNotFoundError:
+        raise InvalidInput("the current directory was deleted: cd to one that exists, or give the job's "
+                           "directory (--cwd DIR, or \"cwd\" in the job)") from None
 
 
 def _is_utf8(text):
@@ -917,10 +924,12 @@ DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
 def parse_duration(text):
     """'90', '1.5', '90s', '15m', '12h', '7d', '2w' -> seconds (float); ValueError otherwise."""
-    m = re.match(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([smhdw]?)\s*$", str(text).lower())
+    m = re.match(r"^\s*(-?)\s*(\d+(?:\.\d*)?|\.\d+)\s*([smhdw]?)\s*$", str(text).lower())
     if not m:
         raise ValueError("not a duration such as 30, 90s, 15m, 12h, 7d")
-    return float(m.group(1)) * DURATION_UNITS.get(m.group(2) or "s", 1)
+    if m.group(1):
+        raise ValueError("a duration cannot be negative")
+    return float(m.group(2)) * DURATION_UNITS.get(m.group(3) or "s", 1)
 
 
 def _json_type(v):
@@ -940,7 +949,8 @@ def _validate_number(key, text, kind, lo, hi, lo_open=False):
     try:
         value = int(text) if kind is int else parse_duration(text)
     except (TypeError, ValueError):
-        raise InvalidInput("config %s must be %s, got %s" % (key, "an integer" if kind is int else "a number", _short(text)))
+        raise InvalidInput("config %s must be %s from %s to %s, got %s" % (
+            key, "a whole number" if kind is int else "a number", _fmt_value(lo), _fmt_value(hi), _short(text)))
     if value != value or value in (float("inf"), float("-inf")) or value < lo or (lo_open and value == lo) or value > hi:
         raise InvalidInput("config %s must be %s %s and <= %s, got %s" % (key, ">" if lo_open else ">=", lo, hi, _short(text)))
     return value
@@ -2960,8 +2970,20 @@ class OutputBuffer:
         data = self.chunks[0] if self.chunks else b""
         text = data.decode("utf-8", "replace")
         if self.total > len(data):
-            text = "[... %d earlier bytes not kept ...]\n" % (self.total - len(data)) + text
+            text = TRUNCATED % (self.total - len(data)) + text
         return text.replace("\x00", "\ufffd")
+
+
+TRUNCATED = "[... %d earlier bytes not kept ...]\n"  # heads an attempt's stored output when its start was dropped
+_TRUNCATED_RE = re.compile(r"^\[\.\.\. (\d+) earlier bytes not kept \.\.\.\]\n")
+
+
+def split_truncation(text, total_bytes):
+    """(the note that output was cut, or None; the job's own output): the note belongs on stderr."""
+    m = _TRUNCATED_RE.match(text or "")
+    if m and total_bytes > len(text[m.end():].encode("utf-8", "replace")):
+        return m.group(0).rstrip("\n"), text[m.end():]
+    return None, text or ""
 
 
 @_record
@@ -3838,8 +3860,18 @@ def local_worker_groups(store):
 ###############################################################################
 
 
+COLOR = ["auto"]  # --color, set by main: auto, always or never
+
+
 def use_color(stream):
-    return stream.isatty() and not os.environ.get("NO_COLOR") and os.environ.get("TERM") != "dumb"
+    """Colour for ``stream``: --color always/never; else FORCE_COLOR forces it, NO_COLOR (https://no-color.org)
+    or a dumb terminal turns it off, and a terminal turns it on."""
+    mode = COLOR[0]
+    if mode != "auto":
+        return mode == "always"
+    if os.environ.get("FORCE_COLOR"):
+        return True
+    return not os.environ.get("NO_COLOR") and os.environ.get("TERM") != "dumb" and stream.isatty()
 
 
 STATE_COLORS = {"pending": "33", "processing": "36", "completed": "32", "failed": "35", "dead": "31"}
@@ -3882,17 +3914,24 @@ def cut(text, width, stream=None):
     return text[:max(0, width - 1)] + _ellipsis(stream or sys.stdout) if width > 0 else ""
 
 
-def table(headers, rows, stream=None, fit=(), wrap=(), width=None):
-    """Print an aligned table.  On a terminal it fits the width: the columns named in ``fit`` are
-    cut with an ellipsis (in that order, as far as needed), those in ``wrap`` continue on the
-    next lines; piped, every cell is printed whole."""
+def table(headers, rows, stream=None, fit=(), wrap=(), drop=(), width=None):
+    """Print an aligned table.  On a terminal it fits the width: the columns named in ``drop`` are
+    left out while every value in them is 0, those in ``fit`` are cut with an ellipsis (in that
+    order, as far as needed), those in ``wrap`` continue on the next lines; piped, every cell is
+    printed whole."""
     stream = stream or sys.stdout
+    width = width or terminal_width(stream)
+    for name in drop:
+        i = headers.index(name)
+        wide = sum(max(len(h), *(len(str(r[j])) for r in rows)) + 2 for j, h in enumerate(headers)) - 2
+        if width and wide > width and all(str(r[i]) == "0" for r in rows):
+            headers = headers[:i] + headers[i + 1:]
+            rows = [r[:i] + r[i + 1:] for r in rows]
     cells = [[safe_text(c).replace("\n", " ") for c in row] for row in rows]
     widths = [len(h) for h in headers]
     for row in cells:
         for i, c in enumerate(row):
             widths[i] = max(widths[i], len(c))
-    width = width or terminal_width(stream)
     if width:
         excess = sum(widths) + 2 * (len(widths) - 1) - width
         for name in list(wrap) + list(fit):
@@ -4006,6 +4045,12 @@ class _Formatter(argparse.RawDescriptionHelpFormatter):
 
 
 class ArgParser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # "-1d", "-1e3", "-5" are values (no option of ours starts with a digit), so the option that
+        # takes them can say what is wrong with them instead of "expected one argument".
+        self._negative_number_matcher = re.compile(r"^-\.?\d")
+
     def error(self, message):
         self.print_usage(sys.stderr)
         if len(message) > 300:  # argparse quotes the offending value whole, however long
@@ -4030,9 +4075,9 @@ def command_word(argv):
     """The subcommand named in ``argv`` (global options skipped), or None."""
     args = iter(argv)
     for arg in args:
-        if arg == "--db":
+        if arg in ("--db", "--color"):
             next(args, None)
-        elif arg.startswith("--db=") or arg in ("-v", "--verbose"):
+        elif arg.startswith(("--db=", "--color=")) or arg in ("-v", "--verbose"):
             continue
         else:
             return None if arg.startswith("-") else arg
@@ -4057,6 +4102,9 @@ def _build_parser(only):
     common.add_argument("--db", default=argparse.SUPPRESS, metavar="PATH",
                         help="database file, or a postgresql://USER@HOST/DB[?schema=NAME] URL "
                              "(default: $QUEUECTL_DB, else the per-user data directory)")
+    common.add_argument("--color", default=argparse.SUPPRESS, choices=("auto", "always", "never"), metavar="WHEN",
+                        help="colour states: auto (default: on a terminal, unless NO_COLOR is set; FORCE_COLOR "
+                             "forces it), always or never")
     p = ArgParser(prog="queuectl", description="A background job queue for shell commands.",
                   epilog=EPILOG_MAIN, formatter_class=_Formatter, parents=[common])
     p.add_argument("--version", action="version", version="queuectl " + __version__)
@@ -4071,6 +4119,9 @@ def _build_parser(only):
             built.append(name)
         return parent.add_parser(name, help=help, description=help, epilog="examples:\n" + epilog,
                                  formatter_class=_Formatter, parents=[common], **kw)
+
+    def utc_flag(sp):
+        sp.add_argument("--utc", action="store_true", help="times as UTC stamps (as when piped), not '3m ago'")
 
     def json_flag(sp):
         sp.add_argument("--json", action="store_true", help="print one JSON document and nothing else")
@@ -4124,12 +4175,12 @@ in the JSON.  Durations take s/m/h/d/w suffixes (90, 90s, 15m, 2h).""")
     ws.add_argument("--poll-interval", type=float, metavar="SECONDS", help=argparse.SUPPRESS)
     wst = add("stop", "stop this host's workers: finish running jobs, then exit", """\
   queuectl worker stop
-  queuectl worker stop --timeout 300
+  queuectl worker stop --timeout 5m
   queuectl worker stop --force""", parent=wsub)
     wst.add_argument("--force", action="store_true",
                      help="stop now: kill running jobs' process trees and put the jobs back (no retry used)")
-    wst.add_argument("--timeout", type=float, default=STOP_WAIT, metavar="SECONDS",
-                     help="wait this long for running jobs before a cold stop (default %g)" % STOP_WAIT)
+    wst.add_argument("--timeout", type=_duration_arg, default=STOP_WAIT, metavar="DURATION",
+                     help="wait this long for running jobs before a cold stop (default %gs)" % STOP_WAIT)
     wss = add("status", "show workers", "  queuectl worker status\n  queuectl worker status --json", parent=wsub)
     json_flag(wss)
 
@@ -4143,10 +4194,12 @@ in the JSON.  Durations take s/m/h/d/w suffixes (90, 90s, 15m, 2h).""")
   queuectl list -s dead -l 10 --json""")
     ls.add_argument("-s", "--state", type=_state_arg, metavar="STATE", help="one of: " + ", ".join(STATES))
     ls.add_argument("-l", "--limit", type=_limit_arg, default=100, metavar="N", help="at most N jobs (default 100)")
+    utc_flag(ls)
     json_flag(ls)
 
     g = add("get", "show one job with its attempt history", "  queuectl get hello\n  queuectl get hello --json")
     g.add_argument("job_id", metavar="ID")
+    utc_flag(g)
     json_flag(g)
 
     lg = add("logs", "print the captured output of a job's run", """\
@@ -4168,6 +4221,7 @@ in the JSON.  Durations take s/m/h/d/w suffixes (90, 90s, 15m, 2h).""")
     dsub.required = True
     dl = add("list", "list dead jobs", "  queuectl dlq list\n  queuectl dlq list --json", parent=dsub)
     dl.add_argument("-l", "--limit", type=_limit_arg, default=100, metavar="N", help="at most N jobs (default 100)")
+    utc_flag(dl)
     json_flag(dl)
     dr = add("retry", "run dead jobs once more (their full budget with --reset-attempts)",
              "  queuectl dlq retry job1\n  queuectl dlq retry job1 job2 -r\n  queuectl dlq retry --all", parent=dsub)
@@ -4183,8 +4237,8 @@ in the JSON.  Durations take s/m/h/d/w suffixes (90, 90s, 15m, 2h).""")
   queuectl config get max-retries
   queuectl config set backoff-base 3""")
     csub = c.add_subparsers(dest="config_command", metavar="ACTION")
-    csub.required = True
-    cs = add("show", "show every setting", "  queuectl config show\n  queuectl config show --json", parent=csub)
+    cs = add("show", "show every setting (also: `config list`, or `config` alone)",
+             "  queuectl config show\n  queuectl config show --json", parent=csub, aliases=["list"])
     json_flag(cs)
     cg = add("get", "print one setting", "  queuectl config get job-timeout", parent=csub)
     cg.add_argument("key", metavar="KEY")
@@ -4246,6 +4300,11 @@ a histogram with 25% wide buckets and is an upper bound.""")
     json_flag(st)
     add("metrics", "print the Prometheus metrics (the same as the dashboard's /metrics)",
         "  queuectl metrics | grep queuectl_jobs")
+    cp = add("completion", "print a shell completion script (bash, zsh or fish)", """\
+  queuectl completion bash > ~/.local/share/bash-completion/completions/queuectl
+  queuectl completion zsh > ~/.zfunc/_queuectl     # with fpath+=(~/.zfunc) in ~/.zshrc
+  queuectl completion fish > ~/.config/fish/completions/queuectl.fish""")
+    cp.add_argument("shell", choices=("bash", "zsh", "fish"), metavar="SHELL", help="bash, zsh or fish")
 
     cn = add("cancel", "cancel jobs: waiting ones at once, running ones by killing their process tree", """\
   queuectl cancel backup-42
@@ -4314,6 +4373,7 @@ ranges, steps and names (jan, mon), or @yearly, @monthly, @weekly, @daily,
     sa.add_argument("--overlap", choices=["skip", "allow"], default="skip",
                     help="when the previous run is unfinished: skip this tick (default) or allow")
     sl = add("list", "list schedules with their next run", "  queuectl schedule list --json", parent=ssub)
+    utc_flag(sl)
     json_flag(sl)
     for action, text in (("remove", "delete a schedule (its jobs stay)"), ("pause", "stop firing a schedule"),
                          ("resume", "fire a schedule again, from its next tick")):
@@ -4823,13 +4883,10 @@ def cmd_logs(args, store):
             raise NotFound("job %s has no run %d (it has %d)" % (job.id, args.attempt, job.runs))
         sys.stderr.write("job %s has not run yet\n" % job.id)
         return EXIT_OK
-    out = attempt.output or ""
-    if hasattr(sys.stdout, "buffer"):
-        sys.stdout.flush()
-        sys.stdout.buffer.write(out.encode("utf-8", "replace"))
-        sys.stdout.buffer.flush()
-    else:
-        sys.stdout.write(out)
+    note, out = split_truncation(attempt.output, attempt.output_bytes)
+    if note:
+        sys.stderr.write("queuectl: %s (output-limit)\n" % note.strip("[]. "))
+    _write_bytes(out.encode("utf-8", "replace"))
     return EXIT_OK
 
 
@@ -4860,10 +4917,12 @@ def follow_output(store, job_id, poll=0.2):
                     if current is not None:
                         sys.stderr.write("queuectl: --- run %d ---\n" % shown.n)
                     current, printed = shown.n, 0
-                data = (shown.output or "").encode("utf-8", "replace")
+                note, text = split_truncation(shown.output, shown.output_bytes)
+                data = text.encode("utf-8", "replace")
                 new = shown.output_bytes - printed
                 if new > 0:
                     if new > len(data):  # more was written than is kept: say so, print what is kept
+                        sys.stderr.write("queuectl: %d bytes of output not kept (output-limit)\n" % (new - len(data)))
                         _write_bytes(data)
                     else:
                         _write_bytes(data[-new:])
@@ -4918,7 +4977,7 @@ def dlq_retry(args, store):
 
 
 def cmd_config(args, store):
-    action = args.config_command
+    action = args.config_command or "show"
     if action == "set":
         key, value = validate_config(args.key, args.value)
         store.set_config(key, value)
@@ -4928,12 +4987,12 @@ def cmd_config(args, store):
     if action == "get":
         sys.stdout.write("%s\n" % _fmt_value(cfg[normalize_config_key(args.key)]))
         return EXIT_OK
-    if args.json:
+    if getattr(args, "json", False):
         print_json(cfg)
         return EXIT_OK
     rows = [[k, _fmt_value(cfg[k]), "" if cfg[k] == DEFAULTS[k] else "(default %s)" % _fmt_value(DEFAULTS[k]),
              CONFIG_RULES[k][4]] for k in DEFAULTS]
-    table(["KEY", "VALUE", "", "MEANING"], rows)
+    table(["KEY", "VALUE", "", "MEANING"], rows, wrap=("MEANING",))
     return EXIT_OK
 
 
@@ -5043,7 +5102,11 @@ def cmd_wait(args, store):
     if not args.quiet:
         for j in args.job_ids:
             state, code = states.get(j, ("deleted", None))
-            sys.stdout.write("%s %s%s\n" % (j, state, "" if code is None else " (%s)" % describe_exit(code)))
+            why = None if code is None else describe_exit(code)
+            if state in ("dead", "cancelled"):
+                job = store.get(j)
+                why = job.last_error if job is not None and job.last_error else why
+            sys.stdout.write("%s %s%s\n" % (j, state, "" if why is None else " (%s)" % _one_line(why, 100)))
     if len(args.job_ids) == 1:
         return wait_exit_status(*states.get(args.job_ids[0], ("deleted", None)))
     return 0 if all(states.get(j, ("",))[0] == "completed" for j in args.job_ids) else 1
@@ -5124,9 +5187,11 @@ def cmd_schedule(args, store):
         if not rows:
             sys.stdout.write("no schedules\n")
             return EXIT_OK
+        utc, now = wants_utc(args), time.time()
         table(["NAME", "CRON", "TZ", "NEXT RUN", "LAST JOB", "STATE", "COMMAND"], [
-            [r["name"], r["cron"], r["tz"], "paused" if r["paused"] else rfc3339(r["next_run"], precise=False),
-             r["last_job"] or "-", r["last_state"] or "-", _one_line(r["spec"]["command"], 40)] for r in rows])
+            [r["name"], r["cron"], r["tz"], "paused" if r["paused"] else when(r["next_run"], now, utc),
+             r["last_job"] or "-", r["last_state"] or "-", _one_line(r["spec"]["command"], 40) if utc
+             else r["spec"]["command"]] for r in rows], fit=("COMMAND", "LAST JOB", "NAME", "CRON"))
         return EXIT_OK
     name = validate_name(args.name, "schedule")
     if action == "remove":
@@ -5168,13 +5233,111 @@ def cmd_stats(args, store):
     if not queues:
         sys.stdout.write("none\n")
         return EXIT_OK
-    table(["QUEUE", "FINISHED", "COMPLETED", "FAILED", "CANCELLED", "LOST", "SUCCESS", "PER MIN", "MEAN RUN",
-           "P95 RUN", "MEAN WAIT"], [
+    table(["QUEUE", "ENDED", "COMPLETED", "FAILED", "CANCELLED", "LOST", "SUCCESS", "/MIN", "MEAN RUN",
+           "P95 RUN", "MEAN WAIT"], drop=("LOST", "CANCELLED"), fit=("QUEUE",), rows=[
         [name, str(q["finished"]), str(q["completed"]), str(q["failed"]), str(q["cancelled"]), str(q["lost"]),
          "-" if q["success_rate"] is None else "%.1f%%" % (100 * q["success_rate"]), "%.2f" % q["per_minute"],
          human_duration(q["mean_run"]), ("<= " + human_duration(q["p95_run"])) if q["p95_run"] else "-",
          human_duration(q["mean_wait"])] for name, q in queues.items()])
     return EXIT_OK
+
+
+def cmd_completion(args, store=None):
+    sys.stdout.write(completion_script(args.shell, build_parser()))
+    return EXIT_OK
+
+
+def _completion_tree(parser):
+    """{command path ("" for the top, "worker start"...): (options, subcommands, choices by option)}
+    read from the argparse parser itself, so completion never drifts from the CLI."""
+    tree = {}
+
+    def walk(p, path):
+        options, subs, choices = [], [], {}
+        for action in p._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, child in action.choices.items():
+                    subs.append(name)
+                    walk(child, (path + " " + name).strip())
+            elif action.option_strings and action.help is not argparse.SUPPRESS:
+                options += [o for o in action.option_strings if o.startswith("--")] or action.option_strings[:1]
+                if action.choices:
+                    for o in action.option_strings:
+                        choices[o] = [str(c) for c in action.choices]
+                elif action.type is _state_arg:
+                    for o in action.option_strings:
+                        choices[o] = list(STATES)
+                elif action.metavar in ("PATH", "DIR"):
+                    for o in action.option_strings:
+                        choices[o] = ["<file>"]
+            elif not action.option_strings and action.choices and not isinstance(action.choices, dict):
+                subs += [str(c) for c in action.choices]
+        tree[path] = (sorted(set(options)), subs, choices)
+
+    walk(parser, "")
+    return tree
+
+
+def completion_script(shell, parser):
+    tree = _completion_tree(parser)
+    if shell == "fish":
+        lines = ["# queuectl completion for fish (queuectl completion fish)", "complete -c queuectl -f"]
+        for path, (options, subs, choices) in sorted(tree.items()):
+            words = path.split()
+            if not words:
+                cond = "__fish_use_subcommand"
+            else:
+                cond = " and ".join(["__fish_seen_subcommand_from %s" % w for w in words])
+                if len(words) == 1 and subs:
+                    cond += " and not __fish_seen_subcommand_from %s" % " ".join(subs)
+            for name in subs:
+                lines.append("complete -c queuectl -n %s -a %s" % (shlex.quote(cond), shlex.quote(name)))
+            for option in options:
+                values = choices.get(option)
+                extra = " -r -F" if values == ["<file>"] else (" -x -a %s" % shlex.quote(" ".join(values))
+                                                               if values else "")
+                flag = "-l %s" % option[2:] if option.startswith("--") else "-s %s" % option[1:]
+                lines.append("complete -c queuectl -n %s %s%s" % (shlex.quote(cond), flag, extra))
+        return "\n".join(lines) + "\n"
+    cases, values = [], []
+    for path, (options, subs, choices) in sorted(tree.items()):
+        cases.append("        %s) echo %s ;;" % (shlex.quote(path or "-"), shlex.quote(" ".join(subs + options))))
+        for option, vals in sorted(choices.items()):
+            key = shlex.quote("%s %s" % (path or "-", option))
+            values.append("        %s) %s ;;" % (key, "compopt -o default 2>/dev/null; COMPREPLY=(); return"
+                                                   if vals == ["<file>"] else "words=%s" % shlex.quote(" ".join(vals))))
+    script = _BASH_COMPLETION % {"cases": "\n".join(cases), "values": "\n".join(values)}
+    if shell == "zsh":
+        return "#compdef queuectl\n# queuectl completion for zsh (queuectl completion zsh)\n" \
+               "autoload -U +X bashcompinit && bashcompinit\n" + script
+    return "# queuectl completion for bash (queuectl completion bash)\n" + script
+
+
+_BASH_COMPLETION = r"""_queuectl_words() {
+    case "$1" in
+%(cases)s
+    esac
+}
+_queuectl() {
+    local cur="${COMP_WORDS[COMP_CWORD]}" prev="${COMP_WORDS[COMP_CWORD-1]}" path="" word i
+    local words="$(_queuectl_words -)"
+    for ((i = 1; i < COMP_CWORD; i++)); do
+        word="${COMP_WORDS[i]}"
+        case "$word" in
+            --db|--color|--cwd|--log-file|--token-file|--state|--queue|--priority|-s|-p|-q) ((i++)) ;;
+            -*) ;;
+            *) case " $words " in
+                   *" $word "*) path="${path:+$path }$word"; words="$(_queuectl_words "$path")" ;;
+               esac ;;
+        esac
+    done
+    case "${path:--} $prev" in
+%(values)s
+    esac
+    COMPREPLY=($(compgen -W "$words" -- "$cur"))
+}
+complete -F _queuectl queuectl
+"""
 
 
 def cmd_metrics(args, store):
@@ -5375,7 +5538,13 @@ def main(argv=None):
     with _memoized_gettext():
         parser = build_parser(only=command_word(head))
     try:
-        args = parser.parse_args(head)
+        args, extra = parser.parse_known_args(head)
+        if extra and args.command in ("enqueue", "schedule") and words is None:
+            command = shell_join(([args.spec] if getattr(args, "spec", None) else []) + extra)
+            return _fail("unrecognized arguments: %s; to queue a command with options, put it after --: "
+                         "queuectl %s ... -- %s" % (shell_join(extra), args.command, command), EXIT_USAGE)
+        if extra:
+            parser.error("unrecognized arguments: %s" % " ".join(extra))
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else EXIT_USAGE
     if words is not None and args.command not in ("enqueue", "schedule"):
@@ -5384,8 +5553,11 @@ def main(argv=None):
         return _fail("no command after --", EXIT_USAGE)
     args.argv_command = words
     setup_logging(verbose=args.verbose)
+    COLOR[0] = getattr(args, "color", "auto")
     store = None
     try:
+        if args.command == "completion":  # (needs no database)
+            return cmd_completion(args)
         args.db_path = resolve_db(args)
         store = open_store(args.db_path, create=creates_database(args))
         return COMMANDS[args.command](args, store)

@@ -260,6 +260,8 @@ ROWS = [
     Bad("stats-since-sql", ["stats", "--since", SQL], 2),
     Bad("stats-unknown-flag", ["stats", "--bogus"], 2),
     Bad("metrics-extra-argument", ["metrics", "extra"], 2),
+    Bad("completion-unknown-shell", ["completion", "tcsh"], 2),
+    Bad("completion-no-shell", ["completion"], 2),
     # --- global -------------------------------------------------------------------------------------------------
     Bad("unknown-command", ["frobnicate"], 2),
     Bad("no-command", [], 2),
