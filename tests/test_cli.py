@@ -9,13 +9,15 @@ waits.
 
 import json
 import os
+import shutil
 import sqlite3
+import subprocess
 import time
 
 import pytest
 
 import queuectl
-from conftest import db_rows, states
+from conftest import ROOT, db_rows, states
 
 ERROR_PREFIX = "queuectl: error:"
 SEED_STATES = ["pending", "processing", "completed", "failed", "dead"]
@@ -726,16 +728,35 @@ def test_readonly_database_can_be_read(cli, readonly_db):
     assert ok(cli("config", "get", "max-retries")).out == "3\n"
 
 
-def test_readonly_database_refuses_writes(cli, readonly_db):
-    if os.access(readonly_db, os.W_OK):
-        pytest.skip("running as root (or with CAP_DAC_OVERRIDE): chmod 0444 does not stop writes, "
-                    "so the read-only refusal cannot be observed")
+WRITES = (("enqueue", "--", "true"), ("config", "set", "max-retries", "5"), ("clear", "--yes"),
+          ("dlq", "clear", "--yes"))
+
+
+def test_readonly_database_refuses_writes(cli, readonly_db, tmp_path):
     before = dump(readonly_db)
-    for args in (("enqueue", "--", "true"), ("config", "set", "max-retries", "5"), ("clear", "--yes"),
-                 ("dlq", "clear", "--yes")):
-        result = cli(*args)
-        assert_one_error_line(result, 74)
-        assert "read-only" in result.err
+    if not os.access(readonly_db, os.W_OK):
+        for args in WRITES:
+            result = cli(*args)
+            assert_one_error_line(result, 74)
+            assert "read-only" in result.err
+    else:  # root writes whatever the mode: a second account (nobody) is who cannot
+        runuser = shutil.which("runuser")
+        assert runuser and os.access("/usr/bin/python3", os.X_OK), "root without runuser or /usr/bin/python3"
+        dirs = [tmp_path, tmp_path.parent, tmp_path.parent.parent]  # (pytest's directories are 0700)
+        modes = [d.stat().st_mode & 0o7777 for d in dirs]
+        try:
+            for d in dirs:
+                d.chmod(0o755)
+            os.chmod(readonly_db, 0o644)  # readable by others, writable by its owner (root) only
+            for args in WRITES:
+                r = subprocess.run([runuser, "-u", "nobody", "--", "/usr/bin/python3", "-I",
+                                    str(ROOT / "queuectl.py"), "--db", str(readonly_db)] + list(args),
+                                   capture_output=True, text=True, timeout=60, cwd="/",
+                                   env={"PATH": "/usr/bin:/bin", "HOME": "/nonexistent"})
+                assert r.returncode == 74 and r.stderr.count("\n") == 1 and "read-only" in r.stderr, (args, r.stderr)
+        finally:
+            for d, mode in zip(dirs, modes):
+                d.chmod(mode)
     assert dump(readonly_db) == before
 
 
