@@ -3934,15 +3934,18 @@ def table(headers, rows, stream=None, fit=(), wrap=(), drop=(), width=None):
             widths[i] = max(widths[i], len(c))
     if width:
         excess = sum(widths) + 2 * (len(widths) - 1) - width
-        for name in list(wrap) + list(fit):
-            if excess <= 0:
-                break
-            i = headers.index(name)
-            least = max(len(headers[i]), 10 if name in wrap else 6)
-            give = min(excess, widths[i] - least)
-            if give > 0:
-                widths[i] -= give
-                excess -= give
+        # First each column down to what still reads well (a name in ``fit`` may come with that
+        # width: ("COMMAND", 24)), then, if need be, down to its header's width.
+        shrink = [(n, 30) for n in wrap] + [(f, 0) if isinstance(f, str) else f for f in fit]
+        for floor_of in (lambda soft, i: max(soft, len(headers[i]), 6), lambda soft, i: max(len(headers[i]), 6)):
+            for name, soft in shrink:
+                if excess <= 0:
+                    break
+                i = headers.index(name)
+                give = min(excess, widths[i] - floor_of(soft, i))
+                if give > 0:
+                    widths[i] -= give
+                    excess -= give
     wrapped = [headers.index(n) for n in wrap]
     out = ["  ".join(h.ljust(widths[i]) for i, h in enumerate(headers)).rstrip()]
     for row in cells:
@@ -4553,13 +4556,14 @@ def _decode(data, source):
 
 
 def job_table(jobs, utc, stream=None):
-    """Jobs as a table: on a terminal fitted to its width with relative times, piped with UTC
-    stamps and whole (up to 48 characters) commands.  A QUEUE column when jobs of a named queue
-    are listed; a job that is not due yet says when it is ("due in 2h")."""
+    """Jobs as a table: on a terminal fitted to its width with relative times (a QUEUE column when
+    jobs of a named queue are listed), piped with UTC stamps, commands up to 48 characters and the
+    same columns whatever the jobs.  A job that is not due yet says when it is ("due in 2h")."""
     stream = stream or sys.stdout
     now = time.time()
-    queues = any(j.queue != DEFAULT_QUEUE for j in jobs)
-    headers = ["ID", "STATE", "PRIORITY", "ATTEMPTS"] + (["QUEUE"] if queues else []) + ["COMMAND", "UPDATED"]
+    queues = utc or any(j.queue != DEFAULT_QUEUE for j in jobs)  # (piped: always, so scripts see one layout)
+    headers = ["ID", "STATE", "PRIORITY" if utc else "PRIO", "ATTEMPTS"] + (["QUEUE"] if queues else []) \
+        + ["COMMAND", "UPDATED"]
     rows = []
     for j in jobs:
         if j.state in ("pending", "failed", "waiting") and j.run_at > now + 1:
@@ -4568,7 +4572,7 @@ def job_table(jobs, utc, stream=None):
             updated = when(j.updated_at, now, utc)
         rows.append([j.id, j.state, j.priority_name, attempts_text(j)] + ([j.queue] if queues else [])
                     + [_one_line(j.command, 48) if utc else j.command, updated])
-    table(headers, rows, stream, fit=("COMMAND", "ID", "QUEUE"))
+    table(headers, rows, stream, fit=(("COMMAND", 24), ("ID", 16), ("QUEUE", 8)))
 
 
 def attempts_text(job):
