@@ -1099,6 +1099,22 @@ class Store:
         oldest_due(now)`` is the queue latency.  Index-served."""
         raise NotImplementedError
 
+    def scheduled_page(self, now, limit=50, after=None):
+        """One page of the jobs that wait for a time to come: pending jobs whose ``run_at`` is
+        after ``now`` (enqueued with a delay or a run time), soonest first, by ``(run_at, seq)``;
+        ``after`` is the ``(run_at, seq)`` of the last job of the previous page.  Failed jobs
+        waiting for their retry are not among them (they are listed as failed).  Returns
+        ``(jobs, more)`` as ``jobs_page`` does.  Served by the index of due jobs, one range per
+        priority: the cost depends on ``limit`` (and on how many failed jobs of the same
+        priority wait for a retry), never on the total number of jobs."""
+        raise NotImplementedError
+
+    def queue_settings(self):
+        """``{name: {"max_running": n or None, "paused": bool}}`` for every known queue.  Unlike
+        ``queues()`` it counts no jobs: it reads the queues' own records only, at a cost that
+        does not grow with the number of jobs."""
+        raise NotImplementedError
+
     def stats_minutes(self, since, until):
         """Per-minute outcome totals of finished attempts for epoch minutes
         ``since..until`` (inclusive; a minute is ``int(epoch_seconds // 60)``),
@@ -1526,6 +1542,11 @@ SQL_OLDEST_DUE = """
 SELECT run_at FROM jobs WHERE state IN ('pending', 'failed') AND priority = :priority AND run_at <= :now
 ORDER BY run_at LIMIT 1
 """
+SQL_SCHEDULED_PAGE = (  # one priority at a time: a range of the jobs_ready index
+    "SELECT " + JOB_COLUMNS + " FROM jobs WHERE state IN ('pending', 'failed') AND priority = :priority "
+    "AND (run_at, seq) > (:run_at, :seq) AND +state = 'pending' ORDER BY run_at, seq LIMIT :limit"
+)
+SQL_QUEUE_SETTINGS = "SELECT name, max_running, paused FROM queues ORDER BY name"
 SQL_STATS_RANGE = """
 SELECT minute, outcome, SUM(count) AS count, SUM(run_sum) AS run_sum, SUM(wait_sum) AS wait_sum
 FROM stats WHERE minute BETWEEN :since AND :until GROUP BY minute, outcome ORDER BY minute, outcome
@@ -2564,6 +2585,18 @@ class SqliteStore(Store):
         found = [r[0] for r in (self._read(SQL_OLDEST_DUE, {"priority": prio, "now": now}, one=True)
                                 for prio in sorted(set(PRIORITIES.values()))) if r]
         return min(found) if found else None
+
+    def scheduled_page(self, now, limit=50, after=None):
+        start = max(tuple(after), (now, 2 ** 63 - 1)) if after else (now, 2 ** 63 - 1)
+        p = {"run_at": start[0], "seq": start[1], "limit": int(limit) + 1}
+        rows = [r for prio in sorted(set(PRIORITIES.values()))
+                for r in self._read(SQL_SCHEDULED_PAGE, dict(p, priority=prio))]
+        rows.sort(key=lambda r: (r["run_at"], r["seq"]))
+        return [Job.from_row(r) for r in rows[:limit]], len(rows) > limit
+
+    def queue_settings(self):
+        return {r["name"]: {"max_running": r["max_running"], "paused": bool(r["paused"])}
+                for r in self._read(SQL_QUEUE_SETTINGS)}
 
     def stats_minutes(self, since, until):
         return [dict(r) for r in self._read(SQL_STATS_RANGE, {"since": int(since), "until": int(until)})]

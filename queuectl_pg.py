@@ -776,6 +776,11 @@ SELECT min(run_at) AS run_at FROM (
     FROM unnest(%(priorities)s::integer[]) AS p
 ) x
 """
+SQL_SCHEDULED_PAGE = (  # one priority at a time: a range of the jobs_ready index
+    "SELECT " + _columns() + " FROM {s}.jobs WHERE state IN ('pending', 'failed') AND priority = %(priority)s "
+    "AND run_at > {clock} AND (run_at, seq) > (%(run_at)s::float8, %(seq)s::bigint) AND state = 'pending' "
+    "ORDER BY run_at, seq LIMIT %(limit)s"
+)
 SQL_STATS_RANGE = """
 SELECT minute, outcome, sum(count)::bigint AS count, sum(run_sum) AS run_sum, sum(wait_sum) AS wait_sum
 FROM {s}.stats WHERE minute BETWEEN %(since)s AND %(until)s GROUP BY minute, outcome ORDER BY minute, outcome
@@ -1597,6 +1602,18 @@ class PostgresStore(Store):
         row = self._one(self.sql.OLDEST_DUE, {"now": self._clock(now),
                                               "priorities": sorted(set(queuectl.PRIORITIES.values()))})
         return row["run_at"] if row else None
+
+    def scheduled_page(self, now, limit=50, after=None):
+        run_at, seq = after if after else (float("-inf"), 0)
+        p = {"now": self._clock(now), "run_at": run_at, "seq": seq, "limit": int(limit) + 1}
+        rows = [r for prio in sorted(set(queuectl.PRIORITIES.values()))
+                for r in self._all(self.sql.SCHEDULED_PAGE, dict(p, priority=prio))]
+        rows.sort(key=lambda r: (r["run_at"], r["seq"]))
+        return [Job.from_row(r) for r in rows[:limit]], len(rows) > limit
+
+    def queue_settings(self):
+        return {r["name"]: {"max_running": r["max_running"], "paused": bool(r["paused"])}
+                for r in self._all(self.sql.QUEUES)}
 
     def stats_minutes(self, since, until):
         return [dict(r, count=int(r["count"])) for r in self._all(self.sql.STATS_RANGE,

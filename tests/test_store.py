@@ -730,6 +730,49 @@ class StoreContract:
         assert [j.id for j in store.list_jobs()] == ["z", "y", "x"]
         assert [j.id for j in store.list_jobs(limit=2)] == ["y", "x"]
 
+    def test_scheduled_page_walks_future_pending_jobs_soonest_first(self, store):
+        store.enqueue([spec(id="due", command="echo due")], NOW)  # due now: not scheduled
+        store.enqueue([spec(id="later-low", priority="low", delay=300), spec(id="soon-high", priority="high", delay=10),
+                       spec(id="mid", delay=100), spec(id="mid-too", delay=100), spec(id="last", delay=900)], NOW)
+        self.enqueue_one(store, id="retry", max_retries=3)
+        job = self.claim(store, now=NOW)
+        assert job.id == "due"
+        job = self.claim(store, now=NOW)
+        assert job.id == "retry"
+        state, retry_at = self.fail(store, job, NOW + 1)  # failed, waiting for its retry: listed as failed
+        assert state == "failed" and retry_at > NOW + 1
+        jobs, more = store.scheduled_page(NOW + 1, limit=10)
+        order = ["soon-high", "mid", "mid-too", "later-low", "last"]  # by run_at, then enqueue order
+        assert [j.id for j in jobs] == order and not more
+        seen, after = [], None
+        while True:  # pages of two, each starting after the last one
+            jobs, more = store.scheduled_page(NOW + 1, limit=2, after=after)
+            seen += [j.id for j in jobs]
+            assert len(jobs) == 2 or not more
+            if not more:
+                break
+            after = (jobs[-1].run_at, jobs[-1].seq)
+        assert seen == order
+        # Time goes by: what is due now is no longer scheduled, an old cursor does not bring it back.
+        jobs, more = store.scheduled_page(NOW + 150, limit=10, after=(NOW + 10, jobs[0].seq))
+        assert [j.id for j in jobs] == ["later-low", "last"]
+        assert store.scheduled_page(NOW + 1000, limit=10) == ([], False)
+        store.cancel("last", NOW + 2)  # cancelled: not scheduled any more
+        assert [j.id for j in store.scheduled_page(NOW + 150, limit=10)[0]] == ["later-low"]
+
+    def test_queue_settings_without_counting_jobs(self, store):
+        self.enqueue_one(store, id="a", queue="reports")
+        self.enqueue_one(store, id="b")
+        assert store.queue_settings() == {"default": {"max_running": None, "paused": False},
+                                          "reports": {"max_running": None, "paused": False}}
+        store.set_queue("reports", max_running=2, paused=True)
+        store.set_queue("empty", paused=False)
+        assert store.queue_settings() == {"default": {"max_running": None, "paused": False},
+                                          "reports": {"max_running": 2, "paused": True},
+                                          "empty": {"max_running": None, "paused": False}}
+        store.set_queue("reports", max_running=None, paused=False)
+        assert store.queue_settings()["reports"] == {"max_running": None, "paused": False}
+
     def test_get_and_attempts_of_an_unknown_job(self, store):
         assert store.get("nope") is None
         assert store.attempts("nope") == []
