@@ -1109,6 +1109,14 @@ class Store:
         priority wait for a retry), never on the total number of jobs."""
         raise NotImplementedError
 
+    def queue_page(self, queue, state=None, limit=50, after=None, scan=2000):
+        """One page of the jobs of one queue (of ``state`` if given), newest first, from
+        ``after`` on, as ``jobs_page``.  No index leads with the queue, so at most ``scan`` jobs
+        (of ``state``) are looked at: the cost depends on ``scan``, never on the total number of
+        jobs.  Returns ``(jobs, more, cut)``: at most ``limit`` jobs; whether more may follow;
+        and whether the look stopped at ``scan`` jobs before it found more than ``limit``."""
+        raise NotImplementedError
+
     def queue_settings(self):
         """``{name: {"max_running": n or None, "paused": bool}}`` for every known queue.  Unlike
         ``queues()`` it counts no jobs: it reads the queues' own records only, at a cost that
@@ -1547,6 +1555,22 @@ SQL_SCHEDULED_PAGE = (  # one priority at a time: a range of the jobs_ready inde
     "AND (run_at, seq) > (:run_at, :seq) AND +state = 'pending' ORDER BY run_at, seq LIMIT :limit"
 )
 SQL_QUEUE_SETTINGS = "SELECT name, max_running, paused FROM queues ORDER BY name"
+SQL_QUEUE_PAGE = (  # the newest :scan jobs (on the jobs_updated index), then those of the queue
+    "SELECT * FROM (SELECT " + JOB_COLUMNS + " FROM jobs WHERE (updated_at, seq) < (:updated_at, :seq) "
+    "ORDER BY updated_at DESC, seq DESC LIMIT :scan) WHERE queue = :queue LIMIT :limit"
+)
+SQL_QUEUE_PAGE_STATE = (
+    "SELECT * FROM (SELECT " + JOB_COLUMNS + " FROM jobs WHERE state = :state AND (updated_at, seq) < "
+    "(:updated_at, :seq) ORDER BY updated_at DESC, seq DESC LIMIT :scan) WHERE queue = :queue LIMIT :limit"
+)
+SQL_PAGE_NTH = (  # is there a job after the first :scan from the position on?  (index only)
+    "SELECT seq FROM jobs WHERE (updated_at, seq) < (:updated_at, :seq) ORDER BY updated_at DESC, seq DESC "
+    "LIMIT 1 OFFSET :scan"
+)
+SQL_PAGE_NTH_STATE = (
+    "SELECT seq FROM jobs WHERE state = :state AND (updated_at, seq) < (:updated_at, :seq) "
+    "ORDER BY updated_at DESC, seq DESC LIMIT 1 OFFSET :scan"
+)
 SQL_STATS_RANGE = """
 SELECT minute, outcome, SUM(count) AS count, SUM(run_sum) AS run_sum, SUM(wait_sum) AS wait_sum
 FROM stats WHERE minute BETWEEN :since AND :until GROUP BY minute, outcome ORDER BY minute, outcome
@@ -2593,6 +2617,16 @@ class SqliteStore(Store):
                 for r in self._read(SQL_SCHEDULED_PAGE, dict(p, priority=prio))]
         rows.sort(key=lambda r: (r["run_at"], r["seq"]))
         return [Job.from_row(r) for r in rows[:limit]], len(rows) > limit
+
+    def queue_page(self, queue, state=None, limit=50, after=None, scan=2000):
+        p = {"queue": queue, "state": str(state) if state else None, "limit": int(limit) + 1, "scan": int(scan)}
+        p["updated_at"], p["seq"] = after if after else (float("inf"), 2 ** 63 - 1)
+        rows = sorted(self._read(SQL_QUEUE_PAGE_STATE if state else SQL_QUEUE_PAGE, p),
+                      key=lambda r: (r["updated_at"], r["seq"]), reverse=True)
+        if len(rows) > limit:
+            return [Job.from_row(r) for r in rows[:limit]], True, False
+        cut = self._read(SQL_PAGE_NTH_STATE if state else SQL_PAGE_NTH, p, one=True) is not None
+        return [Job.from_row(r) for r in rows], cut, cut
 
     def queue_settings(self):
         return {r["name"]: {"max_running": r["max_running"], "paused": bool(r["paused"])}
@@ -3960,27 +3994,26 @@ def _top_key(job, filt):
 
 
 def _top_jobs(store, now, filt, queue, limit, after):
-    """(jobs, more, truncated): one window of the jobs list, newest first (scheduled: soonest
-    first).  With ``queue`` the pages are filtered here: at most TOP_QUEUE_SCAN jobs are looked at."""
-    def page(position, n):
-        if filt == "scheduled":
-            return store.scheduled_page(now, limit=n, after=position)
-        return store.jobs_page(state=None if filt == "all" else filt, limit=n, after=position)
-
-    if queue is None:
-        jobs, more = page(after, limit)
+    """(jobs, more, cut): one window of the jobs list, newest first (scheduled: soonest first).
+    With ``queue`` at most TOP_QUEUE_SCAN jobs are looked at; ``cut`` says the look stopped there."""
+    state = None if filt in ("all", "scheduled") else filt
+    if filt != "scheduled":
+        if queue is not None:
+            return store.queue_page(queue, state=state, limit=limit, after=after, scan=TOP_QUEUE_SCAN)
+        jobs, more = store.jobs_page(state=state, limit=limit, after=after)
         return jobs, more, False
     found, looked = [], 0
-    while looked < TOP_QUEUE_SCAN:
-        batch, more = page(after, min(500, TOP_QUEUE_SCAN - looked))
+    while True:  # the scheduled jobs, few as a rule; of one queue: filtered here, within the same bound
+        batch, more = store.scheduled_page(now, limit=limit + 1 if queue is None else 100, after=after)
         looked += len(batch)
-        found += [j for j in batch if j.queue == queue]
+        found += [j for j in batch if queue is None or j.queue == queue]
         if len(found) > limit:
             return found[:limit], True, False
         if not more:
             return found, False, False
+        if looked >= TOP_QUEUE_SCAN:
+            return found, True, True
         after = _top_key(batch[-1], filt)
-    return found, True, True
 
 
 def top_snapshot(store, now, db="", queue=None, filt="all", limit=20, after=None, offset=0, job_id=None,
@@ -4279,6 +4312,8 @@ def _top_jobs_pane(snap, view, width, rows):
         elif snap.more or len(jobs) > rows:
             where += " and more"
         right = " " + where + " "
+        if sum(_cells(t) for t, _ in tabs) + _cells(right) > width:
+            tabs = tabs[1:]  # the tabs say what the list is
         line = _fit_line(tabs, width - _cells(right), fill="")
         lines = [line + [(right, "label")]]
     else:
@@ -4443,7 +4478,7 @@ def _top_hints(view, width):
                 ("r", "retry"), ("c", "cancel"), ("?", "help"), ("q", "quit")]
     else:
         keys = [("Enter", "open"), ("1-9", "filter"), ("r", "retry"), ("c", "cancel"), ("e", "again"),
-                ("p", "pause queue"), ("?", "help"), ("q", "quit")]
+                ("p", "pause"), ("?", "help"), ("q", "quit")]
     spans = []
     for key, what in keys:
         spans += [(" " + key, "key"), (" " + what + " ", "label")]
@@ -4537,7 +4572,7 @@ class TopApp:
         self.view = TopView(interval=interval)
         self.job_id = None  # the job view's job
         self.anchors = []  # the keyset position of every job above the window, in order
-        self.selected_id = None
+        self.selected_id = None  # the job the user moved the selection to: followed while it is on screen
         self.snap = None
         self.layout = {"rows": 10, "max_scroll": 0, "output_rows": 10}
         self.rows = 10  # jobs list rows of the last frame that showed the list
@@ -4568,9 +4603,8 @@ class TopApp:
             ids = [j.id for j in snap.jobs[:self.rows]]
             if self.selected_id in ids:
                 self.view.selected = ids.index(self.selected_id)
-            else:
+            else:  # (not chosen, or gone from the screen: the same row, as on a live list)
                 self.view.selected = max(0, min(self.view.selected, len(ids) - 1))
-            self.selected_id = ids[self.view.selected] if ids else None
         if snap.job is not None and self.view.attempt is not None and snap.attempt is None:
             self.view.attempt = None  # (that attempt is gone: back to the latest)
         return True

@@ -760,6 +760,33 @@ class StoreContract:
         store.cancel("last", NOW + 2)  # cancelled: not scheduled any more
         assert [j.id for j in store.scheduled_page(NOW + 150, limit=10)[0]] == ["later-low"]
 
+    def test_queue_page_lists_one_queue_newest_first_within_a_bound(self, store):
+        for i in range(10):  # r0..r9 in "reports", every third one dead; older than the rest
+            self.enqueue_one(store, NOW + i, id="r%d" % i, queue="reports")
+        for i in range(20):
+            self.enqueue_one(store, NOW + 100 + i, id="d%d" % i)
+        jobs, more, cut = store.queue_page("reports", limit=4)
+        assert [j.id for j in jobs] == ["r9", "r8", "r7", "r6"] and more and not cut
+        jobs, more, cut = store.queue_page("reports", limit=4, after=(jobs[-1].updated_at, jobs[-1].seq))
+        assert [j.id for j in jobs] == ["r5", "r4", "r3", "r2"] and more and not cut
+        jobs, more, cut = store.queue_page("reports", limit=4, after=(jobs[-1].updated_at, jobs[-1].seq))
+        assert [j.id for j in jobs] == ["r1", "r0"] and not more and not cut
+        jobs, more, cut = store.queue_page("reports", limit=50)
+        assert len(jobs) == 10 and not more and not cut
+        # The 25 newest jobs hold only 5 of reports: the look stops there, and says so.
+        jobs, more, cut = store.queue_page("reports", limit=50, scan=25)
+        assert [j.id for j in jobs] == ["r9", "r8", "r7", "r6", "r5"] and more and cut
+        jobs, more, cut = store.queue_page("reports", limit=3, scan=25)
+        assert [j.id for j in jobs] == ["r9", "r8", "r7"] and more and not cut
+        # Of one state: the bound counts jobs of that state.
+        self.enqueue_one(store, NOW + 200, id="late", queue="reports")
+        assert self.claim_id(store, now=NOW + 300) == "r0"  # the oldest due job runs: r0 is updated last
+        jobs, more, cut = store.queue_page("reports", state="processing", limit=5, scan=1)
+        assert [j.id for j in jobs] == ["r0"] and not more and not cut
+        jobs, more, cut = store.queue_page("reports", state="pending", limit=5, scan=3)
+        assert [j.id for j in jobs] == ["late"] and more and cut  # the 3 newest pending: late, d19, d18
+        assert store.queue_page("nosuch", limit=5) == ([], False, False)
+
     def test_queue_settings_without_counting_jobs(self, store):
         self.enqueue_one(store, id="a", queue="reports")
         self.enqueue_one(store, id="b")

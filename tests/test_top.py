@@ -286,6 +286,21 @@ def test_filters_scroll_and_selection(store, db):
     assert app.filter == "scheduled"
 
 
+def test_one_queue_is_listed_within_a_bound(store, db, monkeypatch):
+    now = time.time()
+    store.enqueue([spec(id="r%d" % i, queue="reports") for i in range(3)], now)
+    store.enqueue([spec(id="d%02d" % i) for i in range(30)], now + 1)  # newer, in the default queue
+    app = app_on(store, db, queue="reports")
+    assert list_ids(app) == ["r2", "r1", "r0"] and not app.snap.truncated
+    assert "queue reports active" in screen_of(app)
+    monkeypatch.setattr(queuectl, "TOP_QUEUE_SCAN", 20)  # looks at the 20 newest jobs only: none of reports
+    app.refresh(force=True)
+    assert list_ids(app) == [] and app.snap.truncated
+    assert "no jobs of queue reports among the 20 newest" in screen_of(app)
+    app.key("p")
+    assert "Pause queue reports" in app.view.status  # --queue: p acts on that queue, with no job selected
+
+
 def test_the_selection_follows_its_job_when_the_list_changes(store, db):
     now = time.time()
     store.enqueue([spec(id="a"), spec(id="b"), spec(id="c")], now)
