@@ -4473,14 +4473,18 @@ def _top_help(width):
 
 
 def _top_hints(view, width):
+    """The status line's key reminders: as many as fit, "? help" and "q quit" always."""
     if view.mode == "job":
-        keys = [("Esc", "back"), ("Left/Right", "attempt"), ("Up/Down", "scroll"), ("End", "follow"),
-                ("r", "retry"), ("c", "cancel"), ("?", "help"), ("q", "quit")]
+        keys = [("Esc", "back"), ("[ ]", "attempt"), ("Up/Down", "scroll"), ("End", "follow"), ("r", "retry"),
+                ("c", "cancel")]
     else:
         keys = [("Enter", "open"), ("1-9", "filter"), ("r", "retry"), ("c", "cancel"), ("e", "again"),
-                ("p", "pause"), ("?", "help"), ("q", "quit")]
+                ("p", "pause")]
+    last = [("?", "help"), ("q", "quit")]
+    while keys and sum(len(k) + len(w) + 3 for k, w in keys + last) > width:
+        keys.pop()
     spans = []
-    for key, what in keys:
+    for key, what in keys + last:
         spans += [(" " + key, "key"), (" " + what + " ", "label")]
     return _fit_line(spans, width)
 
@@ -4587,6 +4591,7 @@ class TopApp:
     def refresh(self, force=False):
         """Read again if the database changed, ``force``, or TOP_STALE passed.  True when read."""
         mono = time.monotonic()
+        self.store.check()  # a database deleted or replaced: leave with the error, not a frozen screen
         try:
             marker = top_change_marker(self.store)
             if not force and self.snap is not None and marker == self.marker and mono - self.read_at < TOP_STALE:
@@ -4927,7 +4932,7 @@ def run_top(store, args):
         raise QueuectlError("this Python has no curses module: use queuectl top --once") from None
     locale.setlocale(locale.LC_ALL, "")
     os.environ.setdefault("ESCDELAY", "25")  # Esc goes back at once, not after a second
-    uni = locale.getpreferredencoding(False).lower().replace("-", "") == "utf8"
+    uni = locale.nl_langinfo(locale.CODESET).lower().replace("-", "") == "utf8"  # what curses writes in
     app = TopApp(store, db_label(args.db_path), args.queue, args.state, args.interval, uni)
     app.limit = max(TOP_MIN_SIZE[1], os.get_terminal_size(sys.stdout.fileno()).lines)
     app.refresh(force=True)  # a database error shows before the screen is taken

@@ -23,7 +23,7 @@ import time
 import pytest
 
 import queuectl
-from conftest import db_rows, pid_exists, program, program_env, wait_state, wait_until
+from conftest import db_rows, pg_schema_of, pid_exists, program, program_env, wait_state, wait_until
 from queuectl import Attempt, Job, TopSnapshot, TopView, render_top
 
 NOW = 1_700_000_000.0
@@ -484,7 +484,7 @@ class Pane:
         # No status line (the pane is the whole window), a terminal type every ncurses knows, and
         # a pane that stays after its program exits, to read how it exited.
         self.conf.write_text("set -g status off\nset -g default-terminal screen\nset -g remain-on-exit on\n"
-                             "set -g history-limit 0\n")
+                             "set -g history-limit 1000\n")
         self.status = tmp_path / "top.status"
         self.pid = self.shell = None
 
@@ -495,11 +495,11 @@ class Pane:
             raise AssertionError("tmux %s: %s" % (" ".join(args), proc.stderr))
         return proc.stdout
 
-    def start(self, args, width=80, height=24):
+    def start(self, args, width=80, height=24, locale="C.UTF-8"):
         # A shell runs the program and writes down its exit status (tmux's own can come late); its
         # trap keeps a Ctrl-C from ending it too (the program gets the default handling).
-        argv = ["sh", "-c", 'trap : INT; "$@"; echo $? > %s' % shlex.quote(str(self.status)), "sh"] + program() + \
-            list(args)
+        argv = ["sh", "-c", 'trap : INT; "$@"; echo $? > %s' % shlex.quote(str(self.status)), "sh", "env",
+                "LC_ALL=" + locale] + program() + list(args)
         self.tmux("new-session", "-d", "-s", "top", "-x", str(width), "-y", str(height), shlex.join(argv))
         self.shell = int(self.tmux("display-message", "-p", "-t", "top", "#{pane_pid}").strip())
         self.pid = wait_until(lambda: child_of(self.shell), 10, message="the program did not start")
@@ -658,3 +658,32 @@ def test_live_top_leaves_cleanly_on_ctrl_c_from_the_help(pane):
     pane.keys("C-c")
     wait_until(pane.exited, 10, interval=0.05)
     assert pane.exited() == (0, False)
+
+
+def test_live_top_on_a_terminal_that_is_not_utf8(pane, run):
+    assert run("enqueue", "--id", "wide", "--", "echo " + "long words " * 10).rc == 0
+    pane.start(["top"], locale="C")
+    pane.wait_for("wide ")
+    screen = pane.screen()
+    assert screen.isascii() and "echo long words long words" in screen
+    row = next(line for line in pane.lines() if line.startswith(">wide "))
+    assert row.endswith("~") and len(row) == 80  # cut, with an ASCII ellipsis
+    pane.keys("q")
+    wait_until(pane.exited, 10, interval=0.05)
+    assert pane.exited() == (0, False)
+
+
+def test_live_top_leaves_on_an_error_with_the_terminal_restored(pane, run, db, backend):
+    assert run("enqueue", "--id", "one", "--", "true").rc == 0
+    pane.start(["top", "--interval", "0.2"])
+    pane.wait_for("pending 1")
+    if backend == "postgres":  # the schema dropped under it: the next read fails for good
+        db_rows(db, 'DROP SCHEMA "%s" CASCADE' % pg_schema_of(str(db)))
+        message = "is not a queuectl schema"
+    else:  # the file deleted: a store checks that it still reads the file the name leads to
+        os.unlink(str(db))
+        message = "was deleted while in use"
+    wait_until(pane.exited, 20, interval=0.05)
+    assert pane.exited() == (74, False)
+    screen = pane.tmux("capture-pane", "-p", "-J", "-S", "-", "-t", "top")  # (with what scrolled off, lines joined)
+    assert "queuectl: error: " in screen and message in screen and "Traceback" not in screen
