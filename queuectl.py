@@ -4810,8 +4810,9 @@ class TopApp:
         return "queue %s %s" % (queue, "paused" if paused else "resumed")
 
 
-class _TopSignal(Exception):
-    """SIGTERM or SIGHUP reached `top`: leave as after q."""
+class _TopSignal(BaseException):
+    """SIGTERM or SIGHUP reached `top`, or its terminal went away: leave as after q.  (Not an
+    Exception, so that no ``except Exception`` on the way swallows it, as KeyboardInterrupt.)"""
 
 
 _TOP_KEYS = {10: "enter", 13: "enter", 27: "esc", 9: "tab", 127: "backspace", 8: "backspace"}
@@ -4957,11 +4958,17 @@ def run_top(store, args):
             curses.curs_set(0)
         palette = _TopPalette(curses, color_mode(args.color, sys.stdout))
         next_look = time.monotonic() + args.interval
+        early = 0  # getch() answering "no key" long before its time: the terminal is gone (no SIGHUP came)
         while True:
             height, width = screen.getmaxyx()
             _top_draw(screen, curses, app.frame(width, height), palette)
-            screen.timeout(max(0, int((next_look - time.monotonic()) * 1000)))
+            wait = max(0, int((next_look - time.monotonic()) * 1000))
+            screen.timeout(wait)
+            asked = time.monotonic()
             code = screen.getch()
+            early = early + 1 if code == -1 and wait >= 100 and time.monotonic() - asked < wait / 2000.0 else 0
+            if early > 50:
+                raise _TopSignal()
             if code != -1:
                 name = _top_key_name(code, curses)
                 if name == "resize":
@@ -4986,7 +4993,8 @@ def run_top(store, args):
                 screen.keypad(False)
                 curses.nocbreak()
                 curses.echo()
-            curses.endwin()
+            with contextlib.suppress(Exception):  # (a terminal that went away cannot be restored)
+                curses.endwin()
         for sig, handler in old.items():
             signal.signal(sig, handler)
     return EXIT_OK

@@ -13,6 +13,7 @@ import contextlib
 import os
 import re
 import secrets
+import select
 import shlex
 import shutil
 import signal
@@ -687,3 +688,37 @@ def test_live_top_leaves_on_an_error_with_the_terminal_restored(pane, run, db, b
     assert pane.exited() == (74, False)
     screen = pane.tmux("capture-pane", "-p", "-J", "-S", "-", "-t", "top")  # (with what scrolled off, lines joined)
     assert "queuectl: error: " in screen and message in screen and "Traceback" not in screen
+
+
+@pytest.mark.e2e
+def test_top_leaves_when_its_terminal_goes_away(tmp_path):
+    """A pseudo-terminal closed under `top` with no SIGHUP (not its controlling terminal): it
+    notices that reading keys fails at once, and exits, instead of spinning on the CPU."""
+    import fcntl
+    import struct
+    import termios
+
+    master, slave = os.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
+    env = dict(program_env(tmp_path / "q.db"), TERM="xterm", LC_ALL="C.UTF-8")
+    proc = subprocess.Popen(program() + ["top"], stdin=slave, stdout=slave, stderr=slave, env=env, cwd=tmp_path,
+                            start_new_session=True)
+    os.close(slave)
+    try:
+        seen = []
+
+        def frame_drawn():
+            if select.select([master], [], [], 0.05)[0]:
+                seen.append(os.read(master, 65536))
+            return b"no workers" in b"".join(seen)
+
+        wait_until(frame_drawn, 20, interval=0)
+        os.close(master)
+        master = None
+        assert proc.wait(timeout=20) == 0
+    finally:
+        if master is not None:
+            os.close(master)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
