@@ -3935,45 +3935,61 @@ TOP_OUTPUT_TAIL = 65536  # characters of an attempt's output the job view makes 
 TOP_MINUTES = 60  # minutes of throughput read for the sparklines
 TOP_WORKER_JOBS = 32  # busy workers whose job (command, start) is read, at most
 TOP_STATUS_SECONDS = 8.0  # how long a result stays on the status line
-_CONTROL_SEQUENCE = re.compile(r"\x1b(?:\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(?:\x07|\x1b\\)?|[@-Z\\-_])")
+_CONTROL_SEQUENCE = []  # the compiled pattern of terminal control sequences, made at first use
 
 
-@_record
-class TopSnapshot:
+class _TopRecord:
+    """A record whose fields and defaults are its class attributes (a plain class: nothing to
+    build at start-up, unlike ``_record``, for code that only `top` runs)."""
+
+    def __init__(self, **fields):
+        unknown = [name for name in fields if name.startswith("_") or not hasattr(type(self), name)]
+        if unknown:
+            raise TypeError("%s has no field %s" % (type(self).__name__, unknown[0]))
+        self.__dict__.update(fields)
+
+
+class TopSnapshot(_TopRecord):
     """What one frame of `top` shows, as read from the store by ``top_snapshot``."""
 
-    now: float
-    db: str = ""
-    queue: str = None  # --queue
-    counts: dict = None  # {state: n}
-    oldest_due: float = None
-    workers: list = None  # dicts: id, host, pid, heartbeat_at, state (busy, idle, gone), job_id, job_started_at, command
-    minutes: list = None  # (processed, failed) per minute, oldest first, the current minute last
-    queues: dict = None  # queue_settings()
-    filter: str = "all"
-    jobs: list = None  # the jobs list from the top of the window (None in the job view)
-    more: bool = False  # jobs follow the ones read
-    offset: int = 0  # jobs above the window
-    truncated: bool = False  # --queue: the list was cut at TOP_QUEUE_SCAN jobs looked at
-    job_id: str = None  # the job view's job ...
-    job: Job = None  # ... None when it no longer exists
-    attempts: list = None
-    attempt: Attempt = None  # the chosen attempt, with its output
+    now = 0.0
+    db = ""
+    queue = None  # --queue
+    counts = None  # {state: n}
+    oldest_due = None
+    workers = None  # dicts: id, host, pid, heartbeat_at, state (busy, idle, gone), job_id, job_started_at, command
+    minutes = None  # (processed, failed) per minute, oldest first, the current minute last
+    queues = None  # queue_settings()
+    filter = "all"
+    jobs = None  # the jobs list from the top of the window (None in the job view)
+    more = False  # jobs follow the ones read
+    offset = 0  # jobs above the window
+    truncated = False  # --queue: the list was cut at TOP_QUEUE_SCAN jobs looked at
+    job_id = None  # the job view's job ...
+    job = None  # ... a Job, None when it no longer exists
+    attempts = None
+    attempt = None  # the chosen Attempt, with its output
 
 
-@_record
-class TopView:
+class TopView(_TopRecord):
     """What the user chose: screen, selection, status line."""
 
-    mode: str = "list"  # list | job
-    help: bool = False
-    selected: int = 0  # row of the jobs list; -1: none
-    attempt: int = None  # the job view's attempt; None: the latest
-    scroll: int = 0  # output lines scrolled back from the end; 0: following the output
-    status: str = ""
-    status_style: str = "info"  # info | ok | error | ask
-    interval: float = 1.0
-    once: bool = False  # a plain-text frame: no selection, no status line
+    mode = "list"  # list | job
+    help = False
+    selected = 0  # row of the jobs list; -1: none
+    attempt = None  # the job view's attempt; None: the latest
+    scroll = 0  # output lines scrolled back from the end; 0: following the output
+    status = ""
+    status_style = "info"  # info | ok | error | ask
+    interval = 1.0
+    once = False  # a plain-text frame: no selection, no status line
+
+
+def _strip_control(text):
+    """``text`` without terminal control sequences (colours, cursor moves, titles)."""
+    if not _CONTROL_SEQUENCE:
+        _CONTROL_SEQUENCE.append(re.compile(r"\x1b(?:\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(?:\x07|\x1b\\)?|[@-Z\\-_])"))
+    return _CONTROL_SEQUENCE[0].sub("", text)
 
 
 def top_change_marker(store):
@@ -4078,7 +4094,7 @@ def _cells(text):
 
 def _clean(text):
     """One line of a user's text for the screen: control sequences gone, white space one blank."""
-    return " ".join(safe_text(_CONTROL_SEQUENCE.sub("", str(text))).split())
+    return " ".join(safe_text(_strip_control(str(text))).split())
 
 
 def _clip(text, width, pad=False, keep_end=False):
@@ -4365,7 +4381,7 @@ def _output_lines(attempt, width):
         line = line.rstrip("\r")
         if "\r" in line:  # a progress bar redrawn: what the terminal would show
             line = line.rsplit("\r", 1)[1]
-        line = safe_text(_CONTROL_SEQUENCE.sub("", line).expandtabs(8)).replace("\t", " ")
+        line = safe_text(_strip_control(line).expandtabs(8)).replace("\t", " ")
         lines.extend(_wrap(line, width))
     return lines
 
@@ -4398,6 +4414,8 @@ def _top_job_view(snap, view, width, height):
                        else ago(job.run_at, now)))
     if job.state == "processing" and job.started_at:
         fields.append(("running for", human_duration(now - job.started_at)))
+    elif job.finished_at and job.state in FINAL_STATES:
+        fields.append(("finished", ago(job.finished_at, now)))
     if job.worker_id:
         fields.append(("worker", job.worker_id))
     if job.exit_code is not None:
@@ -4535,7 +4553,7 @@ def _top_finish(lines, view, width, height, uni):
     lines += [[] for _ in range(body - len(lines))]
     if not view.once:
         if view.status:
-            lines.append(_fit_line([(" " + view.status, view.status_style)], width, fill=view.status_style))
+            lines.append(_fit_line([(" " + _clean(view.status), view.status_style)], width, fill=view.status_style))
         else:
             lines.append(_top_hints(view, width))
     if not uni:  # a terminal that is not UTF-8: sparkline and ellipsis in ASCII, the rest replaced
@@ -4631,7 +4649,7 @@ class TopApp:
     # --- keys ----------------------------------------------------------------------------
 
     def key(self, name):
-        """Do what the key ``name`` asks.  Returns False to leave, else whether to read again now."""
+        """Do what the key ``name`` asks.  Returns None to leave, else whether to read again now."""
         view = self.view
         if self.asked is not None:
             question, action = self.asked
