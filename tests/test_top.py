@@ -487,7 +487,7 @@ class Pane:
         self.conf.write_text("set -g status off\nset -g default-terminal screen\nset -g remain-on-exit on\n"
                              "set -g history-limit 1000\n")
         self.status = tmp_path / "top.status"
-        self.pid = self.shell = None
+        self.pid = self.shell = self.socket_path = None
 
     def tmux(self, *args, check=True):
         proc = subprocess.run(["tmux", "-L", self.socket, "-f", str(self.conf)] + list(args), capture_output=True,
@@ -502,7 +502,9 @@ class Pane:
         argv = ["sh", "-c", 'trap : INT; "$@"; echo $? > %s' % shlex.quote(str(self.status)), "sh", "env",
                 "LC_ALL=" + locale] + program() + list(args)
         self.tmux("new-session", "-d", "-s", "top", "-x", str(width), "-y", str(height), shlex.join(argv))
-        self.shell = int(self.tmux("display-message", "-p", "-t", "top", "#{pane_pid}").strip())
+        self.shell, self.socket_path = self.tmux("display-message", "-p", "-t", "top",
+                                                 "#{pane_pid} #{socket_path}").strip().split(" ", 1)
+        self.shell = int(self.shell)
         self.pid = wait_until(lambda: child_of(self.shell), 10, message="the program did not start")
         return self
 
@@ -545,6 +547,9 @@ class Pane:
                 with contextlib.suppress(OSError):
                     os.kill(pid, signal.SIGKILL)
         self.tmux("kill-server", check=False)
+        if self.socket_path:
+            with contextlib.suppress(OSError):
+                os.unlink(self.socket_path)  # (tmux leaves it behind)
 
 
 def child_of(pid):
