@@ -1156,6 +1156,30 @@ class Store:
         oldest_due(now)`` is the queue latency.  Index-served."""
         raise NotImplementedError
 
+    def scheduled_page(self, now, limit=50, after=None):
+        """One page of the jobs that wait for a time to come: pending jobs whose ``run_at`` is
+        after ``now`` (enqueued with a delay or a run time), soonest first, by ``(run_at, seq)``;
+        ``after`` is the ``(run_at, seq)`` of the last job of the previous page.  Failed jobs
+        waiting for their retry are not among them (they are listed as failed).  Returns
+        ``(jobs, more)`` as ``jobs_page`` does.  Served by the index of due jobs, one range per
+        priority: the cost depends on ``limit`` (and on how many failed jobs of the same
+        priority wait for a retry), never on the total number of jobs."""
+        raise NotImplementedError
+
+    def queue_page(self, queue, state=None, limit=50, after=None, scan=2000):
+        """One page of the jobs of one queue (of ``state`` if given), newest first, from
+        ``after`` on, as ``jobs_page``.  No index leads with the queue, so at most ``scan`` jobs
+        (of ``state``) are looked at: the cost depends on ``scan``, never on the total number of
+        jobs.  Returns ``(jobs, more, cut)``: at most ``limit`` jobs; whether more may follow;
+        and whether the look stopped at ``scan`` jobs before it found more than ``limit``."""
+        raise NotImplementedError
+
+    def queue_settings(self):
+        """``{name: {"max_running": n or None, "paused": bool}}`` for every known queue.  Unlike
+        ``queues()`` it counts no jobs: it reads the queues' own records only, at a cost that
+        does not grow with the number of jobs."""
+        raise NotImplementedError
+
     def stats_minutes(self, since, until):
         """Per-minute outcome totals of finished attempts for epoch minutes
         ``since..until`` (inclusive; a minute is ``int(epoch_seconds // 60)``),
@@ -1583,6 +1607,27 @@ SQL_OLDEST_DUE = """
 SELECT run_at FROM jobs WHERE state IN ('pending', 'failed') AND priority = :priority AND run_at <= :now
 ORDER BY run_at LIMIT 1
 """
+SQL_SCHEDULED_PAGE = (  # one priority at a time: a range of the jobs_ready index
+    "SELECT " + JOB_COLUMNS + " FROM jobs WHERE state IN ('pending', 'failed') AND priority = :priority "
+    "AND (run_at, seq) > (:run_at, :seq) AND +state = 'pending' ORDER BY run_at, seq LIMIT :limit"
+)
+SQL_QUEUE_SETTINGS = "SELECT name, max_running, paused FROM queues ORDER BY name"
+SQL_QUEUE_PAGE = (  # the newest :scan jobs (on the jobs_updated index), then those of the queue
+    "SELECT * FROM (SELECT " + JOB_COLUMNS + " FROM jobs WHERE (updated_at, seq) < (:updated_at, :seq) "
+    "ORDER BY updated_at DESC, seq DESC LIMIT :scan) WHERE queue = :queue LIMIT :limit"
+)
+SQL_QUEUE_PAGE_STATE = (
+    "SELECT * FROM (SELECT " + JOB_COLUMNS + " FROM jobs WHERE state = :state AND (updated_at, seq) < "
+    "(:updated_at, :seq) ORDER BY updated_at DESC, seq DESC LIMIT :scan) WHERE queue = :queue LIMIT :limit"
+)
+SQL_PAGE_NTH = (  # is there a job after the first :scan from the position on?  (index only)
+    "SELECT seq FROM jobs WHERE (updated_at, seq) < (:updated_at, :seq) ORDER BY updated_at DESC, seq DESC "
+    "LIMIT 1 OFFSET :scan"
+)
+SQL_PAGE_NTH_STATE = (
+    "SELECT seq FROM jobs WHERE state = :state AND (updated_at, seq) < (:updated_at, :seq) "
+    "ORDER BY updated_at DESC, seq DESC LIMIT 1 OFFSET :scan"
+)
 SQL_STATS_RANGE = """
 SELECT minute, outcome, SUM(count) AS count, SUM(run_sum) AS run_sum, SUM(wait_sum) AS wait_sum
 FROM stats WHERE minute BETWEEN :since AND :until GROUP BY minute, outcome ORDER BY minute, outcome
@@ -2622,6 +2667,28 @@ class SqliteStore(Store):
         found = [r[0] for r in (self._read(SQL_OLDEST_DUE, {"priority": prio, "now": now}, one=True)
                                 for prio in sorted(set(PRIORITIES.values()))) if r]
         return min(found) if found else None
+
+    def scheduled_page(self, now, limit=50, after=None):
+        start = max(tuple(after), (now, 2 ** 63 - 1)) if after else (now, 2 ** 63 - 1)
+        p = {"run_at": start[0], "seq": start[1], "limit": int(limit) + 1}
+        rows = [r for prio in sorted(set(PRIORITIES.values()))
+                for r in self._read(SQL_SCHEDULED_PAGE, dict(p, priority=prio))]
+        rows.sort(key=lambda r: (r["run_at"], r["seq"]))
+        return [Job.from_row(r) for r in rows[:limit]], len(rows) > limit
+
+    def queue_page(self, queue, state=None, limit=50, after=None, scan=2000):
+        p = {"queue": queue, "state": str(state) if state else None, "limit": int(limit) + 1, "scan": int(scan)}
+        p["updated_at"], p["seq"] = after if after else (float("inf"), 2 ** 63 - 1)
+        rows = sorted(self._read(SQL_QUEUE_PAGE_STATE if state else SQL_QUEUE_PAGE, p),
+                      key=lambda r: (r["updated_at"], r["seq"]), reverse=True)
+        if len(rows) > limit:
+            return [Job.from_row(r) for r in rows[:limit]], True, False
+        cut = self._read(SQL_PAGE_NTH_STATE if state else SQL_PAGE_NTH, p, one=True) is not None
+        return [Job.from_row(r) for r in rows], cut, cut
+
+    def queue_settings(self):
+        return {r["name"]: {"max_running": r["max_running"], "paused": bool(r["paused"])}
+                for r in self._read(SQL_QUEUE_SETTINGS)}
 
     def stats_minutes(self, since, until):
         return [dict(r) for r in self._read(SQL_STATS_RANGE, {"since": int(since), "until": int(until)})]
@@ -3863,10 +3930,10 @@ def local_worker_groups(store):
 COLOR = ["auto"]  # --color, set by main: auto, always or never
 
 
-def use_color(stream):
-    """Colour for ``stream``: --color always/never; else FORCE_COLOR forces it, NO_COLOR (https://no-color.org)
-    or a dumb terminal turns it off, and a terminal turns it on."""
-    mode = COLOR[0]
+def use_color(stream, mode=None):
+    """Colour for ``stream``: --color (``mode``, else the command line's) always/never; auto: FORCE_COLOR
+    forces it, NO_COLOR (https://no-color.org) or a dumb terminal turns it off, a terminal turns it on."""
+    mode = mode or COLOR[0]
     if mode != "auto":
         return mode == "always"
     if os.environ.get("FORCE_COLOR"):
@@ -4009,6 +4076,1102 @@ def relative(ts, now):
 def when(ts, now, utc):
     """A time in a table: a UTC stamp (piped, --utc), else relative to now."""
     return rfc3339(ts, precise=False) if utc else relative(ts, now)
+
+
+###############################################################################
+# Terminal view (top)
+###############################################################################
+
+#: The jobs list's filters, in the order of their keys 1 to 9.
+TOP_FILTERS = ("all", "pending", "processing", "failed", "dead", "scheduled", "waiting", "completed", "cancelled")
+TOP_MIN_SIZE = (80, 24)  # columns, lines
+TOP_STALE = 10.0  # seconds: read again at least this often, changed or not (delayed jobs fall due)
+TOP_QUEUE_SCAN = 2000  # --queue: jobs looked at per read of the list, at most (no index has the queue first)
+TOP_OUTPUT_TAIL = 65536  # characters of an attempt's output the job view makes lines of
+TOP_MINUTES = 60  # minutes of throughput read for the sparklines
+TOP_WORKER_JOBS = 32  # busy workers whose job (command, start) is read, at most
+TOP_STATUS_SECONDS = 8.0  # how long a result stays on the status line
+_CONTROL_SEQUENCE = []  # the compiled pattern of terminal control sequences, made at first use
+
+
+class _TopRecord:
+    """A record whose fields and defaults are its class attributes (a plain class: nothing to
+    build at start-up, unlike ``_record``, for code that only `top` runs)."""
+
+    def __init__(self, **fields):
+        unknown = [name for name in fields if name.startswith("_") or not hasattr(type(self), name)]
+        if unknown:
+            raise TypeError("%s has no field %s" % (type(self).__name__, unknown[0]))
+        self.__dict__.update(fields)
+
+
+class TopSnapshot(_TopRecord):
+    """What one frame of `top` shows, as read from the store by ``top_snapshot``."""
+
+    now = 0.0
+    db = ""
+    queue = None  # --queue
+    counts = None  # {state: n}
+    oldest_due = None
+    workers = None  # dicts: id, host, pid, heartbeat_at, state (busy, idle, gone), job_id, job_started_at, command
+    minutes = None  # (processed, failed) per minute, oldest first, the current minute last
+    queues = None  # queue_settings()
+    filter = "all"
+    jobs = None  # the jobs list from the top of the window (None in the job view)
+    more = False  # jobs follow the ones read
+    offset = 0  # jobs above the window
+    truncated = False  # --queue: the list was cut at TOP_QUEUE_SCAN jobs looked at
+    job_id = None  # the job view's job ...
+    job = None  # ... a Job, None when it no longer exists
+    attempts = None
+    attempt = None  # the chosen Attempt, with its output
+
+
+class TopView(_TopRecord):
+    """What the user chose: screen, selection, status line."""
+
+    mode = "list"  # list | job
+    help = False
+    selected = 0  # row of the jobs list; -1: none
+    attempt = None  # the job view's attempt; None: the latest
+    scroll = 0  # output lines scrolled back from the end; 0: following the output
+    status = ""
+    status_style = "info"  # info | ok | error | ask
+    interval = 1.0
+    once = False  # a plain-text frame: no selection, no status line
+
+
+def _strip_control(text):
+    """``text`` without terminal control sequences (colours, cursor moves, titles)."""
+    if not _CONTROL_SEQUENCE:
+        _CONTROL_SEQUENCE.append(re.compile(r"\x1b(?:\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(?:\x07|\x1b\\)?|[@-Z\\-_])"))
+    return _CONTROL_SEQUENCE[0].sub("", text)
+
+
+def top_change_marker(store):
+    """A value that changes whenever the database changes (``data_version``); a store that
+    cannot tell gets a fingerprint of counts, newest job and workers instead, as the
+    dashboard's change watcher does."""
+    try:
+        return store.data_version()
+    except NotImplementedError:
+        newest, _ = store.jobs_page(limit=1)
+        return (tuple(sorted(store.counts().items())), (newest[0].updated_at, newest[0].seq) if newest else None,
+                tuple((w["id"], w["heartbeat_at"], w["state"], w["job_id"]) for w in store.workers()))
+
+
+def _top_key(job, filt):
+    """The keyset position of a job in the list ``filt`` (see ``jobs_page``, ``scheduled_page``)."""
+    return (job.run_at, job.seq) if filt == "scheduled" else (job.updated_at, job.seq)
+
+
+def _top_jobs(store, now, filt, queue, limit, after):
+    """(jobs, more, cut): one window of the jobs list, newest first (scheduled: soonest first).
+    With ``queue`` at most TOP_QUEUE_SCAN jobs are looked at; ``cut`` says the look stopped there."""
+    state = None if filt in ("all", "scheduled") else filt
+    if filt != "scheduled":
+        if queue is not None:
+            return store.queue_page(queue, state=state, limit=limit, after=after, scan=TOP_QUEUE_SCAN)
+        jobs, more = store.jobs_page(state=state, limit=limit, after=after)
+        return jobs, more, False
+    found, looked = [], 0
+    while True:  # the scheduled jobs, few as a rule; of one queue: filtered here, within the same bound
+        batch, more = store.scheduled_page(now, limit=limit + 1 if queue is None else 100, after=after)
+        looked += len(batch)
+        found += [j for j in batch if queue is None or j.queue == queue]
+        if len(found) > limit:
+            return found[:limit], True, False
+        if not more:
+            return found, False, False
+        if looked >= TOP_QUEUE_SCAN:
+            return found, True, True
+        after = _top_key(batch[-1], filt)
+
+
+def top_snapshot(store, now, db="", queue=None, filt="all", limit=20, after=None, offset=0, job_id=None,
+                 attempt=None):
+    """Read what one frame shows.  Each read is served by an index or a small table, so the
+    cost does not grow with the number of jobs: counts (maintained counters), the oldest due
+    job, queue settings, per-minute totals, the workers (and the jobs of the busy ones shown),
+    then one window of the jobs list, or the job view's job, attempts and chosen attempt."""
+    snap = TopSnapshot(now=now, db=db, queue=queue, filter=filt, offset=offset, job_id=job_id)
+    snap.counts = store.counts()
+    snap.oldest_due = store.oldest_due(now)
+    snap.queues = store.queue_settings()
+    until = int(now // 60)
+    since = until - TOP_MINUTES + 1
+    minutes = {m: [0, 0] for m in range(since, until + 1)}
+    for r in store.stats_minutes(since, until):
+        bucket = minutes.get(r["minute"])
+        if bucket is not None and (r["outcome"] == "completed" or r["outcome"] in FAILED_OUTCOMES):
+            bucket[0] += r["count"]
+            if r["outcome"] in FAILED_OUTCOMES:
+                bucket[1] += r["count"]
+    snap.minutes = [tuple(minutes[m]) for m in range(since, until + 1)]
+    snap.workers, looked_up = [], 0
+    for w in store.workers():
+        alive = worker_alive(w, now)
+        view = {"id": w["id"], "host": w["host"], "pid": w["pid"], "heartbeat_at": w["heartbeat_at"],
+                "state": w["state"] if alive else "gone", "job_id": w["job_id"], "job_started_at": None,
+                "command": None}
+        if alive and w["job_id"] and looked_up < TOP_WORKER_JOBS:
+            looked_up += 1
+            job = store.get(w["job_id"])
+            if job is not None and job.state == "processing":
+                view["job_started_at"], view["command"] = job.started_at, job.command
+        snap.workers.append(view)
+    if job_id is None:
+        snap.jobs, snap.more, snap.truncated = _top_jobs(store, now, filt, queue, limit, after)
+    else:
+        snap.job = store.get(job_id)
+        if snap.job is not None:
+            snap.attempts = store.attempts(job_id)
+            snap.attempt = store.attempt(job_id, attempt)
+    return snap
+
+
+# --- text that fits ------------------------------------------------------------------------------
+
+
+def _char_cells(ch):
+    if ch < "\u0300":
+        return 1
+    import unicodedata
+
+    if unicodedata.combining(ch):
+        return 0
+    return 2 if unicodedata.east_asian_width(ch) in "WF" else 1
+
+
+def _cells(text):
+    """Terminal columns ``text`` takes."""
+    return len(text) if text.isascii() else sum(_char_cells(ch) for ch in text)
+
+
+def _clean(text):
+    """One line of a user's text for the screen: control sequences gone, white space one blank."""
+    return " ".join(safe_text(_strip_control(str(text))).split())
+
+
+def _clip(text, width, pad=False, keep_end=False):
+    """``text`` cut to ``width`` columns with an ellipsis (the start cut instead with
+    ``keep_end``), padded with blanks to ``width`` with ``pad``."""
+    if width <= 0:
+        return ""
+    used = _cells(text)
+    if used > width:
+        mark = "\u2026"
+        out, used = [], 1
+        for ch in (reversed(text) if keep_end else text):
+            w = _char_cells(ch)
+            if used + w > width:
+                break
+            out.append(ch)
+            used += w
+        text = mark + "".join(reversed(out)) if keep_end else "".join(out) + mark
+    return text + " " * (width - used) if pad else text
+
+
+def _wrap(text, width):
+    """Split one line of text into pieces of at most ``width`` columns."""
+    if _cells(text) <= width:
+        return [text]
+    pieces, piece, used = [], [], 0
+    for ch in text:
+        w = _char_cells(ch)
+        if used + w > width and piece:
+            pieces.append("".join(piece))
+            piece, used = [], 0
+        piece.append(ch)
+        used += w
+    pieces.append("".join(piece))
+    return pieces
+
+
+def _fit_line(spans, width, fill=None):
+    """A line (a list of (text, style) spans) cut to ``width`` columns; padded to it, in style
+    ``fill``, unless ``fill`` is None."""
+    out, used = [], 0
+    for text, style in spans:
+        if not text:
+            continue
+        room = width - used
+        if room <= 0:
+            break
+        cells = _cells(text)
+        if cells > room:
+            text = _clip(text, room)
+            cells = _cells(text)
+        out.append((text, style))
+        used += cells
+    if fill is not None and used < width:
+        out.append((" " * (width - used), fill))
+    return out
+
+
+def _pack(items, width, gap=3):
+    """Lay out items (each a list of spans) in lines of at most ``width`` columns, in order."""
+    lines, line, used = [], [], 0
+    for item in items:
+        w = sum(_cells(t) for t, _ in item)
+        if line and used + gap + w > width:
+            lines.append(line)
+            line, used = [], 0
+        if line:
+            line.append((" " * gap, ""))
+            used += gap
+        line.extend(item)
+        used += w
+    if line:
+        lines.append(line)
+    return lines
+
+
+def _top_number(n):
+    """A count in at most 6 columns: 99999, 123.4k, 12.35M."""
+    if n < 100000:
+        return "%d" % n
+    if n < 999950:
+        return "%.1fk" % (n / 1000.0)
+    return "%.2fM" % (n / 1000000.0)
+
+
+_TOP_PRIORITY = {"medium": "med"}
+_SPARKS = "\u2581\u2582\u2583\u2584\u2585\u2586\u2587\u2588"
+_ASCII_FALLBACK = str.maketrans(dict(zip(_SPARKS + "\u2026", ".:-=+*#@~")))
+
+
+def _sparkline(values):
+    """One character per value, its height relative to the largest; blank for zero."""
+    top = max(values) if values else 0
+    return "".join(" " if not v else _SPARKS[min(7, (v * 8 - 1) // top)] for v in values)
+
+
+def _row(cells, widths, style=""):
+    """A table row: each cell (text, style) clipped and padded to its width, two blanks between;
+    the last width None takes the rest of the line."""
+    spans = []
+    for i, ((text, cell_style), width) in enumerate(zip(cells, widths)):
+        if i:
+            spans.append(("  ", style))
+        text = _clip(text, width, pad=i < len(cells) - 1) if width is not None else text
+        spans.append((text, (cell_style + " " + style).strip()))
+    return spans
+
+
+# --- the frame ---------------------------------------------------------------------------------------
+
+_TOP_HELP = [
+    ("Jobs list", None),
+    ("Up Down j k", "move the selection"),
+    ("PgUp PgDn", "a page down or up"),
+    ("Home g  End G", "the newest jobs, live  /  the last row on screen"),
+    ("1-9  Tab", "filter: 1 all  2 pending  3 processing  4 failed"),
+    ("", "5 dead  6 scheduled  7 waiting  8 completed  9 cancelled"),
+    ("Enter", "open the selected job"),
+    ("Job view", None),
+    ("Left Right [ ]", "an earlier or a later attempt"),
+    ("Up Down PgUp PgDn", "scroll the attempt's output"),
+    ("End f", "follow the output live again"),
+    ("Esc Backspace", "back to the list"),
+    ("Actions: each asks for y first", None),
+    ("r  R", "retry a dead job: one more run / attempts reset"),
+    ("c", "cancel a job; a running one's process tree is killed"),
+    ("e", "enqueue a finished job again, as a new job"),
+    ("p", "pause or resume the job's queue (or --queue's)"),
+    ("Anywhere", None),
+    ("?", "this help; any key closes it"),
+    ("q  Ctrl-C", "leave"),
+]
+
+
+def _top_title(snap, view, width):
+    left = [(" queuectl top  ", "title"), (_clip(snap.db, max(10, width // 2 - 10), keep_end=True), "title")]
+    if snap.queue:
+        left.append(("  queue %s" % _clean(snap.queue), "title"))
+    clock = time.strftime("%H:%M:%S UTC", time.gmtime(snap.now))
+    right = clock + " " if view.once else "every %gs  %s  ? help " % (view.interval, clock)
+    room = width - _cells(right)
+    line = _fit_line(left, room, fill="title")
+    line.append((right, "title"))
+    return _fit_line(line, width, fill="title")
+
+
+def _top_header(snap, view, width, sparkline=True):
+    counts = snap.counts or {}
+    items = [[(state, "state:" + state), (" " + _top_number(counts.get(state, 0)), "num")]
+             for state in ("pending", "processing", "waiting", "failed", "dead", "completed", "cancelled")]
+    live = [w for w in snap.workers or [] if w["state"] != "gone"]
+    busy = sum(1 for w in live if w["state"] == "busy")
+    latency = None if snap.oldest_due is None else max(0.0, snap.now - snap.oldest_due)
+    items.append([("latency ", "label"), (human_duration(latency), "num")])
+    items.append([("workers ", "label"), ("%d" % len(live), "num"), (" (%d busy)" % busy, "label")])
+    queues = snap.queues or {}
+    if snap.queue:
+        q = queues.get(snap.queue, {"paused": False, "max_running": None})
+        item = [("queue ", "label"), (_clean(snap.queue), "num"),
+                (" paused" if q["paused"] else " active", "error" if q["paused"] else "label")]
+        if q["max_running"] is not None:
+            item.append((" limit %d" % q["max_running"], "label"))
+        items.append(item)
+    else:
+        paused = [name for name, q in sorted(queues.items()) if q["paused"]]
+        if paused:
+            names = ", ".join(_clean(n) for n in paused[:3]) + (" +%d" % (len(paused) - 3) if len(paused) > 3 else "")
+            items.append([("paused ", "error"), (names, "num")])
+    lines = [_fit_line([(" ", "")] + line, width) for line in _pack(items, width - 1)]
+    if sparkline:
+        minutes = snap.minutes or []
+        done, failed = _per_minute(minutes, snap.now)
+        fixed = len(" processed  %s/min   failed  %s/min   last 60m" % (_top_number(done), _top_number(failed)))
+        n = max(4, min(TOP_MINUTES, (width - fixed) // 2))
+        line = [(" processed ", "label"), (_sparkline([m[0] for m in minutes[-n:]]), "spark:ok"),
+                (" %s/min" % _top_number(done), "num"), ("   failed ", "label"),
+                (_sparkline([m[1] for m in minutes[-n:]]), "spark:failed"),
+                (" %s/min" % _top_number(failed), "num"), ("   last %dm" % n, "label")]
+        lines.append(_fit_line(line, width))
+    return lines
+
+
+def _per_minute(minutes, now):
+    """(processed, failed) in the last 60 seconds, from per-minute totals: this minute's so far,
+    and the share of the last minute that is within 60 seconds (assuming it was even)."""
+    if not minutes:
+        return 0, 0
+    share = 1.0 - (now % 60) / 60.0
+    last = minutes[-2] if len(minutes) >= 2 else (0, 0)
+    return tuple(int(round(minutes[-1][i] + last[i] * share)) for i in (0, 1))
+
+
+def _top_workers(snap, width, rows):
+    workers = snap.workers or []
+    live = [w for w in workers if w["state"] != "gone"]
+    title = [(" WORKERS", "head"), ("  %d running, %d busy" % (len(live), sum(1 for w in live if w["state"] == "busy")),
+                                    "label")]
+    lines = [_fit_line(title, width)]
+    widths = [14, 7, 5, 12, 8, 10, None]
+    lines.append(_fit_line([(" ", "")] + _row([(h, "") for h in ("HOST", "PID", "STATE", "JOB", "RUNTIME", "HEARTBEAT",
+                                                                "COMMAND")], widths, "colhead"), width, fill="colhead"))
+    if not workers:
+        lines.append([(" no workers: start some with  queuectl worker start", "label")])
+        return lines
+    shown = workers if len(workers) <= rows else workers[:rows - 1]
+    for w in shown:
+        runtime = human_duration(snap.now - w["job_started_at"]) if w["job_started_at"] else "-"
+        style = "dim" if w["state"] == "gone" else ""
+        cells = [(_clean(w["host"]), ""), (str(w["pid"]), ""),
+                 (w["state"], "state:processing" if w["state"] == "busy" else ""),
+                 (_clean(w["job_id"]) if w["job_id"] else "-", ""), (runtime, ""),
+                 (ago(w["heartbeat_at"], snap.now), ""), (_clean(w["command"] or ""), "")]
+        lines.append(_fit_line([(" ", "")] + _row(cells, widths, style), width))
+    if len(shown) < len(workers):
+        lines.append([(" +%d more workers" % (len(workers) - len(shown)), "label")])
+    return lines
+
+
+def _top_jobs_pane(snap, view, width, rows):
+    tabs = [(" JOBS ", "head")]
+    shown = [f for i, f in enumerate(TOP_FILTERS) if i < 6 or width >= 120 or f == snap.filter]
+    for f in shown:
+        tabs.append((" %d %s " % (TOP_FILTERS.index(f) + 1, f), "tab-on" if f == snap.filter else "tab"))
+    jobs = snap.jobs or []
+    visible = jobs[:rows]
+    if visible:
+        total = {"all": sum((snap.counts or {}).values())}.get(snap.filter, (snap.counts or {}).get(snap.filter))
+        where = "%d-%d" % (snap.offset + 1, snap.offset + len(visible))
+        if total is not None and not snap.queue:
+            where += " of %s" % _top_number(max(total, snap.offset + len(visible)))
+        elif snap.more or len(jobs) > rows:
+            where += " and more"
+        right = " " + where + " "
+        if sum(_cells(t) for t, _ in tabs) + _cells(right) > width:
+            tabs = tabs[1:]  # the tabs say what the list is
+        line = _fit_line(tabs, width - _cells(right), fill="")
+        lines = [line + [(right, "label")]]
+    else:
+        lines = [_fit_line(tabs, width)]
+    wide = width >= 110
+    id_width = max([6] + [_cells(_clean(j.id)) for j in visible])
+    id_width = min(id_width, 12 if width < 120 else 24)
+    when = "RUNS" if snap.filter == "scheduled" else "UPDATED"
+    heads = ["ID", "STATE", "PRI", "TRIES", when] + (["QUEUE"] if wide else []) + ["COMMAND"]
+    widths = [id_width, 10, 4, 5, 10] + ([12] if wide else []) + [None]
+    lines.append(_fit_line([(" ", "")] + _row([(h, "") for h in heads], widths, "colhead"), width, fill="colhead"))
+    for i, job in enumerate(visible):
+        when = job.run_at if snap.filter == "scheduled" else job.updated_at
+        cells = [(_clean(job.id), ""), (job.state, "state:" + job.state), (_TOP_PRIORITY.get(job.priority_name,
+                                                                                              job.priority_name), ""),
+                 ("%d/%d" % (job.attempts, job.max_retries + 1), ""), (ago(when, snap.now), "")]
+        if wide:
+            cells.append((_clean(job.queue), ""))
+        cells.append((_clean(job.command), ""))
+        selected = i == view.selected and not view.once
+        style = "sel" if selected else ""
+        lines.append(_fit_line([(">" if selected else " ", style)] + _row(cells, widths, style), width,
+                               fill=style if selected else None))
+    if not visible:
+        if snap.truncated:
+            text = "no %s jobs of queue %s among the %d newest" % (
+                "" if snap.filter == "all" else snap.filter, _clean(snap.queue), TOP_QUEUE_SCAN)
+        else:
+            text = "no %sjobs%s" % ("" if snap.filter == "all" else snap.filter + " ",
+                                    " in queue " + _clean(snap.queue) if snap.queue else "")
+        lines.append([("   " + " ".join(text.split()), "label")])
+    elif snap.truncated and len(visible) < rows:
+        lines.append([("   (looked at the %d newest jobs only: --queue has no index)" % TOP_QUEUE_SCAN, "label")])
+    return lines
+
+
+def _output_lines(attempt, width):
+    text = attempt.output or ""
+    cut = len(text) > TOP_OUTPUT_TAIL
+    if cut:
+        text = text[-TOP_OUTPUT_TAIL:]
+    raw = text.split("\n")
+    if cut:
+        raw = raw[1:]  # the first line is a piece
+    if raw and raw[-1] == "":
+        raw.pop()
+    lines = []
+    for line in raw:
+        line = line.rstrip("\r")
+        if "\r" in line:  # a progress bar redrawn: what the terminal would show
+            line = line.rsplit("\r", 1)[1]
+        line = safe_text(_strip_control(line).expandtabs(8)).replace("\t", " ")
+        lines.extend(_wrap(line, width))
+    return lines
+
+
+def _top_job_view(snap, view, width, height):
+    """The job view's lines (``height`` of them at most), the largest output scroll and the
+    number of output lines shown."""
+    job = snap.job
+    if job is None:
+        return [[(" job %s no longer exists (deleted or purged)" % _clean(snap.job_id), "error")],
+                [(" Esc: back to the list", "label")]], 0, 0
+    now = snap.now
+    title = [(" JOB ", "head"), (_clean(job.id), "num"), ("  ", ""), (job.state, "state:" + job.state)]
+    if job.cancel_requested and job.state == "processing":
+        title.append(("  (cancel requested)", "error"))
+    lines = [_fit_line(title, width)]
+    command = _wrap(_clean(job.command), width - 10)
+    if len(command) > 2:
+        command = command[:1] + [_clip(command[1] + "\u2026", width - 10)]
+    for i, piece in enumerate(command):
+        lines.append([(" command " if i == 0 else "         ", "label"), (piece, "")])
+    queue = job.queue + (" (paused)" if (snap.queues or {}).get(job.queue, {}).get("paused") else "")
+    fields = [("priority", job.priority_name), ("queue", queue),
+              ("attempts", "%d of %d" % (job.attempts, job.max_retries + 1)),
+              ("runs", "%d (lost %d)" % (job.runs, job.rescues)),
+              ("timeout", ("%gs" % job.timeout) if job.timeout else "job-timeout"),
+              ("created", ago(job.created_at, now)), ("updated", ago(job.updated_at, now))]
+    if job.state in ("pending", "failed"):
+        fields.append(("next run" if job.state == "failed" else "run at", "due" if job.run_at <= now
+                       else ago(job.run_at, now)))
+    if job.state == "processing" and job.started_at:
+        fields.append(("running for", human_duration(now - job.started_at)))
+    elif job.finished_at and job.state in FINAL_STATES:
+        fields.append(("finished", ago(job.finished_at, now)))
+    if job.worker_id:
+        fields.append(("worker", job.worker_id))
+    if job.exit_code is not None:
+        fields.append(("exit code", str(job.exit_code)))
+    if job.after:
+        fields.append(("after", ", ".join(job.after)))
+    if job.schedule:
+        fields.append(("schedule", job.schedule))
+    if job.unique_key:
+        fields.append(("unique key", job.unique_key))
+    fields.append(("cwd", job.cwd or "-"))
+    if job.env:
+        fields.append(("env", " ".join(sorted(job.env))))  # names only: values may be secrets
+    if job.webhook:
+        fields.append(("webhook", "set"))
+    lines += [_fit_line([(" ", "")] + line, width) for line in _pack(
+        [[(name + " ", "label"), (_clean(value), "")] for name, value in fields], width - 1, gap=3)]
+    if job.last_error:
+        lines.append(_fit_line([(" last error ", "label"), (_clean(job.last_error), "error")], width))
+    attempts = snap.attempts or []
+    chosen = snap.attempt.n if snap.attempt is not None else None
+    lines.append(_fit_line([(" ATTEMPTS", "head"), ("  %d  (Left/Right: choose)" % len(attempts) if attempts else
+                                                    "  none yet", "label")], width))
+    rows_left = height - len(lines) - 2  # the output's title and one line of it
+    if attempts:
+        widths = [3, 10, 9, 9, 4, 14, None]
+        lines.append(_fit_line([(" ", "")] + _row([(h, "") for h in ("#", "STARTED", "DURATION", "OUTCOME", "EXIT",
+                                                                    "WORKER", "ERROR")], widths, "colhead"),
+                               width, fill="colhead"))
+        room = max(1, min(len(attempts), 3, rows_left - 4))
+        numbers = [a.n for a in attempts]
+        index = numbers.index(chosen) if chosen in numbers else len(attempts) - 1
+        first = min(len(attempts) - room, index)  # the latest ones, and the chosen one
+        for a in attempts[first:first + room]:
+            duration = a.duration if a.ended_at is not None else now - a.started_at
+            cells = [(str(a.n), ""), (ago(a.started_at, now), ""), (human_duration(duration), ""),
+                     (a.outcome or "running", "state:" + {"completed": "completed", None: "processing"}.get(
+                         a.outcome, "failed" if a.outcome in FAILED_OUTCOMES else "cancelled")),
+                     ("-" if a.exit_code is None else str(a.exit_code), ""), (_clean(a.worker_id or "-"), ""),
+                     (_clean(a.error or ""), "")]
+            style = "sel" if a.n == chosen else ""
+            lines.append(_fit_line([(">" if a.n == chosen else " ", style)] + _row(cells, widths, style), width,
+                                   fill=style or None))
+    if snap.attempt is None:
+        return lines[:height], 0, 0
+    a = snap.attempt
+    out = _output_lines(a, width - 1)
+    room = max(1, height - len(lines) - 1)
+    max_scroll = max(0, len(out) - room)
+    scroll = min(view.scroll, max_scroll)
+    live = a.outcome is None and job.state == "processing"
+    if scroll:
+        state = "scrolled back %d lines (End: follow)" % scroll
+    else:
+        state = "following live" if live else "end of output"
+    title = [(" OUTPUT", "head"), ("  attempt %d  %s bytes  %s" % (a.n, _top_number(a.output_bytes), state), "label")]
+    lines.append(_fit_line(title, width))
+    start = max(0, len(out) - room - scroll)
+    lines += [[(" " + text, "")] for text in out[start:start + room]]
+    if not out:
+        lines.append([("  (no output%s)" % (" yet" if live else ""), "label")])
+    return lines[:height], max_scroll, room
+
+
+def _top_help(width):
+    lines = []
+    for key, text in _TOP_HELP:
+        if text is None:
+            lines.append([(" " + key, "head")])
+        else:
+            lines.append(_fit_line([("   " + key.ljust(19), "key"), (text, "")], width))
+    return lines
+
+
+def _top_hints(view, width):
+    """The status line's key reminders: as many as fit, "? help" and "q quit" always."""
+    if view.mode == "job":
+        keys = [("Esc", "back"), ("[ ]", "attempt"), ("Up/Down", "scroll"), ("End", "follow"), ("r", "retry"),
+                ("c", "cancel")]
+    else:
+        keys = [("Enter", "open"), ("1-9", "filter"), ("r", "retry"), ("c", "cancel"), ("e", "again"),
+                ("p", "pause")]
+    last = [("?", "help"), ("q", "quit")]
+    while keys and sum(len(k) + len(w) + 3 for k, w in keys + last) > width:
+        keys.pop()
+    spans = []
+    for key, what in keys + last:
+        spans += [(" " + key, "key"), (" " + what + " ", "label")]
+    return _fit_line(spans, width)
+
+
+def render_top(snap, view, width, height, uni=True):
+    """One frame of `top`: ``height`` lines of (text, style) spans, each at most ``width``
+    columns, from a snapshot and the view alone (``--once`` and the tests render without
+    curses).  Returns ``(lines, layout)``; layout has ``rows``, the jobs list rows on
+    screen, and ``max_scroll``, how far the job view's output can scroll back."""
+    layout = {"rows": 0, "max_scroll": 0, "output_rows": 0}
+    min_width, min_height = TOP_MIN_SIZE
+    if not view.once and (width < min_width or height < min_height):
+        import textwrap
+
+        text = textwrap.wrap("queuectl top needs a terminal of at least %dx%d; this one is %dx%d. Enlarge it, "
+                             "or press q to leave." % (TOP_MIN_SIZE + (width, height)), max(10, min(50, width - 2)))
+        top = max(0, (height - len(text)) // 2)
+        lines = [[] for _ in range(height)]
+        for i, t in enumerate(text):
+            if 0 <= top + i < height:
+                t = _clip(t, width)
+                lines[top + i] = [(" " * max(0, (width - _cells(t)) // 2) + t, "error" if i == 0 else "")]
+        return lines, layout
+    body = height - (0 if view.once else 1)  # the status line
+    lines = [_top_title(snap, view, width)]
+    if view.help:
+        lines += _top_help(width)
+        return _top_finish(lines, view, width, height, uni), layout
+    lines += _top_header(snap, view, width, sparkline=view.mode != "job")
+    if view.mode == "job":
+        job_lines, layout["max_scroll"], layout["output_rows"] = _top_job_view(snap, view, width, body - len(lines))
+        lines += job_lines
+    else:
+        room = body - len(lines)
+        n = len(snap.workers or [])
+        worker_rows = max(1, min(n, 8, (room - 8) // 2)) if n else 1
+        lines += _top_workers(snap, width, worker_rows)
+        rows = max(1, body - len(lines) - 2)
+        layout["rows"] = rows
+        lines += _top_jobs_pane(snap, view, width, rows)
+    return _top_finish(lines, view, width, height, uni), layout
+
+
+def _top_finish(lines, view, width, height, uni):
+    """The frame's lines cut or filled to ``height``, with the status line."""
+    body = height - (0 if view.once else 1)
+    lines = [_fit_line(line, width) for line in lines[:body]]
+    lines += [[] for _ in range(body - len(lines))]
+    if not view.once:
+        if view.status:
+            lines.append(_fit_line([(" " + _clean(view.status), view.status_style)], width, fill=view.status_style))
+        else:
+            lines.append(_top_hints(view, width))
+    if not uni:  # a terminal that is not UTF-8: sparkline and ellipsis in ASCII, the rest replaced
+        lines = [[(t.translate(_ASCII_FALLBACK).encode("ascii", "replace").decode("ascii"), s) for t, s in line]
+                 for line in lines]
+    return lines
+
+
+# --- the application -----------------------------------------------------------------------------
+
+
+def enqueue_again(store, job, now):
+    """Enqueue a copy of ``job`` as a new job, as `enqueue` would with the same command and
+    options (validated again); wakes a local idle worker.  Returns the new job's id."""
+    doc = {"command": job.command, "priority": job.priority_name, "max_retries": job.max_retries,
+           "queue": job.queue, "cwd": job.cwd or "/"}
+    for name in ("timeout", "env", "webhook"):
+        if getattr(job, name):
+            doc[name] = getattr(job, name)
+    [job_id] = store.enqueue([validate_job(doc, store.config(), now)], now)
+    wake_workers(store, 1)
+    return job_id
+
+
+class TopApp:
+    """A running `top`: what the user chose, the last snapshot, and what each key does.
+
+    Keys arrive as names ("up", "enter", "q", ...), so this class knows nothing of curses.
+    Reads go through ``top_snapshot`` when the database changed (``top_change_marker``);
+    actions call the same functions as the CLI's commands."""
+
+    def __init__(self, store, db, queue=None, filt="all", interval=1.0, uni=True):
+        self.store = store
+        self.db = db
+        self.queue = queue
+        self.filter = filt
+        self.uni = uni
+        self.view = TopView(interval=interval)
+        self.job_id = None  # the job view's job
+        self.anchors = []  # the keyset position of every job above the window, in order
+        self.selected_id = None  # the job the user moved the selection to: followed while it is on screen
+        self.snap = None
+        self.layout = {"rows": 10, "max_scroll": 0, "output_rows": 10}
+        self.rows = 10  # jobs list rows of the last frame that showed the list
+        self.limit = 24  # jobs read per window: the screen's height, enough for the rows it has
+        self.marker = None
+        self.read_at = None
+        self.asked = None  # (question, action) waiting for its "y"
+        self.status_until = None
+
+    # --- reading ---------------------------------------------------------------------
+
+    def refresh(self, force=False):
+        """Read again if the database changed, ``force``, or TOP_STALE passed.  True when read."""
+        mono = time.monotonic()
+        self.store.check()  # a database deleted or replaced: leave with the error, not a frozen screen
+        try:
+            marker = top_change_marker(self.store)
+            if not force and self.snap is not None and marker == self.marker and mono - self.read_at < TOP_STALE:
+                return False
+            snap = top_snapshot(self.store, time.time(), self.db, self.queue, self.filter, self.limit,
+                                self.anchors[-1] if self.anchors else None, len(self.anchors), self.job_id,
+                                self.view.attempt)
+        except DatabaseBusy as e:
+            self.say("%s (retrying)" % e, "error")
+            return False
+        self.marker, self.read_at = marker, mono
+        self.snap = snap
+        if snap.jobs is not None:
+            ids = [j.id for j in snap.jobs[:self.rows]]
+            if self.selected_id in ids:
+                self.view.selected = ids.index(self.selected_id)
+            else:  # (not chosen, or gone from the screen: the same row, as on a live list)
+                self.view.selected = max(0, min(self.view.selected, len(ids) - 1))
+        if snap.job is not None and self.view.attempt is not None and snap.attempt is None:
+            self.view.attempt = None  # (that attempt is gone: back to the latest)
+        return True
+
+    def frame(self, width, height):
+        """Render the current snapshot at this size (and remember its layout)."""
+        if self.status_until is not None and time.monotonic() > self.status_until and self.asked is None:
+            self.view.status, self.status_until = "", None
+        self.limit = max(self.limit, height)
+        lines, self.layout = render_top(self.snap, self.view, width, height, self.uni)
+        self.rows = self.layout["rows"] or self.rows
+        self.view.scroll = min(self.view.scroll, self.layout["max_scroll"])
+        return lines
+
+    def say(self, text, style="info"):
+        self.view.status, self.view.status_style = text, style
+        self.status_until = None if style == "ask" else time.monotonic() + TOP_STATUS_SECONDS
+
+    # --- keys ----------------------------------------------------------------------------
+
+    def key(self, name):
+        """Do what the key ``name`` asks.  Returns None to leave, else whether to read again now."""
+        view = self.view
+        if self.asked is not None:
+            question, action = self.asked
+            self.asked = None
+            if name in ("y", "Y"):
+                return self._act(action)
+            self.say("nothing done", "info")
+            return False
+        if view.help:
+            view.help = False
+            return False
+        if name in ("q", "Q"):
+            return None
+        if name == "?":
+            view.help = True
+            return False
+        if name in ("r", "R", "c", "e", "p"):
+            self._ask(name)
+            return False
+        if view.mode == "job":
+            return self._job_key(name)
+        return self._list_key(name)
+
+    def _list_key(self, name):
+        view = self.view
+        jobs = (self.snap.jobs if self.snap else None) or []
+        rows = max(1, self.rows)
+        shown = jobs[:rows]
+        beyond = len(jobs) > rows or (self.snap is not None and self.snap.more)
+        if name in ("up", "k"):
+            if view.selected > 0:
+                self._select(view.selected - 1)
+            elif self.anchors:
+                self.anchors.pop()
+                self.selected_id = None
+                return True
+        elif name in ("down", "j"):
+            if view.selected < len(shown) - 1:
+                self._select(view.selected + 1)
+            elif beyond and shown:
+                self.anchors.append(_top_key(shown[0], self.filter))
+                self.selected_id = None
+                return True
+        elif name == "pgdown":
+            if beyond and shown:
+                self.anchors.extend(_top_key(j, self.filter) for j in shown)
+                self.selected_id = None
+                return True
+            self._select(len(shown) - 1)
+        elif name == "pgup":
+            if self.anchors:
+                del self.anchors[-rows:]
+                self.selected_id = None
+                return True
+            self._select(0)
+        elif name in ("home", "g"):
+            self.anchors = []
+            self.view.selected, self.selected_id = 0, None
+            return True
+        elif name in ("end", "G"):
+            self._select(len(shown) - 1)
+        elif name in ("tab", "btab") or (len(name) == 1 and name in "123456789"):
+            if len(name) == 1:
+                self.filter = TOP_FILTERS[int(name) - 1]
+            else:
+                step = 1 if name == "tab" else -1
+                self.filter = TOP_FILTERS[(TOP_FILTERS.index(self.filter) + step) % len(TOP_FILTERS)]
+            self.anchors = []
+            self.view.selected, self.selected_id = 0, None
+            return True
+        elif name == "enter":
+            if 0 <= view.selected < len(shown):
+                self.job_id = shown[view.selected].id
+                view.mode, view.attempt, view.scroll = "job", None, 0
+                return True
+        return False
+
+    def _select(self, index):
+        jobs = (self.snap.jobs if self.snap else None) or []
+        self.view.selected = max(0, index)
+        self.selected_id = jobs[self.view.selected].id if self.view.selected < len(jobs) else None
+
+    def _job_key(self, name):
+        view = self.view
+        snap = self.snap
+        numbers = [a.n for a in (snap.attempts or [])] if snap else []
+        page = max(1, self.layout.get("output_rows", 10))
+        if name in ("esc", "backspace", "h"):
+            view.mode, self.job_id, view.attempt, view.scroll = "list", None, None, 0
+            return True
+        if name in ("left", "[", "right", "]") and numbers:
+            current = snap.attempt.n if snap.attempt is not None else numbers[-1]
+            i = numbers.index(current) if current in numbers else len(numbers) - 1
+            i = max(0, i - 1) if name in ("left", "[") else min(len(numbers) - 1, i + 1)
+            view.attempt = None if i == len(numbers) - 1 else numbers[i]
+            view.scroll = 0
+            return True
+        if name in ("up", "k"):
+            view.scroll += 1
+        elif name in ("down", "j"):
+            view.scroll = max(0, view.scroll - 1)
+        elif name == "pgup":
+            view.scroll += page
+        elif name == "pgdown":
+            view.scroll = max(0, view.scroll - page)
+        elif name in ("home", "g"):
+            view.scroll = self.layout["max_scroll"]
+        elif name in ("end", "G", "f"):
+            view.scroll = 0
+        view.scroll = min(view.scroll, self.layout["max_scroll"])
+        return False
+
+    # --- actions --------------------------------------------------------------------------
+
+    def _target(self):
+        if self.snap is None:
+            return None
+        if self.view.mode == "job":
+            return self.snap.job
+        jobs = self.snap.jobs or []
+        return jobs[self.view.selected] if 0 <= self.view.selected < min(len(jobs), self.rows) else None
+
+    def _ask(self, name):
+        job = self._target()
+        if name == "p":
+            queue = self.queue or (job.queue if job is not None else None)
+            if queue is None:
+                return self.say("select a job first: p pauses or resumes its queue", "error")
+            paused = (self.snap.queues or {}).get(queue, {}).get("paused", False)
+            if paused:
+                question = "Resume queue %s?" % queue
+            else:
+                question = "Pause queue %s (running jobs finish, nothing new starts)?" % queue
+            self.asked = (question, lambda now: self._pause(queue, not paused))
+        elif job is None:
+            return self.say("no job selected", "error")
+        elif name in ("r", "R"):
+            if job.state != "dead":
+                return self.say("job %s is %s: only a dead job can be retried" % (job.id, job.state), "error")
+            reset = name == "R"
+            question = "Retry dead job %s %s?" % (job.id, "with its attempts reset" if reset else "for one more run")
+            self.asked = (question, lambda now: self._retry(job.id, now, reset))
+        elif name == "c":
+            if job.state not in ACTIVE_STATES:
+                return self.say("job %s is already %s" % (job.id, job.state), "error")
+            what = "kill its process tree" if job.state == "processing" else "it will not run"
+            self.asked = ("Cancel job %s (%s)?" % (job.id, what), lambda now: self._cancel(job.id, now))
+        elif name == "e":
+            if job.state not in FINAL_STATES:
+                return self.say("job %s is %s: only a finished job is enqueued again" % (job.id, job.state), "error")
+            self.asked = ("Enqueue job %s again, as a new job?" % job.id, lambda now: self._again(job.id, now))
+        self.say(self.asked[0] + "  y: yes, any other key: no", "ask")
+
+    def _act(self, action):
+        try:
+            self.say(action(time.time()), "ok")
+        except QueuectlError as e:
+            self.say("error: %s" % e, "error")
+        return True
+
+    def _retry(self, job_id, now, reset):
+        retry_dead_job(self.store, job_id, now, reset_attempts=reset)
+        return "job %s moved back to pending%s" % (job_id, " with its attempts reset" if reset else " for one more run")
+
+    def _cancel(self, job_id, now):
+        if cancel_job(self.store, job_id, now) == "requested":
+            return "cancel requested: the worker of job %s kills its process tree" % job_id
+        return "job %s cancelled" % job_id
+
+    def _again(self, job_id, now):
+        job = _get_job(self.store, job_id)
+        return "job %s enqueued again as job %s" % (job_id, enqueue_again(self.store, job, now))
+
+    def _pause(self, queue, paused):
+        pause_queue(self.store, queue, paused)
+        return "queue %s %s" % (queue, "paused" if paused else "resumed")
+
+
+class _TopSignal(BaseException):
+    """SIGTERM or SIGHUP reached `top`, or its terminal went away: leave as after q.  (Not an
+    Exception, so that no ``except Exception`` on the way swallows it, as KeyboardInterrupt.)"""
+
+
+_TOP_KEYS = {10: "enter", 13: "enter", 27: "esc", 9: "tab", 127: "backspace", 8: "backspace"}
+
+
+def _top_key_name(code, curses):
+    names = {curses.KEY_UP: "up", curses.KEY_DOWN: "down", curses.KEY_LEFT: "left", curses.KEY_RIGHT: "right",
+             curses.KEY_PPAGE: "pgup", curses.KEY_NPAGE: "pgdown", curses.KEY_HOME: "home", curses.KEY_END: "end",
+             curses.KEY_ENTER: "enter", curses.KEY_BACKSPACE: "backspace", curses.KEY_BTAB: "btab",
+             curses.KEY_RESIZE: "resize"}
+    if code in names:
+        return names[code]
+    if code in _TOP_KEYS:
+        return _TOP_KEYS[code]
+    return chr(code) if 32 <= code < 127 else ""
+
+
+class _TopPalette:
+    """Styles (space-separated words such as "state:dead sel") -> curses attributes: colours
+    when wanted and available, else plain attributes (bold, reverse, underline, dim)."""
+
+    COLORS = {"state:pending": "YELLOW", "state:processing": "CYAN", "state:completed": "GREEN",
+              "state:failed": "MAGENTA", "state:dead": "RED", "state:waiting": "BLUE", "spark:ok": "GREEN",
+              "spark:failed": "RED", "error": "RED", "ok": "GREEN"}
+    PLAIN = {"state:dead": "A_BOLD", "state:failed": "A_BOLD", "state:cancelled": "A_DIM", "error": "A_BOLD",
+             "ok": "A_BOLD"}
+    ATTRS = {"title": "A_REVERSE", "head": "A_BOLD", "colhead": "A_UNDERLINE", "sel": "A_REVERSE",
+             "tab-on": "A_REVERSE", "key": "A_BOLD", "num": "A_BOLD", "dim": "A_DIM", "ask": "A_REVERSE",
+             "label": "A_NORMAL"}
+
+    def __init__(self, curses, color):
+        self.curses = curses
+        self.pairs = {}
+        self.cache = {}
+        if color and curses.has_colors():
+            curses.start_color()
+            background = -1
+            try:
+                curses.use_default_colors()
+            except curses.error:
+                background = curses.COLOR_BLACK
+            for i, name in enumerate(sorted(set(self.COLORS.values())), 1):
+                curses.init_pair(i, getattr(curses, "COLOR_" + name), background)
+                self.pairs[name] = curses.color_pair(i)
+
+    def attr(self, style):
+        found = self.cache.get(style)
+        if found is None:
+            found = 0
+            for word in style.split():
+                if word in self.ATTRS:
+                    found |= getattr(self.curses, self.ATTRS[word])
+                if self.pairs and word in self.COLORS:
+                    found |= self.pairs[self.COLORS[word]]
+                elif not self.pairs and word in self.PLAIN:
+                    found |= getattr(self.curses, self.PLAIN[word])
+            self.cache[style] = found
+        return found
+
+
+def _top_draw(screen, curses, lines, palette):
+    screen.erase()
+    for y, spans in enumerate(lines):
+        x = 0
+        for text, style in spans:
+            if text:
+                try:
+                    screen.addstr(y, x, text, palette.attr(style))
+                except curses.error:  # the bottom right cell: written, but the cursor cannot move on
+                    pass
+                x += _cells(text)
+    screen.noutrefresh()
+    curses.doupdate()
+
+
+def _top_plain(spans, color):
+    """A frame's line as text for ``--once``: ANSI colours for the states with ``color``."""
+    if not color:
+        return "".join(t for t, _ in spans).rstrip()
+    out = []
+    for text, style in spans:
+        words = style.split()
+        code = next((STATE_COLORS[w[6:]] for w in words if w.startswith("state:") and w[6:] in STATE_COLORS), None)
+        if "head" in words or "title" in words:
+            code = "1" if code is None else code + ";1"
+        out.append("\x1b[%sm%s\x1b[0m" % (code, text) if code and text.strip() else text)
+    return "".join(out).rstrip()
+
+
+def _top_unicode(stream):
+    return (getattr(stream, "encoding", None) or "").lower().replace("-", "").replace("_", "") == "utf8"
+
+
+def top_once(store, args):
+    """`top --once`: one frame as plain text on stdout, the terminal's size or 80x24."""
+    import shutil
+
+    columns, lines = shutil.get_terminal_size((TOP_MIN_SIZE[0], TOP_MIN_SIZE[1]))
+    width, height = max(TOP_MIN_SIZE[0], columns), max(TOP_MIN_SIZE[1], lines)
+    view = TopView(selected=-1, once=True, interval=args.interval)
+    snap = top_snapshot(store, time.time(), db_label(args.db_path), args.queue, args.state, limit=height)
+    frame, _ = render_top(snap, view, width, height, _top_unicode(sys.stdout))
+    while frame and not frame[-1]:
+        frame.pop()
+    color = use_color(sys.stdout)
+    sys.stdout.write("".join(_top_plain(line, color) + "\n" for line in frame))
+    return EXIT_OK
+
+
+def run_top(store, args):
+    """The live view: curses, imported here only; the terminal is given back whatever happens
+    (q, Ctrl-C, SIGTERM, SIGHUP, an error)."""
+    import locale
+
+    try:
+        import curses
+    except ImportError:
+        raise QueuectlError("this Python has no curses module: use queuectl top --once") from None
+    locale.setlocale(locale.LC_ALL, "")
+    os.environ.setdefault("ESCDELAY", "25")  # Esc goes back at once, not after a second
+    uni = locale.nl_langinfo(locale.CODESET).lower().replace("-", "") == "utf8"  # what curses writes in
+    app = TopApp(store, db_label(args.db_path), args.queue, args.state, args.interval, uni)
+    app.limit = max(TOP_MIN_SIZE[1], os.get_terminal_size(sys.stdout.fileno()).lines)
+    app.refresh(force=True)  # a database error shows before the screen is taken
+    if app.snap is None:
+        raise DatabaseBusy(app.view.status)
+
+    def on_signal(signum, frame):
+        raise _TopSignal()
+
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGHUP)}
+    screen = None
+    try:
+        try:
+            screen = curses.initscr()
+        except curses.error as e:
+            raise QueuectlError("cannot use this terminal (TERM=%s: %s): use queuectl top --once"
+                                % (os.environ.get("TERM", ""), e)) from None
+        curses.noecho()
+        curses.cbreak()
+        screen.keypad(True)
+        with contextlib.suppress(curses.error):
+            curses.curs_set(0)
+        palette = _TopPalette(curses, use_color(sys.stdout))
+        next_look = time.monotonic() + args.interval
+        early = 0  # getch() answering "no key" long before its time: the terminal is gone (no SIGHUP came)
+        while True:
+            height, width = screen.getmaxyx()
+            _top_draw(screen, curses, app.frame(width, height), palette)
+            wait = max(0, int((next_look - time.monotonic()) * 1000))
+            screen.timeout(wait)
+            asked = time.monotonic()
+            code = screen.getch()
+            early = early + 1 if code == -1 and wait >= 100 and time.monotonic() - asked < wait / 2000.0 else 0
+            if early > 50:
+                raise _TopSignal()
+            if code != -1:
+                name = _top_key_name(code, curses)
+                if name == "resize":
+                    curses.update_lines_cols()
+                    screen.clear()
+                    app.limit = max(app.limit, screen.getmaxyx()[0])
+                    app.refresh(force=True)
+                    continue
+                answer = app.key(name)
+                if answer is None:
+                    break
+                if answer:
+                    app.refresh(force=True)
+            if time.monotonic() >= next_look:
+                app.refresh()
+                next_look = time.monotonic() + args.interval
+    except (KeyboardInterrupt, _TopSignal):
+        pass
+    finally:
+        if screen is not None:
+            with contextlib.suppress(Exception):
+                screen.keypad(False)
+                curses.nocbreak()
+                curses.echo()
+            with contextlib.suppress(Exception):  # (a terminal that went away cannot be restored)
+                curses.endwin()
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+    return EXIT_OK
 
 
 ###############################################################################
@@ -4309,6 +5472,23 @@ a histogram with 25% wide buckets and is an upper bound.""")
   queuectl completion fish > ~/.config/fish/completions/queuectl.fish""")
     cp.add_argument("shell", choices=("bash", "zsh", "fish"), metavar="SHELL", help="bash, zsh or fish")
 
+    tp = add("top", "a live view of the queue in the terminal: counts, workers, jobs, output", """\
+  queuectl top
+  queuectl top --queue reports --interval 2
+  queuectl top --once --state dead        # one frame as plain text, for scripts
+
+Keys: 1-9 filter the jobs (all, pending, processing, failed, dead, scheduled,
+waiting, completed, cancelled), Enter opens a job with its attempts and live
+output, r retries a dead job, c cancels, e enqueues a finished job again,
+p pauses or resumes its queue (each asks for y first), ? shows every key,
+q or Ctrl-C leaves.  Needs a terminal of 80x24 or more.""")
+    tp.add_argument("-q", "--queue", metavar="NAME", help="list only this queue's jobs")
+    tp.add_argument("-n", "--interval", type=_interval_arg, default=1.0, metavar="SECONDS",
+                    help="look for changes this often (default 1; 0.1 to 3600)")
+    tp.add_argument("-s", "--state", choices=TOP_FILTERS, default="all", metavar="FILTER",
+                    help="the jobs list's first filter: " + ", ".join(TOP_FILTERS) + " (default all)")
+    tp.add_argument("--once", action="store_true", help="print one frame as plain text and exit")
+
     cn = add("cancel", "cancel jobs: waiting ones at once, running ones by killing their process tree", """\
   queuectl cancel backup-42
   queuectl cancel job1 job2 job3""")
@@ -4444,6 +5624,16 @@ def _int_arg(lo, hi, what="a whole number"):
     return parse
 
 
+def _interval_arg(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("must be a number of seconds, got %s" % _short(text))
+    if not 0.1 <= value <= 3600:  # (NaN fails this too)
+        raise argparse.ArgumentTypeError("must be from 0.1 to 3600 seconds, got %s" % _short(text))
+    return value
+
+
 _port_arg = _int_arg(0, 65535, "a port number")
 _limit_arg = _int_arg(1, 1000000)
 _positive_int = _int_arg(1, 2 ** 31)
@@ -4553,6 +5743,28 @@ def _decode(data, source):
         return data.decode("utf-8")
     except UnicodeDecodeError:
         raise InvalidInput("%s is not UTF-8 text" % source)
+
+
+def retry_dead_job(store, job_id, now, reset_attempts=False):
+    """`dlq retry`: a dead job back to pending, and a local idle worker woken for it."""
+    store.retry_dead(job_id, now, reset_attempts=reset_attempts)
+    wake_workers(store, 1)
+
+
+def cancel_job(store, job_id, now):
+    """`cancel` of one job: ``store.cancel``, and for a running job ("requested") a nudge to its
+    local worker so that it kills the process tree now.  Returns what ``store.cancel`` did."""
+    result = store.cancel(job_id, now)
+    if result == "requested":
+        _wake_owners(store, [job_id])
+    return result
+
+
+def pause_queue(store, name, paused):
+    """`queue pause` / `queue resume`; resuming wakes idle local workers for the queue's due jobs."""
+    store.set_queue(name, paused=paused)
+    if not paused:
+        wake_workers(store, 64)
 
 
 def job_table(jobs, utc, stream=None):
@@ -4755,8 +5967,14 @@ def _wait_gone(groups, timeout):
     return False
 
 
+def worker_alive(w, now):
+    """Is a worker record's process still there?  Checked on this host; elsewhere judged by
+    its heartbeat."""
+    return pid_alive(w["pid"], w["pid_started"]) if w["host"] == HOST else now - w["heartbeat_at"] < 60
+
+
 def worker_view(w, now):
-    alive = pid_alive(w["pid"], w["pid_started"]) if w["host"] == HOST else now - w["heartbeat_at"] < 60
+    alive = worker_alive(w, now)
     return {
         "id": w["id"], "pid": w["pid"], "host": w["host"], "state": w["state"] if alive else "gone",
         "job_id": w["job_id"], "started_at": rfc3339(w["started_at"]), "heartbeat_at": rfc3339(w["heartbeat_at"]),
@@ -4970,13 +6188,12 @@ def dlq_retry(args, store):
     for job_id in args.job_ids:
         try:
             validate_id(job_id)
-            store.retry_dead(job_id, time.time(), reset_attempts=args.reset_attempts)
+            retry_dead_job(store, job_id, time.time(), reset_attempts=args.reset_attempts)
         except (InvalidInput, NotFound, Conflict) as e:
             sys.stderr.write("queuectl: error: %s\n" % e)
             code = code or e.exit_code
             continue
         sys.stdout.write("job %s moved back to pending%s\n" % (job_id, how))
-        wake_workers(store, 1)
     return code
 
 
@@ -5017,12 +6234,11 @@ def cmd_cancel(args, store):
     requested = []
     for job_id in args.job_ids:
         validate_id(job_id)
-        if store.cancel(job_id, now) == "requested":
+        if cancel_job(store, job_id, now) == "requested":
             requested.append(job_id)
         else:
             sys.stdout.write("job %s cancelled\n" % job_id)
     if requested:
-        _wake_owners(store, requested)
         deadline = time.monotonic() + 30
         while requested and time.monotonic() < deadline:
             states = store.states_of(requested)
@@ -5151,10 +6367,8 @@ def cmd_queue(args, store):
         store.set_queue(name, max_running=limit)
         sys.stdout.write("queue %s: %s\n" % (name, "no limit" if limit is None else "at most %d running" % limit))
     else:
-        store.set_queue(name, paused=(action == "pause"))
+        pause_queue(store, name, action == "pause")
         sys.stdout.write("queue %s %s\n" % (name, "paused" if action == "pause" else "resumed"))
-        if action == "resume":
-            wake_workers(store, 64)
     return EXIT_OK
 
 
@@ -5344,6 +6558,18 @@ complete -F _queuectl queuectl
 """
 
 
+def cmd_top(args, store):
+    if args.queue is not None:
+        validate_name(args.queue, "queue")
+    if args.once:
+        return top_once(store, args)
+    for name, stream in (("stdin", sys.stdin), ("stdout", sys.stdout)):
+        if stream is None or not stream.isatty():
+            raise InvalidInput("top needs a terminal, and %s is not one: for one frame as plain text use "
+                               "queuectl top --once" % name)
+    return run_top(store, args)
+
+
 def cmd_metrics(args, store):
     sys.stdout.write(_web().metrics_text(store, time.time()))
     return EXIT_OK
@@ -5455,7 +6681,7 @@ COMMANDS = {
     "enqueue": cmd_enqueue, "worker": cmd_worker, "status": cmd_status, "list": cmd_list, "get": cmd_get,
     "logs": cmd_logs, "dlq": cmd_dlq, "config": cmd_config, "clear": cmd_clear, "cancel": cmd_cancel,
     "wait": cmd_wait, "purge": cmd_purge, "queue": cmd_queue, "schedule": cmd_schedule,
-    "dashboard": cmd_dashboard, "up": cmd_up, "stats": cmd_stats, "metrics": cmd_metrics,
+    "dashboard": cmd_dashboard, "up": cmd_up, "stats": cmd_stats, "metrics": cmd_metrics, "top": cmd_top,
 }
 
 

@@ -776,6 +776,28 @@ SELECT min(run_at) AS run_at FROM (
     FROM unnest(%(priorities)s::integer[]) AS p
 ) x
 """
+SQL_SCHEDULED_PAGE = (  # one priority at a time: a range of the jobs_ready index
+    "SELECT " + _columns() + " FROM {s}.jobs WHERE state IN ('pending', 'failed') AND priority = %(priority)s "
+    "AND run_at > {clock} AND (run_at, seq) > (%(run_at)s::float8, %(seq)s::bigint) AND state = 'pending' "
+    "ORDER BY run_at, seq LIMIT %(limit)s"
+)
+SQL_QUEUE_PAGE = (  # the newest %(scan)s jobs (on the jobs_updated index), then those of the queue
+    "SELECT * FROM (SELECT " + _columns() + " FROM {s}.jobs WHERE (updated_at, seq) < (%(updated_at)s::float8, "
+    "%(seq)s::bigint) ORDER BY updated_at DESC, seq DESC LIMIT %(scan)s) x WHERE queue = %(queue)s LIMIT %(limit)s"
+)
+SQL_QUEUE_PAGE_STATE = (
+    "SELECT * FROM (SELECT " + _columns() + " FROM {s}.jobs WHERE state = %(state)s AND (updated_at, seq) < "
+    "(%(updated_at)s::float8, %(seq)s::bigint) ORDER BY updated_at DESC, seq DESC LIMIT %(scan)s) x "
+    "WHERE queue = %(queue)s LIMIT %(limit)s"
+)
+SQL_PAGE_NTH = (  # is there a job after the first %(scan)s from the position on?  (index only)
+    "SELECT seq FROM {s}.jobs WHERE (updated_at, seq) < (%(updated_at)s::float8, %(seq)s::bigint) "
+    "ORDER BY updated_at DESC, seq DESC LIMIT 1 OFFSET %(scan)s"
+)
+SQL_PAGE_NTH_STATE = (
+    "SELECT seq FROM {s}.jobs WHERE state = %(state)s AND (updated_at, seq) < (%(updated_at)s::float8, "
+    "%(seq)s::bigint) ORDER BY updated_at DESC, seq DESC LIMIT 1 OFFSET %(scan)s"
+)
 SQL_STATS_RANGE = """
 SELECT minute, outcome, sum(count)::bigint AS count, sum(run_sum) AS run_sum, sum(wait_sum) AS wait_sum
 FROM {s}.stats WHERE minute BETWEEN %(since)s AND %(until)s GROUP BY minute, outcome ORDER BY minute, outcome
@@ -1599,6 +1621,28 @@ class PostgresStore(Store):
         row = self._one(self.sql.OLDEST_DUE, {"now": self._clock(now),
                                               "priorities": sorted(set(queuectl.PRIORITIES.values()))})
         return row["run_at"] if row else None
+
+    def scheduled_page(self, now, limit=50, after=None):
+        run_at, seq = after if after else (float("-inf"), 0)
+        p = {"now": self._clock(now), "run_at": run_at, "seq": seq, "limit": int(limit) + 1}
+        rows = [r for prio in sorted(set(queuectl.PRIORITIES.values()))
+                for r in self._all(self.sql.SCHEDULED_PAGE, dict(p, priority=prio))]
+        rows.sort(key=lambda r: (r["run_at"], r["seq"]))
+        return [Job.from_row(r) for r in rows[:limit]], len(rows) > limit
+
+    def queue_page(self, queue, state=None, limit=50, after=None, scan=2000):
+        p = {"queue": queue, "state": str(state) if state else None, "limit": int(limit) + 1, "scan": int(scan)}
+        p["updated_at"], p["seq"] = after if after else (float("inf"), 2 ** 63 - 1)
+        rows = sorted(self._all(self.sql.QUEUE_PAGE_STATE if state else self.sql.QUEUE_PAGE, p),
+                      key=lambda r: (r["updated_at"], r["seq"]), reverse=True)
+        if len(rows) > limit:
+            return [Job.from_row(r) for r in rows[:limit]], True, False
+        cut = self._one(self.sql.PAGE_NTH_STATE if state else self.sql.PAGE_NTH, p) is not None
+        return [Job.from_row(r) for r in rows], cut, cut
+
+    def queue_settings(self):
+        return {r["name"]: {"max_running": r["max_running"], "paused": bool(r["paused"])}
+                for r in self._all(self.sql.QUEUES)}
 
     def stats_minutes(self, since, until):
         return [dict(r, count=int(r["count"])) for r in self._all(self.sql.STATS_RANGE,

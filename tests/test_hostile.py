@@ -262,6 +262,7 @@ ROWS = [
     Bad("metrics-extra-argument", ["metrics", "extra"], 2),
     Bad("completion-unknown-shell", ["completion", "tcsh"], 2),
     Bad("completion-no-shell", ["completion"], 2),
+    Bad("top-not-a-terminal", ["top"], 2),
     # --- global -------------------------------------------------------------------------------------------------
     Bad("unknown-command", ["frobnicate"], 2),
     Bad("no-command", [], 2),

@@ -730,6 +730,76 @@ class StoreContract:
         assert [j.id for j in store.list_jobs()] == ["z", "y", "x"]
         assert [j.id for j in store.list_jobs(limit=2)] == ["y", "x"]
 
+    def test_scheduled_page_walks_future_pending_jobs_soonest_first(self, store):
+        store.enqueue([spec(id="due", command="echo due")], NOW)  # due now: not scheduled
+        store.enqueue([spec(id="later-low", priority="low", delay=300), spec(id="soon-high", priority="high", delay=10),
+                       spec(id="mid", delay=100), spec(id="mid-too", delay=100), spec(id="last", delay=900)], NOW)
+        self.enqueue_one(store, id="retry", max_retries=3)
+        job = self.claim(store, now=NOW)
+        assert job.id == "due"
+        job = self.claim(store, now=NOW)
+        assert job.id == "retry"
+        state, retry_at = self.fail(store, job, NOW + 1)  # failed, waiting for its retry: listed as failed
+        assert state == "failed" and retry_at > NOW + 1
+        jobs, more = store.scheduled_page(NOW + 1, limit=10)
+        order = ["soon-high", "mid", "mid-too", "later-low", "last"]  # by run_at, then enqueue order
+        assert [j.id for j in jobs] == order and not more
+        seen, after = [], None
+        while True:  # pages of two, each starting after the last one
+            jobs, more = store.scheduled_page(NOW + 1, limit=2, after=after)
+            seen += [j.id for j in jobs]
+            assert len(jobs) == 2 or not more
+            if not more:
+                break
+            after = (jobs[-1].run_at, jobs[-1].seq)
+        assert seen == order
+        # Time goes by: what is due now is no longer scheduled, an old cursor does not bring it back.
+        jobs, more = store.scheduled_page(NOW + 150, limit=10, after=(NOW + 10, jobs[0].seq))
+        assert [j.id for j in jobs] == ["later-low", "last"]
+        assert store.scheduled_page(NOW + 1000, limit=10) == ([], False)
+        store.cancel("last", NOW + 2)  # cancelled: not scheduled any more
+        assert [j.id for j in store.scheduled_page(NOW + 150, limit=10)[0]] == ["later-low"]
+
+    def test_queue_page_lists_one_queue_newest_first_within_a_bound(self, store):
+        for i in range(10):  # r0..r9 in "reports", every third one dead; older than the rest
+            self.enqueue_one(store, NOW + i, id="r%d" % i, queue="reports")
+        for i in range(20):
+            self.enqueue_one(store, NOW + 100 + i, id="d%d" % i)
+        jobs, more, cut = store.queue_page("reports", limit=4)
+        assert [j.id for j in jobs] == ["r9", "r8", "r7", "r6"] and more and not cut
+        jobs, more, cut = store.queue_page("reports", limit=4, after=(jobs[-1].updated_at, jobs[-1].seq))
+        assert [j.id for j in jobs] == ["r5", "r4", "r3", "r2"] and more and not cut
+        jobs, more, cut = store.queue_page("reports", limit=4, after=(jobs[-1].updated_at, jobs[-1].seq))
+        assert [j.id for j in jobs] == ["r1", "r0"] and not more and not cut
+        jobs, more, cut = store.queue_page("reports", limit=50)
+        assert len(jobs) == 10 and not more and not cut
+        # The 25 newest jobs hold only 5 of reports: the look stops there, and says so.
+        jobs, more, cut = store.queue_page("reports", limit=50, scan=25)
+        assert [j.id for j in jobs] == ["r9", "r8", "r7", "r6", "r5"] and more and cut
+        jobs, more, cut = store.queue_page("reports", limit=3, scan=25)
+        assert [j.id for j in jobs] == ["r9", "r8", "r7"] and more and not cut
+        # Of one state: the bound counts jobs of that state.
+        self.enqueue_one(store, NOW + 200, id="late", queue="reports")
+        assert self.claim_id(store, now=NOW + 300) == "r0"  # the oldest due job runs: r0 is updated last
+        jobs, more, cut = store.queue_page("reports", state="processing", limit=5, scan=1)
+        assert [j.id for j in jobs] == ["r0"] and not more and not cut
+        jobs, more, cut = store.queue_page("reports", state="pending", limit=5, scan=3)
+        assert [j.id for j in jobs] == ["late"] and more and cut  # the 3 newest pending: late, d19, d18
+        assert store.queue_page("nosuch", limit=5) == ([], False, False)
+
+    def test_queue_settings_without_counting_jobs(self, store):
+        self.enqueue_one(store, id="a", queue="reports")
+        self.enqueue_one(store, id="b")
+        assert store.queue_settings() == {"default": {"max_running": None, "paused": False},
+                                          "reports": {"max_running": None, "paused": False}}
+        store.set_queue("reports", max_running=2, paused=True)
+        store.set_queue("empty", paused=False)
+        assert store.queue_settings() == {"default": {"max_running": None, "paused": False},
+                                          "reports": {"max_running": 2, "paused": True},
+                                          "empty": {"max_running": None, "paused": False}}
+        store.set_queue("reports", max_running=None, paused=False)
+        assert store.queue_settings()["reports"] == {"max_running": None, "paused": False}
+
     def test_get_and_attempts_of_an_unknown_job(self, store):
         assert store.get("nope") is None
         assert store.attempts("nope") == []
