@@ -55,6 +55,20 @@ def program():
     return shlex.split(cmd) if cmd else [sys.executable, str(ROOT / "queuectl.py")]
 
 
+_PROGRAM_PYTHON = []
+
+
+def program_python():
+    """(major, minor) of the Python that runs the program under test (QUEUECTL_CMD may name another)."""
+    if not _PROGRAM_PYTHON:
+        argv = program()
+        exe = argv[0] if "python" in os.path.basename(argv[0]) else sys.executable
+        out = subprocess.run([exe, "-c", "import sys; print('%d %d' % sys.version_info[:2])"], capture_output=True,
+                             text=True, timeout=60).stdout.split()
+        _PROGRAM_PYTHON.append(tuple(int(x) for x in out))
+    return _PROGRAM_PYTHON[0]
+
+
 def wait_until(predicate, timeout=10.0, interval=0.01, message=None):
     """Poll ``predicate`` until it returns something truthy; fail after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout

@@ -422,8 +422,10 @@ def test_without_psycopg_the_error_says_how_to_install_it(cli, monkeypatch):
 def test_the_default_path_imports_no_driver(tmp_path):
     import subprocess
 
-    code = ("import sys, queuectl; rc = queuectl.main(['--db', %r, 'status']); "
-            "sys.exit(rc or ('psycopg' in sys.modules or 'queuectl_pg' in sys.modules) and 9)") % str(tmp_path / "q.db")
+    db = str(tmp_path / "q.db")
+    code = ("import sys, queuectl; rc = queuectl.main(['--db', %r, 'enqueue', '--', 'true']) or "
+            "queuectl.main(['--db', %r, 'status']); "
+            "sys.exit(rc or ('psycopg' in sys.modules or 'queuectl_pg' in sys.modules) and 9)") % (db, db)
     proc = subprocess.run([sys.executable, "-c", code], cwd=str(queuectl_pg.__file__.rsplit("/", 1)[0]),
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
