@@ -945,23 +945,38 @@ class Store:
     DatabaseError when it is unusable; they never leave a half-written change.
     """
 
-    def enqueue(self, jobs, now):
+    #: True when this store can only read (SQLite: a file this user may not write); every
+    #: method that writes then raises DatabaseError.
+    readonly = False
+
+    # --- jobs ---------------------------------------------------------------------------
+
+    def enqueue(self, jobs, now, existing=None):
         """Insert validated jobs (dicts from ``validate_job``) in one transaction.
 
         A job without id gets a generated one.  A duplicate id refuses the whole
-        batch with Conflict naming the id.  Returns the ids in order.  Durable
+        batch with Conflict naming the id.  A job with ``after`` waits (state
+        waiting) until every job it names has completed; it is pending at once when
+        they all have, and refused when one does not exist (NotFound) or ended dead
+        or cancelled (Conflict).  A job whose ``unique_key`` an unfinished job holds
+        (pending, processing, failed or waiting; earlier in the batch included) is
+        not added: that job's id stands in its place, and is also appended to the
+        list ``existing`` when one is given.  Returns the ids in order.  Durable
         on return.
         """
         raise NotImplementedError
 
-    def claim(self, worker_id, host, now, lease):
+    def claim(self, worker_id, host, now, lease, queues=None):
         """Atomically take the next due job (state pending or failed with
         ``run_at <= now``) by priority, then run_at, then enqueue order; mark it
         processing, owned by ``worker_id`` with a lease until ``now + lease``,
         count the attempt and open its attempt record.  Returns the Job (with
         ``runs`` numbering this attempt) or None.  Two workers never get the
-        same job.  When nothing is due the worker is marked idle in the same
-        transaction, so an enqueue that commits afterwards sees it and wakes it.
+        same job.  Jobs of a paused queue, and of a queue with ``max_running``
+        jobs running already, are left where they are; with ``queues`` (a list
+        of names) only jobs of those queues are taken.  When nothing is due the
+        worker is marked idle in the same transaction, so an enqueue that
+        commits afterwards sees it and wakes it.
         """
         raise NotImplementedError
 
@@ -988,9 +1003,11 @@ class Store:
     def finish(self, job_id, run, worker_id, state, now, outcome, exit_code=None, error=None,
                output="", output_bytes=0, retry_at=None):
         """Close a run: move the job from processing to ``state`` (completed,
-        failed with ``retry_at``, or dead), record exit code, error, output and
-        statistics.  Only the owner of ``run`` may finish it: returns False and
-        changes nothing otherwise (fencing).
+        failed with ``retry_at``, dead, or cancelled), record exit code, error,
+        output and statistics.  A job that reaches a final state releases or
+        cancels the jobs waiting for it and queues its webhook deliveries.  Only
+        the owner of ``run`` may finish it: returns False and changes nothing
+        otherwise (fencing).
         """
         raise NotImplementedError
 
@@ -1015,6 +1032,10 @@ class Store:
         """The Job with that id, or None."""
         raise NotImplementedError
 
+    def states_of(self, job_ids):
+        """``{job_id: (state, exit_code)}`` of those of ``job_ids`` that exist."""
+        raise NotImplementedError
+
     def attempts(self, job_id, with_output=False):
         """The job's attempt history, oldest first."""
         raise NotImplementedError
@@ -1033,13 +1054,92 @@ class Store:
 
     def retry_dead(self, job_id, now, reset_attempts=False):
         """Move a dead job back to pending for one more run (its whole budget
-        with ``reset_attempts``).  NotFound / Conflict when it is not dead."""
+        with ``reset_attempts``).  NotFound / Conflict when it is not dead, and
+        Conflict when another unfinished job holds its unique key."""
         raise NotImplementedError
 
     def delete_jobs(self, state=None):
         """Delete jobs of ``state`` (all but processing ones when None) and their
-        attempts; running jobs are never deleted.  Returns the number deleted."""
+        attempts; running jobs are never deleted (Conflict).  Jobs that waited for a
+        deleted job are cancelled, saying so.  Returns the number deleted."""
         raise NotImplementedError
+
+    def purge(self, states, before, batch=1000):
+        """Delete jobs in ``states`` (final states only: InvalidInput otherwise) last updated
+        before ``before``, with their attempts, ``batch`` jobs per transaction so that workers
+        are never held up long.  Statistics are kept.  Returns the number deleted."""
+        raise NotImplementedError
+
+    # --- cancel --------------------------------------------------------------------------
+
+    def cancel(self, job_id, now):
+        """Cancel a job: a waiting, pending or failed one at once (returns 'cancelled'); a
+        running one is flagged for its worker, which kills the process tree and records
+        the job as cancelled (returns 'requested').  Jobs waiting for a cancelled job are cancelled too.  NotFound / Conflict (already
+        finished) otherwise."""
+        raise NotImplementedError
+
+    def cancel_requested(self, job_id, run):
+        """True when a user asked to cancel run ``run`` of the job."""
+        raise NotImplementedError
+
+    # --- queues --------------------------------------------------------------------------
+
+    def queues(self):
+        """Every known queue, by name: dicts with name, max_running (None = no limit), paused
+        and counts (``{state: n}`` of its pending, processing, failed and waiting jobs)."""
+        raise NotImplementedError
+
+    def set_queue(self, name, max_running=False, paused=None):
+        """Create or change a queue: ``max_running`` (None = no limit; False = leave as is),
+        ``paused`` (None = leave as is).  Running jobs are never affected."""
+        raise NotImplementedError
+
+    # --- schedules -----------------------------------------------------------------------
+
+    def add_schedule(self, name, cron, tz, spec, missed, overlap, next_run, now):
+        """Store a recurring schedule: a cron expression evaluated in time zone ``tz``, the job
+        ``spec`` to enqueue at each tick, the policies ``missed`` (once | skip) and ``overlap``
+        (skip | allow), and the first tick ``next_run``.  Conflict if the name is taken."""
+        raise NotImplementedError
+
+    def schedules(self):
+        """Every schedule as a dict (by name; spec decoded, paused a bool), with ``last_state``,
+        the state of the last job it enqueued."""
+        raise NotImplementedError
+
+    def remove_schedule(self, name):
+        """Delete a schedule (the jobs it enqueued stay); NotFound if there is none."""
+        raise NotImplementedError
+
+    def pause_schedule(self, name, paused, next_run=None):
+        """Pause or resume a schedule; resuming sets its next tick ``next_run``, so the ticks
+        missed while paused are not 'missed'.  NotFound if there is none."""
+        raise NotImplementedError
+
+    def fire_schedules(self, now, next_run, cfg):
+        """Enqueue one job for each due schedule tick (``schedule_tick``), exactly once however
+        many processes call this, then advance each schedule with ``next_run(schedule, after)``.
+        A tick whose job's unique key is held enqueues nothing.  Returns the new job ids."""
+        raise NotImplementedError
+
+    # --- webhooks ------------------------------------------------------------------------
+
+    def webhooks_due(self, now):
+        """True when a webhook delivery is due."""
+        raise NotImplementedError
+
+    def claim_webhooks(self, now, limit, lease):
+        """Take up to ``limit`` due webhook deliveries (dicts with id, url, payload and
+        attempts, oldest first) for ``lease`` seconds: no other sender gets them meanwhile."""
+        raise NotImplementedError
+
+    def webhook_result(self, delivery_id, now, error=None, next_at=None):
+        """Record a delivery attempt: delivered (no ``error``), to be retried at ``next_at``, or
+        given up (an error and no ``next_at``: the delivery is kept, never sent again)."""
+        raise NotImplementedError
+
+    # --- configuration -------------------------------------------------------------------
 
     def config(self):
         """The effective configuration: DEFAULTS overlaid with stored values."""
@@ -1049,8 +1149,11 @@ class Store:
         """Store one validated configuration value."""
         raise NotImplementedError
 
+    # --- workers ---------------------------------------------------------------------------
+
     def register_worker(self, worker):
-        """Insert or replace a worker record (a dict with id, host, pid, ...)."""
+        """Insert or replace a worker record (a dict with id, host, pid, pid_started,
+        supervisor_pid, now and wake: its wake-up address, or None)."""
         raise NotImplementedError
 
     def unregister_worker(self, worker_id):
@@ -1064,6 +1167,11 @@ class Store:
     def wake_addresses(self, host, n):
         """Wake-up addresses of up to ``n`` idle workers on ``host``."""
         raise NotImplementedError
+
+    def poll_for_locks(self):
+        """Called once by a worker on its own store: wait for locks in the way that suits a process
+        that meets the others at the lock many times a second (SQLite: poll instead of sleeping
+        in the busy handler).  Nothing to do for a database server."""
 
     def wait_fds(self):
         """File descriptors an idle worker also waits on: readable when work may
@@ -1139,6 +1247,7 @@ class Store:
         since (workers call it before every claim); nothing to do for a database server."""
 
     def close(self):
+        """Close the store's connections (a store is not used after this)."""
         raise NotImplementedError
 
 
@@ -1790,7 +1899,6 @@ class SqliteStore(Store):
 
     def __init__(self, path, create=True):
         self.path = path
-        self.readonly = False
         if path != ":memory:":
             directory = os.path.dirname(os.path.abspath(path)) or "."
             if not os.path.isdir(directory):
@@ -2365,9 +2473,6 @@ class SqliteStore(Store):
         conn.execute("DELETE FROM job_deps WHERE job_id NOT IN (SELECT id FROM jobs)")
 
     def purge(self, states, before, batch=1000):
-        """Delete jobs in ``states`` (final states only) last updated before ``before``, with their
-        attempts, in batches of ``batch`` per transaction so workers are never held up long.
-        Statistics are kept.  Returns the number deleted."""
         total = 0
         for state in states:
             if state not in FINAL_STATES:
@@ -2387,10 +2492,6 @@ class SqliteStore(Store):
     # --- cancel --------------------------------------------------------------------
 
     def cancel(self, job_id, now):
-        """Cancel a job: a waiting, pending or failed one at once (returns 'cancelled'); a
-        running one is flagged for its worker, which kills the process tree and records
-        the job as cancelled (returns 'requested').  Dependents of a cancelled job are
-        cancelled too.  NotFound / Conflict (already finished) otherwise."""
         with self._tx() as conn:
             if conn.execute(SQL_CANCEL_JOB, {"id": job_id, "now": now, "error": "cancelled by a user"}).rowcount:
                 conn.execute(SQL_DROP_EDGES_FROM, {"id": job_id})
@@ -2404,14 +2505,12 @@ class SqliteStore(Store):
         raise Conflict("job %s is already %s" % (job_id, row[0]))
 
     def cancel_requested(self, job_id, run):
-        """True when a user asked to cancel this run of the job."""
         row = self._read(SQL_CANCEL_REQUESTED, {"id": job_id, "n": run}, one=True)
         return bool(row and row[0])
 
     # --- queues ----------------------------------------------------------------------
 
     def queues(self):
-        """Every known queue: name, max_running (None = no limit), paused, and job counts by state."""
         rows = self._read("SELECT name, max_running, paused FROM queues ORDER BY name")
         counts = {}
         for queue, state, n in self._read(
@@ -2422,8 +2521,6 @@ class SqliteStore(Store):
                  "counts": counts.get(r["name"], {})} for r in rows]
 
     def set_queue(self, name, max_running=False, paused=None):
-        """Create or change a queue: ``max_running`` (None = no limit; False = leave as is),
-        ``paused`` (None = leave as is).  Running jobs are never affected."""
         with self._tx() as conn:
             conn.execute(SQL_ADD_QUEUE, {"queue": name})
             if max_running is not False:
@@ -2434,7 +2531,6 @@ class SqliteStore(Store):
     # --- schedules -------------------------------------------------------------------
 
     def add_schedule(self, name, cron, tz, spec, missed, overlap, next_run, now):
-        """Store a recurring schedule; Conflict if the name is taken."""
         with self._tx() as conn:
             try:
                 conn.execute(SQL_SCHEDULE_INSERT, {"name": name, "cron": cron, "tz": tz, "spec": json.dumps(spec),
@@ -2444,7 +2540,6 @@ class SqliteStore(Store):
                 raise Conflict("a schedule named %s already exists" % _short(name)) from None
 
     def schedules(self):
-        """Every schedule as a dict (spec decoded), with the state of its last job."""
         return [schedule_from_row(r) for r in self._read(SQL_SCHEDULES)]
 
     def remove_schedule(self, name):
@@ -2453,7 +2548,6 @@ class SqliteStore(Store):
                 raise NotFound("no schedule named %s" % _short(name))
 
     def pause_schedule(self, name, paused, next_run=None):
-        """Pause or resume a schedule (resuming sets the next run, so paused ticks are not 'missed')."""
         with self._tx() as conn:
             cur = conn.execute("UPDATE schedules SET paused = :p, next_run = COALESCE(:next_run, next_run) "
                                "WHERE name = :n", {"p": int(paused), "n": name, "next_run": next_run})
@@ -2461,11 +2555,7 @@ class SqliteStore(Store):
                 raise NotFound("no schedule named %s" % _short(name))
 
     def fire_schedules(self, now, next_run, cfg):
-        """Enqueue one job for each due schedule tick, exactly once however many processes
-        call this (one transaction), then advance each schedule with ``next_run(schedule,
-        after)``.  Applies the missed-tick policy (a tick over 60 s late: 'skip' drops it,
-        'once' runs one job for all missed ticks) and the overlap policy ('skip' enqueues
-        nothing while the previous job is unfinished).  Returns the new job ids."""
+        """One transaction, so a tick fires once however many processes call this."""
         created = []
         if self._read("SELECT 1 FROM schedules WHERE paused = 0 AND next_run <= :now LIMIT 1", {"now": now},
                       one=True) is None:
@@ -2499,11 +2589,9 @@ class SqliteStore(Store):
     # --- webhooks --------------------------------------------------------------------
 
     def webhooks_due(self, now):
-        """True when a webhook delivery is due."""
         return self._read(SQL_WEBHOOK_ANY_DUE, {"now": now}, one=True) is not None
 
     def claim_webhooks(self, now, limit, lease):
-        """Take up to ``limit`` due webhook deliveries for ``lease`` seconds."""
         if not self.webhooks_due(now):
             return []
         with self._tx() as conn:
@@ -2513,7 +2601,6 @@ class SqliteStore(Store):
         return rows
 
     def webhook_result(self, delivery_id, now, error=None, next_at=None):
-        """Record a delivery: delivered (no error), retry at ``next_at``, or given up (neither)."""
         with self._tx() as conn:
             conn.execute(SQL_WEBHOOK_DONE, {"id": delivery_id, "error": error, "next_at": next_at,
                                             "delivered": now if error is None else None})
@@ -3145,8 +3232,7 @@ class Worker:
         self.burst = burst
         self.queues = queues or None  # serve only these queues (None = all)
         self.store = store or open_store(db_path)
-        if hasattr(self.store, "poll_for_locks"):
-            self.store.poll_for_locks()
+        self.store.poll_for_locks()
         self.pid = os.getpid()
         self.id = "%s-%d-%s" % (HOST, self.pid, secrets.token_hex(2))
         self.supervisor_pid = supervisor_pid
@@ -3491,7 +3577,7 @@ class Supervisor:
         _logger()
         store = open_store(self.db_path)
         try:
-            if getattr(store, "readonly", False):  # or every worker would fail at once, forever
+            if store.readonly:  # or every worker would fail at once, forever
                 raise DatabaseError("database %s is read-only: workers need to write to it" % self.db_path)
             need_sender = self.housekeeping(store, time.time())  # also creates/migrates the database
         finally:
@@ -4423,7 +4509,7 @@ def cmd_worker(args, store):
 def cmd_worker_start(args, store):
     if not 1 <= args.count <= 256:
         raise InvalidInput("--count must be from 1 to 256, got %d" % args.count)
-    if getattr(store, "readonly", False):
+    if store.readonly:
         raise DatabaseError("database %s is read-only: workers need to write to it" % args.db_path)
     db = db_location(args.db_path)
     if args.foreground or args.burst:

@@ -857,8 +857,6 @@ class PostgresStore(Store):
     DatabaseBusy (safe to retry) and re-opened on the next call.
     """
 
-    readonly = False
-
     def __init__(self, url, create=True, schema=None, clock="database"):
         if clock not in ("database", "caller"):
             raise ValueError("clock must be 'database' or 'caller'")

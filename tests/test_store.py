@@ -12,6 +12,7 @@ and providing three fixtures:
   backend's job table (not from the store's maintained counters).
 """
 
+import inspect
 import os
 import sqlite3
 import threading
@@ -923,3 +924,23 @@ def test_a_garbage_file_is_a_database_error_and_left_untouched(db, content):
     with pytest.raises(DatabaseError):
         queuectl.SqliteStore(str(db))
     assert db.read_bytes() == content
+
+
+
+def public_methods(cls):
+    return {name for name in dir(cls) if not name.startswith("_") and callable(getattr(cls, name))}
+
+
+def assert_implements_the_contract(cls, extra=()):
+    """Every method a caller may use is declared and documented on Store (callers never probe a
+    store with hasattr), and ``cls`` implements each one the contract leaves open.  ``extra``:
+    public methods that are not for callers (a test helper)."""
+    assert public_methods(cls) - public_methods(queuectl.Store) == set(extra)
+    for name in public_methods(queuectl.Store):
+        assert getattr(queuectl.Store, name).__doc__, "Store.%s has no docstring" % name
+        if "raise NotImplementedError" in inspect.getsource(getattr(queuectl.Store, name)):
+            assert getattr(cls, name) is not getattr(queuectl.Store, name), "%s.%s is missing" % (cls.__name__, name)
+
+
+def test_the_sqlite_store_implements_the_whole_contract_and_nothing_else():
+    assert_implements_the_contract(queuectl.SqliteStore)

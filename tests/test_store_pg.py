@@ -24,7 +24,8 @@ import queuectl
 import queuectl_pg
 from conftest import PG_TEST_URL, db_rows, drop_pg_schema, new_pg_url, pg_schema_of, wait_until
 from queuectl import Conflict, DatabaseBusy, DatabaseError, JobState
-from test_store import HOST, LEASE, OTHER_HOST, Recorder, StoreContract, always_alive, spec, worker_record
+from test_store import (HOST, LEASE, OTHER_HOST, Recorder, StoreContract, always_alive, assert_implements_the_contract,
+                        spec, worker_record)
 
 pytestmark = pytest.mark.postgres
 
@@ -52,6 +53,10 @@ class TestPostgresStore(StoreContract):
     @pytest.fixture
     def raw_counts(self, pg_url):
         return lambda: dict(db_rows(pg_url, "SELECT state, count(*) FROM jobs GROUP BY state"))
+
+
+def test_the_postgresql_store_implements_the_whole_contract():
+    assert_implements_the_contract(queuectl_pg.PostgresStore, extra={"drop_schema"})
 
 
 ###############################################################################

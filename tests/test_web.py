@@ -554,7 +554,6 @@ def test_mutations_enqueue_retry_and_clear(store, db, api):
     assert store.get("d1") is None and store.get("d2").state == "pending"
 
 
-@pytest.mark.skipif(not hasattr(queuectl.SqliteStore, "cancel"), reason="this queuectl has no cancel")
 def test_cancel_through_the_api(store, api):
     add_jobs(store, [{"id": "c1", "command": "true"}])
     r = api.post("/api/jobs/c1/cancel")
