@@ -260,8 +260,7 @@ def job_brief(job):
 
 def workers_view(store, now):
     workers = []
-    for w in store.workers():
-        view = queuectl.worker_view(w, now)
+    for view in queuectl.worker_views(store, now):
         view["job_command"] = None
         view["job_started_at"] = None
         if view["job_id"]:
@@ -378,8 +377,7 @@ def metrics_text(store, now):
     out.append("queuectl_oldest_pending_job_age_seconds %s" % _prom_number(
         round(max(0.0, now - oldest), 3) if oldest is not None else 0))
     states = {"busy": 0, "idle": 0}
-    for w in store.workers():
-        view = queuectl.worker_view(w, now)
+    for view in queuectl.worker_views(store, now):
         if view["state"] in states:
             states[view["state"]] += 1
     family("queuectl_workers", "gauge", "Live workers by state.")
@@ -908,7 +906,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def get_job(self, store, query, job_id):
         job = store.get(job_id)
         if job is None:
-            raise HTTPError(404, "no job with id %s" % queuectl._short(job_id))
+            raise HTTPError(404, "no job with id %s" % queuectl.short_json(job_id))
         attempts = store.attempts(job.id)
         number = query_int(query, "attempt", None, 1, MAX_QUERY_INT)
         if number is not None:

@@ -1558,14 +1558,56 @@ def public_methods(cls):
 
 def assert_implements_the_contract(cls, extra=()):
     """Every method a caller may use is declared and documented on Store (callers never probe a
-    store with hasattr), and ``cls`` implements each one the contract leaves open.  ``extra``:
-    public methods that are not for callers (a test helper)."""
+    store with hasattr), and ``cls`` implements each one the contract leaves open, and each query
+    StoreRules needs.  ``extra``: public methods that are not for callers (a test helper)."""
     assert public_methods(cls) - public_methods(queuectl.Store) == set(extra)
     for name in public_methods(queuectl.Store):
         assert getattr(queuectl.Store, name).__doc__, "Store.%s has no docstring" % name
-        if "raise NotImplementedError" in inspect.getsource(getattr(queuectl.Store, name)):
-            assert getattr(cls, name) is not getattr(queuectl.Store, name), "%s.%s is missing" % (cls.__name__, name)
+    for name in dir(queuectl.StoreRules):
+        declared = getattr(queuectl.StoreRules, name)
+        if callable(declared) and name in vars(queuectl.StoreRules) | vars(queuectl.Store) \
+                and "raise NotImplementedError" in inspect.getsource(declared):
+            assert getattr(cls, name) is not declared, "%s.%s is missing" % (cls.__name__, name)
 
 
 def test_the_sqlite_store_implements_the_whole_contract_and_nothing_else():
     assert_implements_the_contract(queuectl.SqliteStore)
+
+
+###############################################################################
+# The rules both stores share
+###############################################################################
+
+
+@pytest.mark.parametrize("age, lease, alive", [
+    (59.9, 1.0, True), (60.1, 1.0, False),  # never gone within a minute
+    (59.9, 15.0, True), (60.1, 15.0, False),  # 4 x 15 s
+    (3 * 3600, 3600.0, True), (4 * 3600 + 1, 3600.0, False),  # a long lease: 4 of them
+])
+def test_a_worker_on_another_host_is_alive_while_its_heartbeat_is_recent(age, lease, alive):
+    w = dict(worker_record("remote", host=OTHER_HOST), heartbeat_at=NOW - age)
+    never = Recorder(lambda pid, started: False)
+    assert queuectl.worker_alive(w, NOW, HOST, lease, never) is alive
+    assert never.calls == []  # its pid means nothing on this host
+
+
+@pytest.mark.parametrize("answer", [True, False])
+def test_a_worker_on_this_host_is_alive_while_its_process_is(answer):
+    w = dict(worker_record("local", pid=4242, pid_started=55.0), heartbeat_at=NOW - 10 ** 6)
+    alive = Recorder(lambda pid, started: answer)
+    assert queuectl.worker_alive(w, NOW, HOST, LEASE, alive) is answer
+    assert alive.calls == [(4242, 55.0)]  # the pid and its start time: a reused pid is not the worker
+
+
+def test_rescue_worker_status_and_the_dashboard_judge_a_worker_by_the_same_rule(store):
+    """A worker of another machine with a long lease, silent for two hours: alive for rescue, for
+    `worker status` and the dashboard (worker_views); gone for all of them after four leases."""
+    store.set_config("lease-seconds", 3600)
+    store.register_worker(dict(worker_record("remote", host=queuectl.HOST + "-other", now=time.time() - 7200)))
+    assert [v["state"] for v in queuectl.worker_views(store, time.time())] == ["idle"]
+    assert store.rescue(time.time(), queuectl.HOST, always_alive, Recorder()) == []
+    assert [w["id"] for w in store.workers()] == ["remote"]
+    later = time.time() + 3 * 3600 + 1
+    assert [v["state"] for v in queuectl.worker_views(store, later)] == ["gone"]
+    store.rescue(later, queuectl.HOST, always_alive, Recorder())
+    assert store.workers() == []
