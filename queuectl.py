@@ -119,6 +119,9 @@ DEFAULT_QUEUE = "default"  # the queue of a job that names none
 PRIORITIES = {"high": 1, "medium": 2, "low": 3}
 PRIORITY_NAMES = {v: k for k, v in PRIORITIES.items()}
 
+#: This machine's identity in worker records and attempts.  QUEUECTL_HOST overrides it (tests run
+#: workers of several "machines" on one host; only workers of the same host are judged by pid).
+HOST = os.environ.get("QUEUECTL_HOST") or os.uname().nodename  # = socket.gethostname(), without importing socket
 BUSY_TIMEOUT = 5.0  # seconds a command waits for a locked database
 HOUSEKEEPING_INTERVAL = 2.0  # how often idle workers and supervisors rescue lost jobs
 REOPEN_GRACE = 10.0  # seconds a supervisor keeps trying to open a new database after the old one was deleted
@@ -946,6 +949,12 @@ class Store:
     Every read-modify-write is one atomic transaction.  Methods raise
     DatabaseBusy when the database stays locked past the busy timeout and
     DatabaseError when it is unusable; they never leave a half-written change.
+
+    Waking workers is the store's job: a method whose commit makes jobs due
+    (enqueue, a finish that releases the jobs waiting for it, release, rescue,
+    retry_dead, retry_all_dead, set_queue, fire_schedules) wakes idle workers
+    once it has committed, and a cancel of a running job wakes its worker.
+    Callers never wake workers themselves.
     """
 
     #: True when this store can only read (SQLite: a file this user may not write); every
@@ -1077,8 +1086,8 @@ class Store:
 
     def cancel(self, job_id, now):
         """Cancel a job: a waiting, pending or failed one at once (returns 'cancelled'); a
-        running one is flagged for its worker, which kills the process tree and records
-        the job as cancelled (returns 'requested').  Jobs waiting for a cancelled job are cancelled too.  NotFound / Conflict (already
+        running one is flagged for its worker, which is woken to kill the process tree and
+        record the job as cancelled (returns 'requested').  Jobs waiting for a cancelled job are cancelled too.  NotFound / Conflict (already
         finished) otherwise."""
         raise NotImplementedError
 
@@ -2482,6 +2491,21 @@ def _db_error(exc, path):
     return DatabaseError("database %s: %s" % (path, text))
 
 
+def send_wakeups(addresses):
+    """Send a wake-up datagram to each of these worker addresses (``wake_address``), without
+    waiting: one that is not there any more, or whose queue is full, is skipped."""
+    if not addresses:
+        return
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    try:
+        s.setblocking(False)
+        for addr in addresses:
+            with contextlib.suppress(OSError):
+                s.sendto(b"!", "\0" + addr)
+    finally:
+        s.close()
+
+
 class SqliteStore(StoreRules):
     """The embedded store: one SQLite file in WAL mode.
 
@@ -2493,6 +2517,8 @@ class SqliteStore(StoreRules):
 
     _wal_fd = None
     _polling = False
+    _wake_idle = 0  # idle workers to wake after this transaction commits (None: all of them)
+    _wake_jobs = ()  # ... and the workers running these jobs
 
     def __init__(self, path, create=True):
         self.path = path
@@ -2610,11 +2636,15 @@ class SqliteStore(StoreRules):
         the next flush of the WAL (the WAL is flushed in order, so any later durable commit
         or ``_sync`` makes it durable too).  The worker flushes its claims and results with
         ``_sync`` outside the write lock (finish_and_claim, started); lease renewals and
-        idle marking are never flushed by themselves."""
+        idle marking are never flushed by themselves.
+
+        After the commit, the workers the transaction asked for (``_wake``, ``_request_cancel``)
+        are woken: what PostgreSQL's NOTIFY does at its commit."""
         if self.readonly:
             raise DatabaseError("database %s is read-only: this command needs to write" % self.path)
         if durable:
             self.conn.execute(SQL_SYNC_FULL)
+        self._wake_idle, self._wake_jobs = 0, ()
         try:
             self._begin()
             try:
@@ -2630,6 +2660,8 @@ class SqliteStore(StoreRules):
             if durable:
                 with contextlib.suppress(sqlite3.Error):
                     self.conn.execute(SQL_SYNC_NORMAL)
+        if self._wake_idle != 0 or self._wake_jobs:
+            self._send_wakeups()
 
     def poll_for_locks(self):
         """Wait for a lock by trying again every 0.05 ms, growing to 2 ms, instead of through
@@ -2688,6 +2720,9 @@ class SqliteStore(StoreRules):
             ids = self._insert_plain(jobs, now)
             if ids is None:
                 ids = self._enqueue_each(jobs, now, existing)
+            due = sum(1 for job in jobs if job["run_at"] <= now)
+            if due:
+                self._wake(due)
         return ids
 
     @staticmethod
@@ -3006,7 +3041,21 @@ class SqliteStore(StoreRules):
         return time.time() if now is None else now
 
     def _wake(self, n):
-        pass  # workers look for due jobs at their next poll
+        self._wake_idle = None if n is None or self._wake_idle is None else self._wake_idle + n
+
+    def _send_wakeups(self):
+        """Wake the workers of this host the transaction that just committed asked for: up to
+        ``_wake_idle`` idle ones, and those running ``_wake_jobs``.  Never raises: a worker that
+        misses its datagram looks at its next poll."""
+        idle, jobs = self._wake_idle, self._wake_jobs
+        self._wake_idle, self._wake_jobs = 0, ()
+        addresses = []
+        with contextlib.suppress(QueuectlError):
+            if idle != 0:
+                addresses += self.wake_addresses(HOST, -1 if idle is None else idle)  # (LIMIT -1: no limit)
+            if jobs:
+                addresses += [w["wake"] for w in self.workers() if w["job_id"] in jobs and w["host"] == HOST and w["wake"]]
+        send_wakeups(addresses)
 
     def _fetch_job(self, job_id):
         return self.conn.execute(SQL_GET_JOB, {"id": job_id}).fetchone()
@@ -3060,7 +3109,10 @@ class SqliteStore(StoreRules):
         return True
 
     def _request_cancel(self, job_id):
-        return self.conn.execute(SQL_REQUEST_CANCEL, {"id": job_id}).rowcount == 1
+        if self.conn.execute(SQL_REQUEST_CANCEL, {"id": job_id}).rowcount != 1:
+            return False
+        self._wake_jobs += (job_id,)  # its worker looks at once (JobMonitor.tick)
+        return True
 
     def _any_expired(self, at):
         return self._read(SQL_ANY_EXPIRED, {"now": at}, one=True) is not None
@@ -3617,11 +3669,6 @@ def _terminate(proc, grace):
 # Worker and supervisor
 ###############################################################################
 
-#: This machine's identity in worker records and attempts.  QUEUECTL_HOST overrides it (tests run
-#: workers of several "machines" on one host; only workers of the same host are judged by pid).
-HOST = os.environ.get("QUEUECTL_HOST") or os.uname().nodename  # = socket.gethostname(), without importing socket
-
-
 def wake_address(db_path, worker_id):
     """Abstract-namespace unix socket name of a worker (Linux); None elsewhere."""
     if not sys.platform.startswith("linux"):
@@ -3630,24 +3677,6 @@ def wake_address(db_path, worker_id):
 
     digest = hashlib.sha1(os.path.realpath(db_path).encode()).hexdigest()[:12]
     return "queuectl/%s/%s" % (digest, worker_id)
-
-
-def wake_workers(store, n):
-    """Nudge up to ``n`` idle local workers so they claim at once instead of at their next poll."""
-    try:
-        addresses = store.wake_addresses(HOST, n)
-    except QueuectlError:
-        return
-    if not addresses:
-        return
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    try:
-        s.setblocking(False)
-        for addr in addresses:
-            with contextlib.suppress(OSError):
-                s.sendto(b"!", "\0" + addr)
-    finally:
-        s.close()
 
 
 def drain_fd(fd):
@@ -3911,7 +3940,7 @@ class JobMonitor:
 
     def tick(self, now, buf):
         """Called on every wake-up; returns None, 'stopped' (cold stop), 'lost' (lease gone)
-        or 'cancelled' (a user cancelled the job; `queuectl cancel` also sends a wake-up)."""
+        or 'cancelled' (a user cancelled the job; the store's cancel also wakes us)."""
         woken = self.worker.drain_wakeups()
         if self.worker.stop_level >= 2:
             return "stopped"
@@ -4179,7 +4208,6 @@ class Supervisor:
             created = store.fire_schedules(now, schedule_next_run, cfg)
             if created:
                 log.info("schedules enqueued %s", ", ".join(created))
-                wake_workers(store, len(created))
             retention = float(cfg.get("retention") or 0)
             if retention and now - self._purged_at >= 60:
                 self._purged_at = now
@@ -4945,9 +4973,6 @@ def cmd_enqueue(args, store):
     sys.stdout.flush()
     for jid in existing:
         sys.stderr.write("queuectl: unique key already queued: job %s\n" % jid)
-    due = sum(1 for j in jobs if j["run_at"] <= now)
-    if due:
-        wake_workers(store, due)
     return EXIT_OK
 
 
@@ -5239,7 +5264,6 @@ def cmd_dlq(args, store):
         store.retry_dead(args.job_id, time.time(), reset_attempts=args.reset_attempts)
         sys.stdout.write("job %s moved back to pending%s\n" % (
             args.job_id, " with its attempts reset" if args.reset_attempts else " for one more run"))
-        wake_workers(store, 1)
         return EXIT_OK
     n = store.delete_jobs("dead")
     sys.stdout.write("deleted %d dead job(s)\n" % n)
@@ -5288,7 +5312,6 @@ def cmd_cancel(args, store):
         else:
             sys.stdout.write("job %s cancelled\n" % job_id)
     if requested:
-        _wake_owners(store, requested)
         deadline = time.monotonic() + 30
         while requested and time.monotonic() < deadline:
             states = store.states_of(requested)
@@ -5301,19 +5324,6 @@ def cmd_cancel(args, store):
         for job_id in requested:
             sys.stdout.write("job %s: cancel requested; its worker will stop it at its next check\n" % job_id)
     return EXIT_OK
-
-
-def _wake_owners(store, job_ids):
-    """Nudge the local workers running these jobs so they notice a cancel at once."""
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    try:
-        s.setblocking(False)
-        for w in store.workers():
-            if w["job_id"] in job_ids and w["host"] == HOST and w["wake"]:
-                with contextlib.suppress(OSError):
-                    s.sendto(b"!", "\0" + w["wake"])
-    finally:
-        s.close()
 
 
 def wait_exit_status(state, exit_code):
@@ -5385,8 +5395,6 @@ def cmd_queue(args, store):
     else:
         store.set_queue(name, paused=(action == "pause"))
         sys.stdout.write("queue %s %s\n" % (name, "paused" if action == "pause" else "resumed"))
-        if action == "resume":
-            wake_workers(store, 64)
     return EXIT_OK
 
 

@@ -986,13 +986,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
         now = time.time()
         job = queuectl.validate_job(body, store.config(), now)
         [job_id] = store.enqueue([job], now)
-        if job["run_at"] <= now:
-            queuectl.wake_workers(store, 1)
         self._json(201, {"success": True, "id": job_id})
 
     def post_retry(self, store, query, job_id, body):
         store.retry_dead(job_id, time.time(), reset_attempts=bool(body.get("reset_attempts")))
-        queuectl.wake_workers(store, 1)
         self._json(200, {"success": True, "id": job_id, "state": "pending"})
 
     def post_cancel(self, store, query, job_id, body):
@@ -1001,8 +998,6 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def post_dlq_retry(self, store, query, body):
         retried, skipped = store.retry_all_dead(time.time(), reset_attempts=bool(body.get("reset_attempts")))
-        if retried:
-            queuectl.wake_workers(store, retried)
         self._json(200, {"success": True, "retried": retried, "skipped": skipped})
 
     def post_dlq_clear(self, store, query, body):

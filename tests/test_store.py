@@ -16,6 +16,7 @@ import datetime
 import inspect
 import json
 import os
+import socket
 import sqlite3
 import threading
 import time
@@ -1464,6 +1465,56 @@ def test_a_polling_writer_gives_up_after_the_busy_timeout(store, db, monkeypatch
         assert store.counts().get("pending", 0) == 0
     finally:
         other.close()
+
+
+class WakeSocket:
+    """The wake-up socket of a worker registered on this host (as Worker binds it)."""
+
+    def __init__(self, store, db, worker_id):
+        self.address = queuectl.wake_address(str(db), worker_id)
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind("\0" + self.address)
+        self.sock.setblocking(False)
+        store.register_worker(worker_record(worker_id, host=queuectl.HOST, wake=self.address))
+
+    def datagrams(self):
+        """How many wake-ups arrived since the last call (they are sent before the store's call returns)."""
+        n = 0
+        while True:
+            try:
+                self.sock.recv(64)
+            except BlockingIOError:
+                return n
+            n += 1
+
+
+def test_the_sqlite_store_wakes_workers_after_the_commits_that_give_them_work(store, db):
+    """What PostgreSQL's NOTIFY does: idle workers of this host are woken by datagram once a change
+    that makes jobs due has committed, and the worker of a job a user cancels; nothing else wakes."""
+    idle, busy = WakeSocket(store, db, "idle"), WakeSocket(store, db, "busy")
+    try:
+        store.enqueue([spec(id="later", delay=60)], NOW)
+        assert (idle.datagrams(), busy.datagrams()) == (0, 0)
+        store.enqueue([spec(id="a", max_retries=0), spec(id="b", after=["a"])], NOW)
+        assert (idle.datagrams(), busy.datagrams()) == (1, 1)  # up to one idle worker per job
+        with pytest.raises(Conflict):
+            store.enqueue([spec(id="a")], NOW)  # refused, nothing committed: no wake-up
+        assert idle.datagrams() == 0
+        job = store.claim("busy", queuectl.HOST, NOW, LEASE)
+        assert job.id == "a" and (idle.datagrams(), busy.datagrams()) == (0, 0)
+        assert store.cancel("a", NOW + 1) == "requested"
+        assert (idle.datagrams(), busy.datagrams()) == (0, 1)  # the worker running it, only
+        assert store.finish("a", 1, "busy", "dead", NOW + 2, "failed", 1)  # b is cancelled: nothing to do
+        assert idle.datagrams() == 0
+        assert store.retry_dead("a", NOW + 3)
+        assert idle.datagrams() == 1
+        store.set_queue("default", paused=True)
+        assert idle.datagrams() == 0
+        store.set_queue("default", paused=False)
+        assert idle.datagrams() == 1
+    finally:
+        idle.sock.close()
+        busy.sock.close()
 
 
 def plan(store, sql):
