@@ -95,27 +95,92 @@ def _logger():
 
 log = _LazyLogger()
 
+
+def _record(cls=None, frozen=False):
+    """``@dataclasses.dataclass`` for the plain records below, without importing
+    dataclasses: that import (through inspect) and the decoration cost a
+    quarter of every command's start-up (bench/).  Fields are the annotated
+    class attributes in order, a value is the default; the class gets
+    ``__init__`` (same signature), ``__repr__``, ``__eq__``, ``_fields`` and,
+    when ``frozen``, immutability and ``__hash__``."""
+
+    def wrap(cls):
+        names = tuple(cls.__dict__.get("__annotations__", {}))
+        defaults = {n: cls.__dict__[n] for n in names if n in cls.__dict__}
+        params = ", ".join(n if n not in defaults else "%s=_default_%s" % (n, n) for n in names)
+        body = "".join("\n    _set(self, %r, %s)" % (n, n) for n in names) or "\n    pass"
+        namespace = {"_set": object.__setattr__}
+        namespace.update(("_default_" + n, v) for n, v in defaults.items())
+        exec("def __init__(self, %s):%s" % (params, body), namespace)
+        cls.__init__ = namespace["__init__"]
+        cls.__init__.__qualname__ = cls.__qualname__ + ".__init__"
+        cls._fields = names
+
+        def __repr__(self):
+            return "%s(%s)" % (type(self).__qualname__, ", ".join("%s=%r" % (n, getattr(self, n)) for n in names))
+
+        def __eq__(self, other):
+            if other.__class__ is not self.__class__:
+                return NotImplemented
+            return all(getattr(self, n) == getattr(other, n) for n in names)
+
+        cls.__repr__, cls.__eq__ = __repr__, __eq__
+        if frozen:
+            def __setattr__(self, name, *value):
+                raise AttributeError("cannot assign to field %r of a frozen %s" % (name, type(self).__name__))
+
+            cls.__setattr__ = cls.__delattr__ = __setattr__
+            cls.__hash__ = lambda self: hash(tuple(getattr(self, n) for n in names))
+        else:
+            cls.__hash__ = None  # mutable and compared by value, as a dataclass
+        return cls
+
+    return wrap if cls is None else wrap(cls)
+
 ###############################################################################
 # Constants and defaults
 ###############################################################################
 
-#: Every configurable default in one place.  Keys are the names users type in
-#: ``queuectl config set KEY VALUE``.
-DEFAULTS = {
-    "max-retries": 3,  # retries after the first run: at most max-retries + 1 runs
-    "backoff-base": 2.0,  # after the n-th failed run wait backoff-base ** n seconds
-    "backoff-max": 3600.0,  # ... but never longer than this
-    "worker-poll-interval": 1.0,  # idle workers look for due jobs at least this often
-    "job-timeout": 300.0,  # global timeout in seconds for jobs without their own; 0 = none
-    "lease-seconds": 15.0,  # a job whose worker stops renewing for this long is rescued
-    "output-limit": 1048576,  # bytes of output kept per attempt (the end is kept)
-    "max-rescues": 5,  # a job may be rescued from a dead worker this often; once more sends it to the DLQ
-    "kill-grace": 2.0,  # seconds between SIGTERM and SIGKILL when a job is killed
-    "retention": 0.0,  # purge completed/cancelled jobs older than this many seconds (0 = keep forever)
-    "webhook-url": "",  # POST a JSON event here whenever a job ends
-}
+@_record(frozen=True)
+class Setting:
+    """One setting: what `queuectl config set NAME VALUE` takes, what it is when never set, what it
+    means."""
 
-DEFAULT_QUEUE = "default"  # the queue of a job that names none
+    name: str
+    kind: type  # int, float (a number of seconds or a factor; 90s, 15m, 2h are taken) or str (a URL)
+    default: object
+    lo: float = None  # the lowest value allowed ...
+    hi: float = None  # ... and the highest (None: no bounds, a URL)
+    lo_open: bool = False  # True: lo itself is not allowed
+    help: str = ""
+
+
+#: Every setting, in the order `config show` lists them: the one table that defines them.  DEFAULTS,
+#: validate_config, `config show`, `config set --help` and the README's listing come from it.
+SETTINGS = (
+    Setting("max-retries", int, 3, 0, 1000, False,
+            "retries after the first run (a job runs at most max-retries + 1 times)"),
+    Setting("backoff-base", float, 2.0, 1, 1000, False, "after the n-th failed run wait backoff-base ** n seconds"),
+    Setting("backoff-max", float, 3600.0, 0, 366 * 86400, True, "longest wait between retries, seconds"),
+    Setting("worker-poll-interval", float, 1.0, 0, 3600, True, "idle workers look for due jobs this often, seconds"),
+    Setting("job-timeout", float, 300.0, 0, 366 * 86400, False,
+            "timeout for jobs without their own, seconds (0 = none)"),
+    Setting("lease-seconds", float, 15.0, 1, 3600, False,
+            "a job is rescued when its worker stops renewing its lease this long"),
+    Setting("output-limit", int, 1048576, 1024, 64 * 1048576, False,
+            "bytes of output kept per attempt (the end is kept)"),
+    Setting("max-rescues", int, 5, 0, 1000, False,
+            "rescues from dead workers a job may have; one more sends it to the DLQ"),
+    Setting("kill-grace", float, 2.0, 0, 600, False, "seconds between SIGTERM and SIGKILL when a job is killed"),
+    Setting("retention", float, 0.0, 0, 10 * 366 * 86400, False,
+            "completed and cancelled jobs older than this are purged automatically (0 = keep)"),
+    Setting("webhook-url", str, "", help="URL that gets a JSON POST when any job ends (empty = none)"),
+)
+SETTINGS_BY_NAME = {s.name: s for s in SETTINGS}
+#: Every setting's default, by name (what a store's config() returns for settings never set).
+DEFAULTS = {s.name: s.default for s in SETTINGS}
+
+DEFAULT_QUEUE = "default"  # the queue of a job that names none (the schemas' column default says it too)
 PRIORITIES = {"high": 1, "medium": 2, "low": 3}
 PRIORITY_NAMES = {v: k for k, v in PRIORITIES.items()}
 
@@ -201,48 +266,6 @@ class DatabaseBusy(QueuectlError):
 ###############################################################################
 
 
-def _record(cls=None, frozen=False):
-    """``@dataclasses.dataclass`` for the plain records below, without importing
-    dataclasses: that import (through inspect) and the decoration cost a
-    quarter of every command's start-up (bench/).  Fields are the annotated
-    class attributes in order, a value is the default; the class gets
-    ``__init__`` (same signature), ``__repr__``, ``__eq__``, ``_fields`` and,
-    when ``frozen``, immutability and ``__hash__``."""
-
-    def wrap(cls):
-        names = tuple(cls.__dict__.get("__annotations__", {}))
-        defaults = {n: cls.__dict__[n] for n in names if n in cls.__dict__}
-        params = ", ".join(n if n not in defaults else "%s=_default_%s" % (n, n) for n in names)
-        body = "".join("\n    _set(self, %r, %s)" % (n, n) for n in names) or "\n    pass"
-        namespace = {"_set": object.__setattr__}
-        namespace.update(("_default_" + n, v) for n, v in defaults.items())
-        exec("def __init__(self, %s):%s" % (params, body), namespace)
-        cls.__init__ = namespace["__init__"]
-        cls.__init__.__qualname__ = cls.__qualname__ + ".__init__"
-        cls._fields = names
-
-        def __repr__(self):
-            return "%s(%s)" % (type(self).__qualname__, ", ".join("%s=%r" % (n, getattr(self, n)) for n in names))
-
-        def __eq__(self, other):
-            if other.__class__ is not self.__class__:
-                return NotImplemented
-            return all(getattr(self, n) == getattr(other, n) for n in names)
-
-        cls.__repr__, cls.__eq__ = __repr__, __eq__
-        if frozen:
-            def __setattr__(self, name, *value):
-                raise AttributeError("cannot assign to field %r of a frozen %s" % (name, type(self).__name__))
-
-            cls.__setattr__ = cls.__delattr__ = __setattr__
-            cls.__hash__ = lambda self: hash(tuple(getattr(self, n) for n in names))
-        else:
-            cls.__hash__ = None  # mutable and compared by value, as a dataclass
-        return cls
-
-    return wrap if cls is None else wrap(cls)
-
-
 class JobState(str, enum.Enum):
     PENDING = "pending"
     PROCESSING = "processing"
@@ -305,7 +328,7 @@ class Job:
     last_error: str = None
     cwd: str = None
     env: dict = None
-    queue: str = "default"
+    queue: str = DEFAULT_QUEUE
     seq: int = None
     unique_key: str = None
     webhook: str = None
@@ -753,7 +776,7 @@ def validate_job(spec, cfg, now, cwd=None):
                 raise InvalidInput("field 'env' value of %s must be a string without NUL bytes" % k)
     job["env"] = env or None
     queue = spec.get("queue")
-    job["queue"] = "default" if queue is None else validate_name(queue, "queue")
+    job["queue"] = DEFAULT_QUEUE if queue is None else validate_name(queue, "queue")
     job["after"] = validate_after(spec.get("after"))
     key = spec.get("unique_key")
     if key is not None and (not isinstance(key, str) or not key or len(key) > 200 or "\x00" in key):
@@ -905,37 +928,20 @@ def _validate_number(key, text, kind, lo, hi, lo_open=False):
     return value
 
 
-#: key -> (type, lower bound, upper bound, lower bound excluded, help)
-CONFIG_RULES = {
-    "max-retries": (int, 0, 1000, False, "retries after the first run (a job runs at most max-retries + 1 times)"),
-    "backoff-base": (float, 1, 1000, False, "after the n-th failed run wait backoff-base ** n seconds"),
-    "backoff-max": (float, 0, 366 * 86400, True, "longest wait between retries, seconds"),
-    "worker-poll-interval": (float, 0, 3600, True, "idle workers look for due jobs this often, seconds"),
-    "job-timeout": (float, 0, 366 * 86400, False, "timeout for jobs without their own, seconds (0 = none)"),
-    "lease-seconds": (float, 1, 3600, False, "a job is rescued when its worker stops renewing its lease this long"),
-    "output-limit": (int, 1024, 64 * 1048576, False, "bytes of output kept per attempt (the end is kept)"),
-    "max-rescues": (int, 0, 1000, False, "rescues from dead workers a job may have; one more sends it to the DLQ"),
-    "kill-grace": (float, 0, 600, False, "seconds between SIGTERM and SIGKILL when a job is killed"),
-    "retention": (float, 0, 10 * 366 * 86400, False,
-                  "completed and cancelled jobs older than this are purged automatically (0 = keep)"),
-    "webhook-url": (str, None, None, False, "URL that gets a JSON POST when any job ends (empty = none)"),
-}
-
-
 def normalize_config_key(key):
     k = str(key).strip().lower().replace("_", "-")
-    if k not in CONFIG_RULES:
-        raise InvalidInput("unknown config key %s (known: %s)" % (short_json(key), ", ".join(CONFIG_RULES)))
+    if k not in SETTINGS_BY_NAME:
+        raise InvalidInput("unknown config key %s (known: %s)" % (short_json(key), ", ".join(SETTINGS_BY_NAME)))
     return k
 
 
 def validate_config(key, value):
     """Return ``(key, value)`` normalised, or raise InvalidInput; nothing is written."""
     k = normalize_config_key(key)
-    kind, lo, hi, lo_open, _ = CONFIG_RULES[k]
-    if kind is str:
+    setting = SETTINGS_BY_NAME[k]
+    if setting.kind is str:
         return k, "" if str(value).strip() in ("", "none") else validate_url(str(value), "config " + k)
-    return k, _validate_number(k, value, kind, lo, hi, lo_open)
+    return k, _validate_number(k, value, setting.kind, setting.lo, setting.hi, setting.lo_open)
 
 
 ###############################################################################
@@ -1298,7 +1304,7 @@ class KeyHeld(Exception):
 
 def job_record(job):
     """The columns a store writes for a validated job (``validate_job``): env and after as JSON
-    text, the queue "default" when none is named, the optional fields as None."""
+    text, the queue DEFAULT_QUEUE when none is named, the optional fields as None."""
     row = dict(job, env=json.dumps(job["env"]) if job.get("env") else None,
                after_ids=json.dumps(job["after"]) if job.get("after") else None)
     row.setdefault("queue", DEFAULT_QUEUE)
@@ -4624,7 +4630,9 @@ in the JSON.  Durations take s/m/h/d/w suffixes (90, 90s, 15m, 2h).""")
     cset = add("set", "change one setting", """\
   queuectl config set max-retries 5
   queuectl config set job-timeout 600
-  queuectl config set worker-poll-interval 2.0""", parent=csub)
+  queuectl config set worker-poll-interval 2.0
+
+""" + settings_help(), parent=csub)
     cset.add_argument("key", metavar="KEY")
     cset.add_argument("value", metavar="VALUE")
 
@@ -4758,7 +4766,7 @@ def add_job_options(parser):
     parser.add_argument("-p", "--priority", choices=list(PRIORITIES), help="high, medium (default) or low")
     parser.add_argument("-t", "--timeout", type=_duration_arg, metavar="DURATION", help="kill the job after this long")
     parser.add_argument("-r", "--max-retries", type=int, metavar="N", help="retries after the first run")
-    parser.add_argument("-q", "--queue", metavar="NAME", help="named queue (default: default)")
+    parser.add_argument("-q", "--queue", metavar="NAME", help="named queue (default: %s)" % DEFAULT_QUEUE)
     parser.add_argument("--unique-key", metavar="KEY",
                         help="while a job with this key is unfinished, add nothing and print that job's id")
     parser.add_argument("--webhook", metavar="URL", help="POST a JSON event here when the job ends")
@@ -5284,10 +5292,25 @@ def cmd_config(args, store):
     if args.json:
         print_json(cfg)
         return EXIT_OK
-    rows = [[k, _fmt_value(cfg[k]), "" if cfg[k] == DEFAULTS[k] else "(default %s)" % _fmt_value(DEFAULTS[k]),
-             CONFIG_RULES[k][4]] for k in DEFAULTS]
+    rows = [[s.name, _fmt_value(cfg[s.name]), "" if cfg[s.name] == s.default else "(default %s)" % _fmt_value(s.default),
+             s.help] for s in SETTINGS]
     table(["KEY", "VALUE", "", "MEANING"], rows)
     return EXIT_OK
+
+
+def settings_help():
+    """What `config set --help` says about every setting: the values it takes, its default and its
+    meaning (from SETTINGS)."""
+    width = max(len(s.name) for s in SETTINGS) + 2
+    lines = ["settings (numbers of seconds also take s/m/h/d/w suffixes: 90s, 15m, 7d):"]
+    for s in SETTINGS:
+        if s.kind is str:
+            values = "an http:// or https:// URL, or none (default none)"
+        else:
+            values = "%s%s to %s (default %s)" % ("more than " if s.lo_open else "", _fmt_value(s.lo),
+                                                  _fmt_value(s.hi), _fmt_value(s.default))
+        lines += ["  %s%s" % (s.name.ljust(width), values), "  %s%s" % (" " * width, s.help)]
+    return "\n".join(lines)
 
 
 def _fmt_value(v):
