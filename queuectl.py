@@ -3701,6 +3701,16 @@ def wait_on_pipe(fd, timeout):
     drain_fd(fd)
 
 
+@_record
+class PendingResult:
+    """The result of a worker's last run, waiting to be recorded with its next claim (Worker.execute)."""
+
+    job: Job
+    state: JobState  # what the run leads to (after_failure)
+    result: RunResult
+    finish: dict  # the arguments of Store.finish
+
+
 class Worker:
     """One worker process: claims jobs one at a time and runs them.
 
@@ -3829,7 +3839,7 @@ class Worker:
             if pending is None:
                 job = self.store.claim(**claim)
             else:  # the last run's result first: it may free a queue slot or release a dependent job
-                ok, job = self.store.finish_and_claim(pending[3], claim)
+                ok, job = self.store.finish_and_claim(pending.finish, claim)
                 self._unrecorded = None
                 self._log_result(pending, ok)
         except DatabaseBusy as e:
@@ -3875,7 +3885,7 @@ class Worker:
             state, retry_at = JobState.CANCELLED, None
         else:
             state, retry_at = after_failure(job, cfg, now)
-        self._unrecorded = (job, state, result, dict(
+        self._unrecorded = PendingResult(job, state, result, dict(
             job_id=job.id, run=job.runs, worker_id=self.id, state=state, now=now, outcome=result.outcome,
             exit_code=result.exit_code, error=result.error, output=result.output, output_bytes=result.output_bytes,
             retry_at=retry_at))
@@ -3887,19 +3897,19 @@ class Worker:
         pending = self._unrecorded
         if pending is None:
             return False
-        ok = self._retrying(lambda: self.store.finish(**pending[3]))
+        ok = self._retrying(lambda: self.store.finish(**pending.finish))
         self._unrecorded = None
         self._log_result(pending, ok)
         return True
 
     @staticmethod
     def _log_result(pending, ok):
-        job, state, result, args = pending
+        job, state, result = pending.job, pending.state, pending.result
         if not ok:
             log.warning("job %s attempt %d: no longer owned by this worker; result discarded", job.id, job.runs)
         elif state is JobState.FAILED:
             log.info("job %s attempt %d %s (%s); retry at %s", job.id, job.runs, result.outcome, result.error,
-                     rfc3339(args["retry_at"], precise=False))
+                     rfc3339(pending.finish["retry_at"], precise=False))
         else:
             log.info("job %s attempt %d %s%s", job.id, job.runs, state.value,
                      "" if state is JobState.COMPLETED else " (%s)" % result.error)
@@ -4413,6 +4423,77 @@ def ago(ts, now=None):
     if delta < 0:
         return "in " + human_duration(-delta)
     return human_duration(delta) + " ago"
+
+
+def worker_view(w, now, lease):
+    """A worker record as `worker status --json` and the dashboard show it: its state, or "gone"
+    when ``worker_alive`` says it is (rescue removes it soon)."""
+    alive = worker_alive(w, now, HOST, lease, pid_alive)
+    return {
+        "id": w["id"], "pid": w["pid"], "host": w["host"], "state": w["state"] if alive else "gone",
+        "job_id": w["job_id"], "started_at": rfc3339(w["started_at"]), "heartbeat_at": rfc3339(w["heartbeat_at"]),
+        "supervisor_pid": w["supervisor_pid"],
+    }
+
+
+def worker_views(store, now):
+    """``worker_view`` of every worker record, oldest first."""
+    lease = store.config()["lease-seconds"]
+    return [worker_view(w, now, lease) for w in store.workers()]
+
+
+def _prom_labels(**labels):
+    def esc(v):
+        return str(v).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+    return "{" + ",".join('%s="%s"' % (k, esc(v)) for k, v in labels.items()) + "}"
+
+
+def _prom_number(v):
+    if v == float("inf"):
+        return "+Inf"
+    if isinstance(v, float) and v.is_integer() and abs(v) < 1e15:
+        return "%d" % v
+    return repr(v) if isinstance(v, float) else str(v)
+
+
+def metrics_text(store, now):
+    """The Prometheus text exposition (format 0.0.4): `queuectl metrics` and the dashboard's /metrics."""
+    out = []
+
+    def family(name, kind, help_text):
+        out.append("# HELP %s %s" % (name, help_text))
+        out.append("# TYPE %s %s" % (name, kind))
+
+    family("queuectl_jobs", "gauge", "Jobs in the database by state.")
+    for state, n in store.counts().items():
+        out.append("queuectl_jobs%s %d" % (_prom_labels(state=state), n))
+    totals = store.attempt_totals()
+    family("queuectl_attempts_total", "counter", "Finished attempts by queue and outcome, ever (never decreases).")
+    for t in totals:
+        out.append("queuectl_attempts_total%s %d" % (_prom_labels(queue=t["queue"], outcome=t["outcome"]), t["count"]))
+    family("queuectl_job_duration_seconds", "histogram", "Run time of finished attempts, by queue and outcome.")
+    for t in totals:
+        for le, count in t["buckets"]:
+            labels = _prom_labels(queue=t["queue"], outcome=t["outcome"], le=_prom_number(float(le)))
+            out.append("queuectl_job_duration_seconds_bucket%s %d" % (labels, count))
+        labels = _prom_labels(queue=t["queue"], outcome=t["outcome"])
+        out.append("queuectl_job_duration_seconds_sum%s %s" % (labels, _prom_number(float(t["duration_sum"]))))
+        out.append("queuectl_job_duration_seconds_count%s %d" % (labels, t["count"]))
+    oldest = store.oldest_due(now)
+    family("queuectl_oldest_pending_job_age_seconds", "gauge",
+           "How long the longest-waiting due job (pending, or failed and due for retry) has waited; 0 if none.")
+    out.append("queuectl_oldest_pending_job_age_seconds %s" % _prom_number(
+        round(max(0.0, now - oldest), 3) if oldest is not None else 0))
+    states = {"busy": 0, "idle": 0}
+    for view in worker_views(store, now):
+        if view["state"] in states:
+            states[view["state"]] += 1
+    family("queuectl_workers", "gauge", "Live workers by state.")
+    for state, n in states.items():
+        out.append("queuectl_workers%s %d" % (_prom_labels(state=state), n))
+    family("queuectl_info", "gauge", "queuectl version.")
+    out.append("queuectl_info%s 1" % _prom_labels(version=__version__))
+    return "\n".join(out) + "\n"
 
 
 ###############################################################################
@@ -5087,23 +5168,6 @@ def _wait_gone(groups, timeout):
     return False
 
 
-def worker_view(w, now, lease):
-    """A worker record as `worker status --json` and the dashboard show it: its state, or "gone"
-    when ``worker_alive`` says it is (rescue removes it soon)."""
-    alive = worker_alive(w, now, HOST, lease, pid_alive)
-    return {
-        "id": w["id"], "pid": w["pid"], "host": w["host"], "state": w["state"] if alive else "gone",
-        "job_id": w["job_id"], "started_at": rfc3339(w["started_at"]), "heartbeat_at": rfc3339(w["heartbeat_at"]),
-        "supervisor_pid": w["supervisor_pid"],
-    }
-
-
-def worker_views(store, now):
-    """``worker_view`` of every worker record, oldest first."""
-    lease = store.config()["lease-seconds"]
-    return [worker_view(w, now, lease) for w in store.workers()]
-
-
 def cmd_worker_status(args, store):
     now = time.time()
     workers = worker_views(store, now)
@@ -5502,7 +5566,7 @@ def cmd_stats(args, store):
 
 
 def cmd_metrics(args, store):
-    sys.stdout.write(_web().metrics_text(store, time.time()))
+    sys.stdout.write(metrics_text(store, time.time()))
     return EXIT_OK
 
 

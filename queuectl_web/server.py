@@ -334,60 +334,6 @@ def decode_cursor(text, by_id):
     raise HTTPError(400, "invalid cursor (take it from a previous page's 'next')")
 
 
-def _prom_labels(**labels):
-    def esc(v):
-        return str(v).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
-    return "{" + ",".join('%s="%s"' % (k, esc(v)) for k, v in labels.items()) + "}"
-
-
-def _prom_number(v):
-    if v == float("inf"):
-        return "+Inf"
-    if isinstance(v, float) and v.is_integer() and abs(v) < 1e15:
-        return "%d" % v
-    return repr(v) if isinstance(v, float) else str(v)
-
-
-def metrics_text(store, now):
-    """The Prometheus text exposition (format 0.0.4)."""
-    out = []
-
-    def family(name, kind, help_text):
-        out.append("# HELP %s %s" % (name, help_text))
-        out.append("# TYPE %s %s" % (name, kind))
-
-    family("queuectl_jobs", "gauge", "Jobs in the database by state.")
-    for state, n in store.counts().items():
-        out.append("queuectl_jobs%s %d" % (_prom_labels(state=state), n))
-    totals = store.attempt_totals()
-    family("queuectl_attempts_total", "counter", "Finished attempts by queue and outcome, ever (never decreases).")
-    for t in totals:
-        out.append("queuectl_attempts_total%s %d" % (_prom_labels(queue=t["queue"], outcome=t["outcome"]), t["count"]))
-    family("queuectl_job_duration_seconds", "histogram", "Run time of finished attempts, by queue and outcome.")
-    for t in totals:
-        for le, count in t["buckets"]:
-            labels = _prom_labels(queue=t["queue"], outcome=t["outcome"], le=_prom_number(float(le)))
-            out.append("queuectl_job_duration_seconds_bucket%s %d" % (labels, count))
-        labels = _prom_labels(queue=t["queue"], outcome=t["outcome"])
-        out.append("queuectl_job_duration_seconds_sum%s %s" % (labels, _prom_number(float(t["duration_sum"]))))
-        out.append("queuectl_job_duration_seconds_count%s %d" % (labels, t["count"]))
-    oldest = store.oldest_due(now)
-    family("queuectl_oldest_pending_job_age_seconds", "gauge",
-           "How long the longest-waiting due job (pending, or failed and due for retry) has waited; 0 if none.")
-    out.append("queuectl_oldest_pending_job_age_seconds %s" % _prom_number(
-        round(max(0.0, now - oldest), 3) if oldest is not None else 0))
-    states = {"busy": 0, "idle": 0}
-    for view in queuectl.worker_views(store, now):
-        if view["state"] in states:
-            states[view["state"]] += 1
-    family("queuectl_workers", "gauge", "Live workers by state.")
-    for state, n in states.items():
-        out.append("queuectl_workers%s %d" % (_prom_labels(state=state), n))
-    family("queuectl_info", "gauge", "queuectl version.")
-    out.append("queuectl_info%s 1" % _prom_labels(version=queuectl.__version__))
-    return "\n".join(out) + "\n"
-
-
 # --- the server --------------------------------------------------------------------------
 
 
@@ -930,7 +876,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self._json(200, stats_view(store, time.time()))
 
     def get_metrics(self, store, query):
-        self._send(200, metrics_text(store, time.time()), "text/plain; version=0.0.4; charset=utf-8")
+        self._send(200, queuectl.metrics_text(store, time.time()), "text/plain; version=0.0.4; charset=utf-8")
 
     def get_healthz(self, store, query):
         store.counts()  # the database answers

@@ -845,3 +845,16 @@ def subprocess_output(argv):
     import subprocess
 
     return subprocess.run(argv, capture_output=True, text=True, check=True).stdout
+
+
+def test_metrics_is_a_core_command_that_needs_no_dashboard_package(tmp_path):
+    """`queuectl metrics` prints what the dashboard's /metrics serves, without importing queuectl_web."""
+    import subprocess
+    import sys
+
+    code = ("import sys, queuectl; rc = queuectl.main(['--db', %r, 'metrics']); "
+            "sys.exit(rc or ('queuectl_web' in sys.modules and 9))") % str(tmp_path / "q.db")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=str(Path(queuectl.__file__).parent), capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert 'queuectl_jobs{state="pending"} 0' in proc.stdout and "queuectl_info{" in proc.stdout
