@@ -8,8 +8,10 @@ the jobs of crashed workers, graceful shutdown, captured output and a live
 dashboard.  The core uses the Python standard library only; SQLite is the
 embedded store.
 
-Sections, lower layers first: constants -> errors -> model -> storage ->
-executor -> worker and supervisor -> output formatting -> CLI.
+Sections, lower layers first: start-up shims -> constants -> errors -> model ->
+storage (the store contract and the rules both stores share; the SQLite schema
+and SQL; SqliteStore and open_store) -> executor -> worker and supervisor ->
+output formatting -> CLI.
 """
 
 __version__ = "0.1.0"
@@ -27,6 +29,11 @@ import sqlite3
 import stat
 import sys
 import time
+
+
+###############################################################################
+# Start-up shims: what keeps each command's start-up short (bench/ measures it)
+###############################################################################
 
 
 class _LazyModule:
@@ -137,9 +144,30 @@ def _record(cls=None, frozen=False):
 
     return wrap if cls is None else wrap(cls)
 
+
+@contextlib.contextmanager
+def _memoized_gettext():
+    """Build the parser with argparse's gettext look-ups memoised.
+
+    argparse asks gettext for a translation of each of its messages, about
+    a hundred per subcommand, and each look-up searches the locale
+    directories on disk: half the time of building the parser, on every
+    command (bench/).  The answers cannot change within a process."""
+    import functools
+
+    saved = argparse._, argparse.ngettext
+    argparse._ = functools.lru_cache(maxsize=None)(saved[0])
+    argparse.ngettext = functools.lru_cache(maxsize=None)(saved[1])
+    try:
+        yield
+    finally:
+        argparse._, argparse.ngettext = saved
+
+
 ###############################################################################
 # Constants and defaults
 ###############################################################################
+
 
 @_record(frozen=True)
 class Setting:
@@ -514,7 +542,8 @@ class Cron:
             raise InvalidInput("unknown cron alias %s (known: %s)" % (short_json(text), ", ".join(CRON_ALIASES)))
         parts = expr.split()
         if len(parts) != 5:
-            raise InvalidInput("cron expression %s must have 5 fields (minute hour day month weekday)" % short_json(text))
+            raise InvalidInput("cron expression %s must have 5 fields (minute hour day month weekday)"
+                               % short_json(text))
         sets = [_cron_field(p, *spec) for p, spec in zip(parts, CRON_FIELDS)]
         weekdays = frozenset(d % 7 for d in sets[4])
         return cls(sets[0], sets[1], sets[2], sets[3], weekdays, parts[2] == "*", parts[4] == "*")
@@ -605,29 +634,6 @@ _ID_TABLE = bytes(ord(ID_ALPHABET[b % len(ID_ALPHABET)]) for b in range(256))
 # --- statistics -------------------------------------------------------------------
 
 HIST_BASE, HIST_RATIO, HIST_TOP = 0.001, 1.25, 120  # run-time buckets: 1 ms * 1.25**n, n < 120
-
-
-def schedule_tick(s, now, next_run, cfg, state_of, id_taken):
-    """What firing one due schedule row ``s`` does, for every store: ``(job, upcoming)``, the
-    validated job to enqueue (None when the tick is dropped) and the schedule's next run.
-
-    The missed-tick policy: a tick over 60 s late is dropped with 'skip' ('once' runs one job for
-    all missed ticks).  The overlap policy: 'skip' enqueues nothing while the previous job is
-    unfinished (``state_of(job_id)``, None for a job that is gone).  The job id is the schedule's
-    name and tick, with a random suffix when ``id_taken`` (a job kept under that id)."""
-    tick = s["next_run"]
-    upcoming = next_run(dict(s), now)
-    if s["overlap"] == "skip" and s["last_job"] and state_of(s["last_job"]) in ACTIVE_STATES:
-        return None, upcoming
-    if now - tick > 60 and s["missed"] == "skip":
-        return None, upcoming
-    spec = dict(json.loads(s["spec"]))
-    spec["id"] = "%s.%s" % (s["name"], time.strftime("%Y%m%dT%H%MZ", time.gmtime(tick)))
-    if id_taken(spec["id"]):
-        spec["id"] += "." + new_job_id()[:4]
-    job = validate_job(spec, cfg, now, cwd=spec.get("cwd") or "/")
-    job["schedule"] = s["name"]
-    return job, upcoming
 
 
 def run_time_bucket(seconds):
@@ -737,7 +743,8 @@ def validate_job(spec, cfg, now, cwd=None):
     timeout = spec.get("timeout")
     if timeout is not None:
         if not _is_number(timeout) or timeout <= 0 or timeout > 366 * 86400:
-            raise InvalidInput("field 'timeout' must be a number of seconds > 0 (at most a year), got %s" % short_json(timeout))
+            raise InvalidInput("field 'timeout' must be a number of seconds > 0 (at most a year), got %s"
+                               % short_json(timeout))
         timeout = float(timeout)
     job["timeout"] = timeout
     retries = spec.get("max_retries", cfg["max-retries"])
@@ -922,9 +929,11 @@ def _validate_number(key, text, kind, lo, hi, lo_open=False):
     try:
         value = int(text) if kind is int else parse_duration(text)
     except (TypeError, ValueError):
-        raise InvalidInput("config %s must be %s, got %s" % (key, "an integer" if kind is int else "a number", short_json(text)))
+        raise InvalidInput("config %s must be %s, got %s"
+                           % (key, "an integer" if kind is int else "a number", short_json(text)))
     if value != value or value in (float("inf"), float("-inf")) or value < lo or (lo_open and value == lo) or value > hi:
-        raise InvalidInput("config %s must be %s %s and <= %s, got %s" % (key, ">" if lo_open else ">=", lo, hi, short_json(text)))
+        raise InvalidInput("config %s must be %s %s and <= %s, got %s"
+                           % (key, ">" if lo_open else ">=", lo, hi, short_json(text)))
     return value
 
 
@@ -945,7 +954,7 @@ def validate_config(key, value):
 
 
 ###############################################################################
-# Storage
+# Storage: the store contract and the rules both stores share
 ###############################################################################
 
 
@@ -1093,8 +1102,8 @@ class Store:
     def cancel(self, job_id, now):
         """Cancel a job: a waiting, pending or failed one at once (returns 'cancelled'); a
         running one is flagged for its worker, which is woken to kill the process tree and
-        record the job as cancelled (returns 'requested').  Jobs waiting for a cancelled job are cancelled too.  NotFound / Conflict (already
-        finished) otherwise."""
+        record the job as cancelled (returns 'requested').  Jobs waiting for a cancelled job
+        are cancelled too.  NotFound / Conflict (already finished) otherwise."""
         raise NotImplementedError
 
     def cancel_requested(self, job_id, run):
@@ -1269,7 +1278,6 @@ class Store:
         raise NotImplementedError
 
 
-
 # --- the rules both stores share ----------------------------------------------------------
 #
 # Pure functions (time passed in, no I/O), and StoreRules: the control flow of the contract's
@@ -1437,6 +1445,10 @@ def queue_stats(rows, bucket_rows):
     return [dict(r, count=int(r["count"])) for r in rows], hist
 
 
+#: Upper bounds, in seconds, of the job duration histogram (``/metrics``); +Inf is implied.
+DURATION_BUCKETS = (0.1, 0.5, 1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 3600.0)
+
+
 def totals_with_buckets(total_rows, bucket_rows):
     """``Store.attempt_totals()`` from the per-(queue, outcome) totals and the (queue, outcome, le,
     count) rows of the duration histogram: the buckets made cumulative, ending with +Inf."""
@@ -1454,6 +1466,63 @@ def totals_with_buckets(total_rows, bucket_rows):
         out.append({"queue": r["queue"], "outcome": r["outcome"], "count": int(r["count"]),
                     "duration_sum": r["duration_sum"], "buckets": cumulative})
     return out
+
+
+def judge_lost_run(row, now, host, max_rescues, kill, started_at):
+    """What a rescue does with one lost run (a row with id, runs, worker_id, host, pid,
+    lease_until, rescues): kill its processes when it ran on ``host`` (by pid, or by its
+    environment when the worker died before recording the pid), then decide the job's new
+    state.  Returns ``(state, reason)``: back to pending, or dead after max_rescues."""
+    if row["host"] == host and row["pid"]:
+        kill(row["pid"], started_at)
+    elif row["host"] == host and row["worker_id"]:
+        kill(None, started_at, (row["id"], row["runs"], row["worker_id"]))
+    expired = row["lease_until"] < now
+    why = ("lease of worker %s expired" if expired else "worker %s died") % row["worker_id"]
+    if row["rescues"] + 1 > max_rescues:
+        return "dead", why + "; lost %d times, moved to the dead letter queue" % (row["rescues"] + 1)
+    return "pending", why
+
+
+def config_from_rows(rows):
+    """DEFAULTS overlaid with stored (key, JSON value) rows; unknown keys and bad values are ignored."""
+    cfg = dict(DEFAULTS)
+    for row in rows:
+        if row["key"] in cfg:
+            with contextlib.suppress(ValueError):
+                cfg[row["key"]] = json.loads(row["value"])
+    return cfg
+
+
+def schedule_from_row(row):
+    """A stored schedule row as a dict, its job spec decoded."""
+    d = dict(row)
+    d["spec"] = json.loads(d["spec"])
+    d["paused"] = bool(d["paused"])
+    return d
+
+
+def schedule_tick(s, now, next_run, cfg, state_of, id_taken):
+    """What firing one due schedule row ``s`` does, for every store: ``(job, upcoming)``, the
+    validated job to enqueue (None when the tick is dropped) and the schedule's next run.
+
+    The missed-tick policy: a tick over 60 s late is dropped with 'skip' ('once' runs one job for
+    all missed ticks).  The overlap policy: 'skip' enqueues nothing while the previous job is
+    unfinished (``state_of(job_id)``, None for a job that is gone).  The job id is the schedule's
+    name and tick, with a random suffix when ``id_taken`` (a job kept under that id)."""
+    tick = s["next_run"]
+    upcoming = next_run(dict(s), now)
+    if s["overlap"] == "skip" and s["last_job"] and state_of(s["last_job"]) in ACTIVE_STATES:
+        return None, upcoming
+    if now - tick > 60 and s["missed"] == "skip":
+        return None, upcoming
+    spec = dict(json.loads(s["spec"]))
+    spec["id"] = "%s.%s" % (s["name"], time.strftime("%Y%m%dT%H%MZ", time.gmtime(tick)))
+    if id_taken(spec["id"]):
+        spec["id"] += "." + new_job_id()[:4]
+    job = validate_job(spec, cfg, now, cwd=spec.get("cwd") or "/")
+    job["schedule"] = s["name"]
+    return job, upcoming
 
 
 class StoreRules(Store):
@@ -1817,8 +1886,10 @@ class StoreRules(Store):
         raise NotImplementedError
 
 
-#: Upper bounds, in seconds, of the job duration histogram (``/metrics``); +Inf is implied.
-DURATION_BUCKETS = (0.1, 0.5, 1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 3600.0)
+###############################################################################
+# Storage: the SQLite schema and its SQL (named parameters, each statement once)
+###############################################################################
+
 _DURATION = "MAX(0.0, COALESCE(NEW.ended_at, NEW.started_at) - NEW.started_at)"
 _BUCKET = "CASE %s ELSE 1e999 END" % " ".join("WHEN {d} <= %r THEN %r" % (b, b) for b in DURATION_BUCKETS)
 
@@ -2257,38 +2328,9 @@ SQL_SET_USER_VERSION = "PRAGMA user_version = %d"
 SQL_COUNT_TABLES = "SELECT count(*) FROM sqlite_master"
 
 
-def judge_lost_run(row, now, host, max_rescues, kill, started_at):
-    """What a rescue does with one lost run (a row with id, runs, worker_id, host, pid,
-    lease_until, rescues): kill its processes when it ran on ``host`` (by pid, or by its
-    environment when the worker died before recording the pid), then decide the job's new
-    state.  Returns ``(state, reason)``: back to pending, or dead after max_rescues."""
-    if row["host"] == host and row["pid"]:
-        kill(row["pid"], started_at)
-    elif row["host"] == host and row["worker_id"]:
-        kill(None, started_at, (row["id"], row["runs"], row["worker_id"]))
-    expired = row["lease_until"] < now
-    why = ("lease of worker %s expired" if expired else "worker %s died") % row["worker_id"]
-    if row["rescues"] + 1 > max_rescues:
-        return "dead", why + "; lost %d times, moved to the dead letter queue" % (row["rescues"] + 1)
-    return "pending", why
-
-
-def config_from_rows(rows):
-    """DEFAULTS overlaid with stored (key, JSON value) rows; unknown keys and bad values are ignored."""
-    cfg = dict(DEFAULTS)
-    for row in rows:
-        if row["key"] in cfg:
-            with contextlib.suppress(ValueError):
-                cfg[row["key"]] = json.loads(row["value"])
-    return cfg
-
-
-def schedule_from_row(row):
-    """A stored schedule row as a dict, its job spec decoded."""
-    d = dict(row)
-    d["spec"] = json.loads(d["spec"])
-    d["paused"] = bool(d["paused"])
-    return d
+###############################################################################
+# Storage: SqliteStore, the files it trusts, and open_store
+###############################################################################
 
 
 def default_db_path():
@@ -3060,7 +3102,8 @@ class SqliteStore(StoreRules):
             if idle != 0:
                 addresses += self.wake_addresses(HOST, -1 if idle is None else idle)  # (LIMIT -1: no limit)
             if jobs:
-                addresses += [w["wake"] for w in self.workers() if w["job_id"] in jobs and w["host"] == HOST and w["wake"]]
+                addresses += [w["wake"] for w in self.workers()
+                              if w["job_id"] in jobs and w["host"] == HOST and w["wake"]]
         send_wakeups(addresses)
 
     def _fetch_job(self, job_id):
@@ -3194,7 +3237,8 @@ class SqliteStore(StoreRules):
 
     def _pause_schedule(self, name, paused, next_run):
         with self._tx() as conn:
-            return conn.execute(SQL_SCHEDULE_PAUSE, {"p": int(paused), "name": name, "next_run": next_run}).rowcount == 1
+            p = {"p": int(paused), "name": name, "next_run": next_run}
+            return conn.execute(SQL_SCHEDULE_PAUSE, p).rowcount == 1
 
     def _schedules_due(self, at):
         return self._read(SQL_SCHEDULE_ANY_DUE, {"now": at}, one=True) is not None
@@ -3205,6 +3249,7 @@ class SqliteStore(StoreRules):
     def _advance_schedule(self, name, next_run, last_run, job_id):
         self.conn.execute(SQL_SCHEDULE_ADVANCE, {"name": name, "next_run": next_run, "last_run": last_run,
                                                  "job": job_id})
+
 
 def _file_identity(path_or_fd):
     """(device, inode) of a file, or None when it does not exist."""
@@ -4329,7 +4374,8 @@ class WebhookSender:
                 return None
         except urllib.error.HTTPError as e:
             if 300 <= e.code < 400:
-                return "HTTP %d: redirect to %s not followed" % (e.code, short_json(redact_url(e.headers.get("Location", "?")), 200))
+                location = redact_url(e.headers.get("Location", "?"))
+                return "HTTP %d: redirect to %s not followed" % (e.code, short_json(location, 200))
             return "HTTP %d" % e.code
         except Exception as e:  # noqa: BLE001 - any network failure is retried
             return str(getattr(e, "reason", e)) or type(e).__name__
@@ -5356,8 +5402,8 @@ def cmd_config(args, store):
     if args.json:
         print_json(cfg)
         return EXIT_OK
-    rows = [[s.name, _fmt_value(cfg[s.name]), "" if cfg[s.name] == s.default else "(default %s)" % _fmt_value(s.default),
-             s.help] for s in SETTINGS]
+    rows = [[s.name, _fmt_value(cfg[s.name]),
+             "" if cfg[s.name] == s.default else "(default %s)" % _fmt_value(s.default), s.help] for s in SETTINGS]
     table(["KEY", "VALUE", "", "MEANING"], rows)
     return EXIT_OK
 
@@ -5686,25 +5732,6 @@ def _split_command(argv):
         i = argv.index("--")
         return argv[:i], argv[i + 1:]
     return argv, None
-
-
-@contextlib.contextmanager
-def _memoized_gettext():
-    """Build the parser with argparse's gettext look-ups memoised.
-
-    argparse asks gettext for a translation of each of its messages, about
-    a hundred per subcommand, and each look-up searches the locale
-    directories on disk: half the time of building the parser, on every
-    command (bench/).  The answers cannot change within a process."""
-    import functools
-
-    saved = argparse._, argparse.ngettext
-    argparse._ = functools.lru_cache(maxsize=None)(saved[0])
-    argparse.ngettext = functools.lru_cache(maxsize=None)(saved[1])
-    try:
-        yield
-    finally:
-        argparse._, argparse.ngettext = saved
 
 
 def setup_logging(verbose):

@@ -1464,7 +1464,8 @@ class PostgresStore(StoreRules):
     def _retry(self, job_id, at, reset_attempts):
         try:
             with self._cur.connection.transaction():  # a savepoint
-                return self._cur.execute(self.sql.RETRY_DEAD, {"now": at, "id": job_id, "reset": bool(reset_attempts)}).rowcount == 1
+                p = {"now": at, "id": job_id, "reset": bool(reset_attempts)}
+                return self._cur.execute(self.sql.RETRY_DEAD, p).rowcount == 1
         except psycopg.errors.UniqueViolation:
             raise KeyHeld() from None
 
@@ -1520,4 +1521,5 @@ class PostgresStore(StoreRules):
         return self._cur.execute(self.sql.SCHEDULES_DUE, {"at": at}).fetchall()
 
     def _advance_schedule(self, name, next_run, last_run, job_id):
-        self._cur.execute(self.sql.SCHEDULE_ADVANCE, {"name": name, "next_run": next_run, "last_run": last_run, "job": job_id})
+        self._cur.execute(self.sql.SCHEDULE_ADVANCE, {"name": name, "next_run": next_run, "last_run": last_run,
+                                                      "job": job_id})

@@ -1398,7 +1398,6 @@ class TestSqliteStore(StoreContract):
         return lambda: dict(db_rows(db, "SELECT state, count(*) FROM jobs GROUP BY state"))
 
 
-
 def test_worker_commits_wait_for_no_disk_and_a_sync_flushes_the_wal(store, db):
     """A claim commits with synchronous=NORMAL; started() then flushes the WAL by fdatasync
     of the store's own descriptor of the -wal file, the very file SQLite writes."""
@@ -1600,7 +1599,6 @@ def test_a_garbage_file_is_a_database_error_and_left_untouched(db, content):
     with pytest.raises(DatabaseError):
         queuectl.SqliteStore(str(db))
     assert db.read_bytes() == content
-
 
 
 def public_methods(cls):
