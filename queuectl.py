@@ -109,18 +109,28 @@ def _record(cls=None, frozen=False):
     quarter of every command's start-up (bench/).  Fields are the annotated
     class attributes in order, a value is the default; the class gets
     ``__init__`` (same signature), ``__repr__``, ``__eq__``, ``_fields`` and,
-    when ``frozen``, immutability and ``__hash__``."""
+    when ``frozen``, immutability and ``__hash__``.  The ``__init__`` is
+    compiled when the first record of the class is made (compiling it costs
+    tens of microseconds a class: a command that makes none does not pay)."""
 
     def wrap(cls):
         names = tuple(cls.__dict__.get("__annotations__", {}))
         defaults = {n: cls.__dict__[n] for n in names if n in cls.__dict__}
-        params = ", ".join(n if n not in defaults else "%s=_default_%s" % (n, n) for n in names)
-        body = "".join("\n    _set(self, %r, %s)" % (n, n) for n in names) or "\n    pass"
-        namespace = {"_set": object.__setattr__}
-        namespace.update(("_default_" + n, v) for n, v in defaults.items())
-        exec("def __init__(self, %s):%s" % (params, body), namespace)
-        cls.__init__ = namespace["__init__"]
-        cls.__init__.__qualname__ = cls.__qualname__ + ".__init__"
+
+        def compiled_init():
+            params = ", ".join(n if n not in defaults else "%s=_default_%s" % (n, n) for n in names)
+            body = "".join("\n    _set(self, %r, %s)" % (n, n) for n in names) or "\n    pass"
+            namespace = {"_set": object.__setattr__}
+            namespace.update(("_default_" + n, v) for n, v in defaults.items())
+            exec("def __init__(self, %s):%s" % (params, body), namespace)
+            namespace["__init__"].__qualname__ = cls.__qualname__ + ".__init__"
+            return namespace["__init__"]
+
+        def __init__(self, *args, **kwargs):  # the first record: compile the real one, use it from now on
+            cls.__init__ = compiled_init()
+            cls.__init__(self, *args, **kwargs)
+
+        cls.__init__ = __init__
         cls._fields = names
 
         def __repr__(self):
@@ -169,18 +179,21 @@ def _memoized_gettext():
 ###############################################################################
 
 
-@_record(frozen=True)
 class Setting:
     """One setting: what `queuectl config set NAME VALUE` takes, what it is when never set, what it
-    means."""
+    means.  (A plain class: SETTINGS is built at every start, and a _record compiles its __init__.)
 
-    name: str
-    kind: type  # int, float (a number of seconds or a factor; 90s, 15m, 2h are taken) or str (a URL)
-    default: object
-    lo: float = None  # the lowest value allowed ...
-    hi: float = None  # ... and the highest (None: no bounds, a URL)
-    lo_open: bool = False  # True: lo itself is not allowed
-    help: str = ""
+    ``kind`` is int, float (a number of seconds or a factor; 90s, 15m, 2h are taken) or str (a URL);
+    a number lies from ``lo`` (excluded when ``lo_open``) to ``hi``."""
+
+    __slots__ = ("name", "kind", "default", "lo", "hi", "lo_open", "help")
+
+    def __init__(self, name, kind, default, lo=None, hi=None, lo_open=False, help=""):
+        self.name, self.kind, self.default, self.help = name, kind, default, help
+        self.lo, self.hi, self.lo_open = lo, hi, lo_open
+
+    def __repr__(self):
+        return "Setting(%r, %s, %r)" % (self.name, self.kind.__name__, self.default)
 
 
 #: Every setting, in the order `config show` lists them: the one table that defines them.  DEFAULTS,
