@@ -1058,8 +1058,9 @@ class Store:
 
     def rescue(self, now, host, alive, kill):
         """Give back jobs whose owner is gone: leases past ``lease_until``, and
-        jobs of workers on ``host`` whose process ``alive(pid, started_at)``
-        says is dead.  Each lost run is recorded as outcome ``lost``; the job
+        jobs of workers that ``worker_alive`` says are gone (on ``host``: their
+        process, asked with ``alive(pid, started_at)``; elsewhere: their
+        heartbeat).  Each lost run is recorded as outcome ``lost``; the job
         goes back to pending without using up a retry, or to the DLQ after
         ``max-rescues`` lost runs.  ``kill(pid, started_at)`` is called for the
         process group of each lost run that ran on ``host``; for one whose pid was
