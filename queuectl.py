@@ -8,8 +8,10 @@ the jobs of crashed workers, graceful shutdown, captured output and a live
 dashboard.  The core uses the Python standard library only; SQLite is the
 embedded store.
 
-Sections, lower layers first: constants -> errors -> model -> storage ->
-executor -> worker and supervisor -> output formatting -> CLI.
+Sections, lower layers first: start-up shims -> constants -> errors -> model ->
+storage (the store contract and the rules both stores share; the SQLite schema
+and SQL; SqliteStore and open_store) -> executor -> worker and supervisor ->
+output formatting -> CLI.
 """
 
 __version__ = "0.1.0"
@@ -33,6 +35,11 @@ import signal
 import sqlite3
 import stat
 import time
+
+
+###############################################################################
+# Start-up shims: what keeps each command's start-up short (bench/ measures it)
+###############################################################################
 
 
 class _LazyModule:
@@ -113,30 +120,132 @@ def _logger():
 
 log = _LazyLogger()
 
+
+def _record(cls=None, frozen=False):
+    """``@dataclasses.dataclass`` for the plain records below, without importing
+    dataclasses: that import (through inspect) and the decoration cost a
+    quarter of every command's start-up (bench/).  Fields are the annotated
+    class attributes in order, a value is the default; the class gets
+    ``__init__`` (same signature), ``__repr__``, ``__eq__``, ``_fields`` and,
+    when ``frozen``, immutability and ``__hash__``.  The ``__init__`` is
+    compiled when the first record of the class is made (compiling it costs
+    tens of microseconds a class: a command that makes none does not pay)."""
+
+    def wrap(cls):
+        names = tuple(cls.__dict__.get("__annotations__", {}))
+        defaults = {n: cls.__dict__[n] for n in names if n in cls.__dict__}
+
+        def compiled_init():
+            params = ", ".join(n if n not in defaults else "%s=_default_%s" % (n, n) for n in names)
+            body = "".join("\n    _set(self, %r, %s)" % (n, n) for n in names) or "\n    pass"
+            namespace = {"_set": object.__setattr__}
+            namespace.update(("_default_" + n, v) for n, v in defaults.items())
+            exec("def __init__(self, %s):%s" % (params, body), namespace)
+            namespace["__init__"].__qualname__ = cls.__qualname__ + ".__init__"
+            return namespace["__init__"]
+
+        def __init__(self, *args, **kwargs):  # the first record: compile the real one, use it from now on
+            cls.__init__ = compiled_init()
+            cls.__init__(self, *args, **kwargs)
+
+        cls.__init__ = __init__
+        cls._fields = names
+
+        def __repr__(self):
+            return "%s(%s)" % (type(self).__qualname__, ", ".join("%s=%r" % (n, getattr(self, n)) for n in names))
+
+        def __eq__(self, other):
+            if other.__class__ is not self.__class__:
+                return NotImplemented
+            return all(getattr(self, n) == getattr(other, n) for n in names)
+
+        cls.__repr__, cls.__eq__ = __repr__, __eq__
+        if frozen:
+            def __setattr__(self, name, *value):
+                raise AttributeError("cannot assign to field %r of a frozen %s" % (name, type(self).__name__))
+
+            cls.__setattr__ = cls.__delattr__ = __setattr__
+            cls.__hash__ = lambda self: hash(tuple(getattr(self, n) for n in names))
+        else:
+            cls.__hash__ = None  # mutable and compared by value, as a dataclass
+        return cls
+
+    return wrap if cls is None else wrap(cls)
+
+
+@contextlib.contextmanager
+def _memoized_gettext():
+    """Build the parser with argparse's gettext look-ups memoised.
+
+    argparse asks gettext for a translation of each of its messages, about
+    a hundred per subcommand, and each look-up searches the locale
+    directories on disk: half the time of building the parser, on every
+    command (bench/).  The answers cannot change within a process."""
+    import functools
+
+    saved = argparse._, argparse.ngettext
+    argparse._ = functools.lru_cache(maxsize=None)(saved[0])
+    argparse.ngettext = functools.lru_cache(maxsize=None)(saved[1])
+    try:
+        yield
+    finally:
+        argparse._, argparse.ngettext = saved
+
+
 ###############################################################################
 # Constants and defaults
 ###############################################################################
 
-#: Every configurable default in one place.  Keys are the names users type in
-#: ``queuectl config set KEY VALUE``.
-DEFAULTS = {
-    "max-retries": 3,  # retries after the first run: at most max-retries + 1 runs
-    "backoff-base": 2.0,  # after the n-th failed run wait backoff-base ** n seconds
-    "backoff-max": 3600.0,  # ... but never longer than this
-    "worker-poll-interval": 1.0,  # idle workers look for due jobs at least this often
-    "job-timeout": 300.0,  # global timeout in seconds for jobs without their own; 0 = none
-    "lease-seconds": 15.0,  # a job whose worker stops renewing for this long is rescued
-    "output-limit": 1048576,  # bytes of output kept per attempt (the end is kept)
-    "max-rescues": 5,  # a job may be rescued from a dead worker this often; once more sends it to the DLQ
-    "kill-grace": 2.0,  # seconds between SIGTERM and SIGKILL when a job is killed
-    "retention": 0.0,  # purge completed/cancelled jobs older than this many seconds (0 = keep forever)
-    "webhook-url": "",  # POST a JSON event here whenever a job ends
-}
 
-DEFAULT_QUEUE = "default"  # the queue of a job that names none
+class Setting:
+    """One setting: what `queuectl config set NAME VALUE` takes, what it is when never set, what it
+    means.  (A plain class: SETTINGS is built at every start, and a _record compiles its __init__.)
+
+    ``kind`` is int, float (a number of seconds or a factor; 90s, 15m, 2h are taken) or str (a URL);
+    a number lies from ``lo`` (excluded when ``lo_open``) to ``hi``."""
+
+    __slots__ = ("name", "kind", "default", "lo", "hi", "lo_open", "help")
+
+    def __init__(self, name, kind, default, lo=None, hi=None, lo_open=False, help=""):
+        self.name, self.kind, self.default, self.help = name, kind, default, help
+        self.lo, self.hi, self.lo_open = lo, hi, lo_open
+
+    def __repr__(self):
+        return "Setting(%r, %s, %r)" % (self.name, self.kind.__name__, self.default)
+
+
+#: Every setting, in the order `config show` lists them: the one table that defines them.  DEFAULTS,
+#: validate_config, `config show`, `config set --help` and the README's listing come from it.
+SETTINGS = (
+    Setting("max-retries", int, 3, 0, 1000, False,
+            "retries after the first run (a job runs at most max-retries + 1 times)"),
+    Setting("backoff-base", float, 2.0, 1, 1000, False, "after the n-th failed run wait backoff-base ** n seconds"),
+    Setting("backoff-max", float, 3600.0, 0, 366 * 86400, True, "longest wait between retries, seconds"),
+    Setting("worker-poll-interval", float, 1.0, 0, 3600, True, "idle workers look for due jobs this often, seconds"),
+    Setting("job-timeout", float, 300.0, 0, 366 * 86400, False,
+            "timeout for jobs without their own, seconds (0 = none)"),
+    Setting("lease-seconds", float, 15.0, 1, 3600, False,
+            "a job is rescued when its worker stops renewing its lease this long"),
+    Setting("output-limit", int, 1048576, 1024, 64 * 1048576, False,
+            "bytes of output kept per attempt (the end is kept)"),
+    Setting("max-rescues", int, 5, 0, 1000, False,
+            "rescues from dead workers a job may have; one more sends it to the DLQ"),
+    Setting("kill-grace", float, 2.0, 0, 600, False, "seconds between SIGTERM and SIGKILL when a job is killed"),
+    Setting("retention", float, 0.0, 0, 10 * 366 * 86400, False,
+            "completed and cancelled jobs older than this are purged automatically (0 = keep)"),
+    Setting("webhook-url", str, "", help="URL that gets a JSON POST when any job ends (empty = none)"),
+)
+SETTINGS_BY_NAME = {s.name: s for s in SETTINGS}
+#: Every setting's default, by name (what a store's config() returns for settings never set).
+DEFAULTS = {s.name: s.default for s in SETTINGS}
+
+DEFAULT_QUEUE = "default"  # the queue of a job that names none (the schemas' column default says it too)
 PRIORITIES = {"high": 1, "medium": 2, "low": 3}
 PRIORITY_NAMES = {v: k for k, v in PRIORITIES.items()}
 
+#: This machine's identity in worker records and attempts.  QUEUECTL_HOST overrides it (tests run
+#: workers of several "machines" on one host; only workers of the same host are judged by pid).
+HOST = os.environ.get("QUEUECTL_HOST") or os.uname().nodename  # = socket.gethostname(), without importing socket
 BUSY_TIMEOUT = 5.0  # seconds a command waits for a locked database
 HOUSEKEEPING_INTERVAL = 2.0  # how often idle workers and supervisors rescue lost jobs
 REOPEN_GRACE = 10.0  # seconds a supervisor keeps trying to open a new database after the old one was deleted
@@ -220,48 +329,6 @@ class DatabaseBusy(QueuectlError):
 ###############################################################################
 
 
-def _record(cls=None, frozen=False):
-    """``@dataclasses.dataclass`` for the plain records below, without importing
-    dataclasses: that import (through inspect) and the decoration cost a
-    quarter of every command's start-up (bench/).  Fields are the annotated
-    class attributes in order, a value is the default; the class gets
-    ``__init__`` (same signature), ``__repr__``, ``__eq__``, ``_fields`` and,
-    when ``frozen``, immutability and ``__hash__``."""
-
-    def wrap(cls):
-        names = tuple(cls.__dict__.get("__annotations__", {}))
-        defaults = {n: cls.__dict__[n] for n in names if n in cls.__dict__}
-        params = ", ".join(n if n not in defaults else "%s=_default_%s" % (n, n) for n in names)
-        body = "".join("\n    _set(self, %r, %s)" % (n, n) for n in names) or "\n    pass"
-        namespace = {"_set": object.__setattr__}
-        namespace.update(("_default_" + n, v) for n, v in defaults.items())
-        exec("def __init__(self, %s):%s" % (params, body), namespace)
-        cls.__init__ = namespace["__init__"]
-        cls.__init__.__qualname__ = cls.__qualname__ + ".__init__"
-        cls._fields = names
-
-        def __repr__(self):
-            return "%s(%s)" % (type(self).__qualname__, ", ".join("%s=%r" % (n, getattr(self, n)) for n in names))
-
-        def __eq__(self, other):
-            if other.__class__ is not self.__class__:
-                return NotImplemented
-            return all(getattr(self, n) == getattr(other, n) for n in names)
-
-        cls.__repr__, cls.__eq__ = __repr__, __eq__
-        if frozen:
-            def __setattr__(self, name, *value):
-                raise AttributeError("cannot assign to field %r of a frozen %s" % (name, type(self).__name__))
-
-            cls.__setattr__ = cls.__delattr__ = __setattr__
-            cls.__hash__ = lambda self: hash(tuple(getattr(self, n) for n in names))
-        else:
-            cls.__hash__ = None  # mutable and compared by value, as a dataclass
-        return cls
-
-    return wrap if cls is None else wrap(cls)
-
-
 class JobState(str, enum.Enum):
     PENDING = "pending"
     PROCESSING = "processing"
@@ -324,7 +391,7 @@ class Job:
     last_error: str = None
     cwd: str = None
     env: dict = None
-    queue: str = "default"
+    queue: str = DEFAULT_QUEUE
     seq: int = None
     unique_key: str = None
     webhook: str = None
@@ -521,10 +588,11 @@ class Cron:
             raise InvalidInput("cron expression must be a string")
         expr = CRON_ALIASES.get(text.strip().lower(), text.strip())
         if expr.startswith("@"):
-            raise InvalidInput("unknown cron alias %s (known: %s)" % (_short(text), ", ".join(CRON_ALIASES)))
+            raise InvalidInput("unknown cron alias %s (known: %s)" % (short_json(text), ", ".join(CRON_ALIASES)))
         parts = expr.split()
         if len(parts) != 5:
-            raise InvalidInput("cron expression %s must have 5 fields (minute hour day month weekday)" % _short(text))
+            raise InvalidInput("cron expression %s must have 5 fields (minute hour day month weekday)"
+                               % short_json(text))
         sets = [_cron_field(p, *spec) for p, spec in zip(parts, CRON_FIELDS)]
         weekdays = frozenset(d % 7 for d in sets[4])
         return cls(sets[0], sets[1], sets[2], sets[3], weekdays, parts[2] == "*", parts[4] == "*")
@@ -564,10 +632,10 @@ def _cron_field(text, name, lo, hi, names):
     for item in text.lower().split(","):
         m = re.match(r"^(\*|[a-z0-9]+(?:-[a-z0-9]+)?)(?:/(\d+))?$", item)
         if not m:
-            raise InvalidInput("bad cron %s field %s" % (name, _short(text)))
+            raise InvalidInput("bad cron %s field %s" % (name, short_json(text)))
         span, step = m.group(1), int(m.group(2) or 1)
         if step < 1:
-            raise InvalidInput("bad cron %s step in %s" % (name, _short(text)))
+            raise InvalidInput("bad cron %s step in %s" % (name, short_json(text)))
         if span == "*":
             a, b = lo, hi if name != "day of week" else 6
         else:
@@ -576,7 +644,7 @@ def _cron_field(text, name, lo, hi, names):
             if m.group(2) and len(bounds) == 1:
                 b = hi
             if a > b:
-                raise InvalidInput("bad cron %s range %s" % (name, _short(span)))
+                raise InvalidInput("bad cron %s range %s" % (name, short_json(span)))
         values.update(range(a, b + 1, step))
     return frozenset(values)
 
@@ -585,7 +653,7 @@ def _cron_value(text, name, lo, hi, names):
     if names and text[:3] in names and not text.isdigit():
         return names.index(text[:3]) + (1 if name == "month" else 0)
     if not text.isdigit() or not lo <= int(text) <= hi:
-        raise InvalidInput("cron %s value %s is out of range %d-%d" % (name, _short(text), lo, hi))
+        raise InvalidInput("cron %s value %s is out of range %d-%d" % (name, short_json(text), lo, hi))
     return int(text)
 
 
@@ -599,11 +667,11 @@ def resolve_tz(name):
         import zoneinfo
     except ImportError:  # Python 3.8
         raise InvalidInput("time zone %s needs Python 3.9 or newer (its zoneinfo module); on Python %s use UTC "
-                           "or local" % (_short(name), sys.version.split()[0]))
+                           "or local" % (short_json(name), sys.version.split()[0]))
     try:
         return zoneinfo.ZoneInfo(name)
     except Exception:
-        raise InvalidInput("unknown time zone %s (use UTC, local, or a name like Europe/Berlin)" % _short(name))
+        raise InvalidInput("unknown time zone %s (use UTC, local, or a name like Europe/Berlin)" % short_json(name))
 
 
 def schedule_next_run(schedule, after):
@@ -618,29 +686,6 @@ _ID_TABLE = bytes(ord(ID_ALPHABET[b % len(ID_ALPHABET)]) for b in range(256))
 # --- statistics -------------------------------------------------------------------
 
 HIST_BASE, HIST_RATIO, HIST_TOP = 0.001, 1.25, 120  # run-time buckets: 1 ms * 1.25**n, n < 120
-
-
-def schedule_tick(s, now, next_run, cfg, state_of, id_taken):
-    """What firing one due schedule row ``s`` does, for every store: ``(job, upcoming)``, the
-    validated job to enqueue (None when the tick is dropped) and the schedule's next run.
-
-    The missed-tick policy: a tick over 60 s late is dropped with 'skip' ('once' runs one job for
-    all missed ticks).  The overlap policy: 'skip' enqueues nothing while the previous job is
-    unfinished (``state_of(job_id)``, None for a job that is gone).  The job id is the schedule's
-    name and tick, with a random suffix when ``id_taken`` (a job kept under that id)."""
-    tick = s["next_run"]
-    upcoming = next_run(dict(s), now)
-    if s["overlap"] == "skip" and s["last_job"] and state_of(s["last_job"]) in ACTIVE_STATES:
-        return None, upcoming
-    if now - tick > 60 and s["missed"] == "skip":
-        return None, upcoming
-    spec = dict(json.loads(s["spec"]))
-    spec["id"] = "%s.%s" % (s["name"], time.strftime("%Y%m%dT%H%MZ", time.gmtime(tick)))
-    if id_taken(spec["id"]):
-        spec["id"] += "." + new_job_id()[:4]
-    job = validate_job(spec, cfg, now, cwd=spec.get("cwd") or "/")
-    job["schedule"] = s["name"]
-    return job, upcoming
 
 
 def run_time_bucket(seconds):
@@ -749,7 +794,7 @@ def validate_job(spec, cfg, now, cwd=None):
     if isinstance(prio, str) and prio.strip() in ("1", "2", "3"):
         prio = PRIORITY_NAMES[int(prio)]
     if not isinstance(prio, str) or prio.lower() not in PRIORITIES:
-        raise InvalidInput("field 'priority' must be one of high, medium, low (or 1, 2, 3), got %s" % _short(prio))
+        raise InvalidInput("field 'priority' must be one of high, medium, low (or 1, 2, 3), got %s" % short_json(prio))
     job["priority"] = PRIORITIES[prio.lower()]
     timeout = spec.get("timeout")
     if isinstance(timeout, str) and timeout.strip().lower() == "none":
@@ -757,12 +802,12 @@ def validate_job(spec, cfg, now, cwd=None):
     if timeout is not None:
         if not _is_number(timeout) or timeout < 0 or timeout > 366 * 86400:
             raise InvalidInput("field 'timeout' must be a number of seconds from 0 (no limit) to a year, or \"none\", "
-                               "got %s" % _short(timeout))
+                               "got %s" % short_json(timeout))
         timeout = float(timeout)
     job["timeout"] = timeout  # None: the global job-timeout; 0: no limit
     retries = spec.get("max_retries", cfg["max-retries"])
     if not isinstance(retries, int) or isinstance(retries, bool) or not 0 <= retries <= 1000:
-        raise InvalidInput("field 'max_retries' must be an integer from 0 to 1000, got %s" % _short(retries))
+        raise InvalidInput("field 'max_retries' must be an integer from 0 to 1000, got %s" % short_json(retries))
     job["max_retries"] = retries
     run_at = now
     if "run_at" in spec and "delay" in spec:
@@ -775,7 +820,7 @@ def validate_job(spec, cfg, now, cwd=None):
     if spec.get("delay") is not None:
         delay = spec["delay"]
         if not _is_number(delay) or delay < 0 or delay > 10 * 366 * 86400:
-            raise InvalidInput("field 'delay' must be a number of seconds >= 0, got %s" % _short(delay))
+            raise InvalidInput("field 'delay' must be a number of seconds >= 0, got %s" % short_json(delay))
         run_at = now + delay
     job["run_at"] = run_at
     jcwd = spec.get("cwd")
@@ -790,12 +835,12 @@ def validate_job(spec, cfg, now, cwd=None):
             raise InvalidInput("field 'env' must be an object of strings, got %s" % _json_type(env))
         for k, v in env.items():
             if not ENV_NAME_RE.fullmatch(k):
-                raise InvalidInput("field 'env' has an invalid variable name %s" % _short(k))
+                raise InvalidInput("field 'env' has an invalid variable name %s" % short_json(k))
             if not isinstance(v, str) or "\x00" in v:
                 raise InvalidInput("field 'env' value of %s must be a string without NUL bytes" % k)
     job["env"] = env or None
     queue = spec.get("queue")
-    job["queue"] = "default" if queue is None else validate_name(queue, "queue")
+    job["queue"] = DEFAULT_QUEUE if queue is None else validate_name(queue, "queue")
     job["after"] = validate_after(spec.get("after"))
     key = spec.get("unique_key")
     if key is not None and (not isinstance(key, str) or not key or len(key) > 200 or "\x00" in key):
@@ -841,7 +886,7 @@ def validate_id(value, what="job id", field="id"):
     if not value or len(value) > MAX_ID_LENGTH or not ID_RE.fullmatch(value):
         raise InvalidInput(
             "invalid %s %s: use 1-%d letters, digits and _.:@+- (not starting with one of .:@+-)"
-            % (what, _short(value), MAX_ID_LENGTH)
+            % (what, short_json(value), MAX_ID_LENGTH)
         )
     return value
 
@@ -850,7 +895,7 @@ def validate_name(value, what):
     """Queue and schedule names follow the job id rules, at most 64 characters."""
     validate_id(value, what + " name", field=what)
     if len(value) > 64:
-        raise InvalidInput("%s name %s is longer than 64 characters" % (what, _short(value)))
+        raise InvalidInput("%s name %s is longer than 64 characters" % (what, short_json(value)))
     return value
 
 
@@ -882,11 +927,11 @@ def validate_url(value, what):
     except ValueError:
         parts = None
     if parts is None or parts.scheme not in ("http", "https") or not parts.netloc:
-        raise InvalidInput("%s must be an http:// or https:// URL, got %s" % (what, _short(value)))
+        raise InvalidInput("%s must be an http:// or https:// URL, got %s" % (what, short_json(value)))
     return value
 
 
-def _dependency_order(jobs):
+def dependency_order(jobs):
     """Order a batch so each job comes after the batch jobs it depends on.
 
     Raises InvalidInput on a cycle (a job that would wait for itself)."""
@@ -940,7 +985,9 @@ def _json_type(v):
     )
 
 
-def _short(v, n=40):
+def short_json(v, n=40):
+    """A value as messages quote what a user gave: JSON text (so "" and " x" show), ASCII only,
+    cut to ``n`` characters."""
     text = json.dumps(v, ensure_ascii=True, default=str)
     return text if len(text) <= n else text[: n - 3] + "..."
 
@@ -950,47 +997,31 @@ def _validate_number(key, text, kind, lo, hi, lo_open=False):
         value = int(text) if kind is int else parse_duration(text)
     except (TypeError, ValueError):
         raise InvalidInput("config %s must be %s from %s to %s, got %s" % (
-            key, "a whole number" if kind is int else "a number", _fmt_value(lo), _fmt_value(hi), _short(text)))
+            key, "a whole number" if kind is int else "a number", _fmt_value(lo), _fmt_value(hi), short_json(text)))
     if value != value or value in (float("inf"), float("-inf")) or value < lo or (lo_open and value == lo) or value > hi:
-        raise InvalidInput("config %s must be %s %s and <= %s, got %s" % (key, ">" if lo_open else ">=", lo, hi, _short(text)))
+        raise InvalidInput("config %s must be %s %s and <= %s, got %s"
+                           % (key, ">" if lo_open else ">=", lo, hi, short_json(text)))
     return value
-
-
-#: key -> (type, lower bound, upper bound, lower bound excluded, help)
-CONFIG_RULES = {
-    "max-retries": (int, 0, 1000, False, "retries after the first run (a job runs at most max-retries + 1 times)"),
-    "backoff-base": (float, 1, 1000, False, "after the n-th failed run wait backoff-base ** n seconds"),
-    "backoff-max": (float, 0, 366 * 86400, True, "longest wait between retries, seconds"),
-    "worker-poll-interval": (float, 0, 3600, True, "idle workers look for due jobs this often, seconds"),
-    "job-timeout": (float, 0, 366 * 86400, False, "timeout for jobs without their own, seconds (0 = none)"),
-    "lease-seconds": (float, 1, 3600, False, "a job is rescued when its worker stops renewing its lease this long"),
-    "output-limit": (int, 1024, 64 * 1048576, False, "bytes of output kept per attempt (the end is kept)"),
-    "max-rescues": (int, 0, 1000, False, "rescues from dead workers a job may have; one more sends it to the DLQ"),
-    "kill-grace": (float, 0, 600, False, "seconds between SIGTERM and SIGKILL when a job is killed"),
-    "retention": (float, 0, 10 * 366 * 86400, False,
-                  "completed and cancelled jobs older than this are purged automatically (0 = keep)"),
-    "webhook-url": (str, None, None, False, "URL that gets a JSON POST when any job ends (empty = none)"),
-}
 
 
 def normalize_config_key(key):
     k = str(key).strip().lower().replace("_", "-")
-    if k not in CONFIG_RULES:
-        raise InvalidInput("unknown config key %s (known: %s)" % (_short(key), ", ".join(CONFIG_RULES)))
+    if k not in SETTINGS_BY_NAME:
+        raise InvalidInput("unknown config key %s (known: %s)" % (short_json(key), ", ".join(SETTINGS_BY_NAME)))
     return k
 
 
 def validate_config(key, value):
     """Return ``(key, value)`` normalised, or raise InvalidInput; nothing is written."""
     k = normalize_config_key(key)
-    kind, lo, hi, lo_open, _ = CONFIG_RULES[k]
-    if kind is str:
+    setting = SETTINGS_BY_NAME[k]
+    if setting.kind is str:
         return k, "" if str(value).strip() in ("", "none") else validate_url(str(value), "config " + k)
-    return k, _validate_number(k, value, kind, lo, hi, lo_open)
+    return k, _validate_number(k, value, setting.kind, setting.lo, setting.hi, setting.lo_open)
 
 
 ###############################################################################
-# Storage
+# Storage: the store contract and the rules both stores share
 ###############################################################################
 
 
@@ -1000,25 +1031,46 @@ class Store:
     Every read-modify-write is one atomic transaction.  Methods raise
     DatabaseBusy when the database stays locked past the busy timeout and
     DatabaseError when it is unusable; they never leave a half-written change.
+
+    Waking workers is the store's job: a method whose commit makes jobs due
+    (enqueue, a finish that releases the jobs waiting for it, release, rescue,
+    retry_dead, retry_all_dead, set_queue, fire_schedules) wakes idle workers
+    once it has committed, and a cancel of a running job wakes its worker.
+    Callers never wake workers themselves.
     """
 
-    def enqueue(self, jobs, now):
+    #: True when this store can only read (SQLite: a file this user may not write); every
+    #: method that writes then raises DatabaseError.
+    readonly = False
+
+    # --- jobs ---------------------------------------------------------------------------
+
+    def enqueue(self, jobs, now, existing=None):
         """Insert validated jobs (dicts from ``validate_job``) in one transaction.
 
         A job without id gets a generated one.  A duplicate id refuses the whole
-        batch with Conflict naming the id.  Returns the ids in order.  Durable
+        batch with Conflict naming the id.  A job with ``after`` waits (state
+        waiting) until every job it names has completed; it is pending at once when
+        they all have, and refused when one does not exist (NotFound) or ended dead
+        or cancelled (Conflict).  A job whose ``unique_key`` an unfinished job holds
+        (pending, processing, failed or waiting; earlier in the batch included) is
+        not added: that job's id stands in its place, and is also appended to the
+        list ``existing`` when one is given.  Returns the ids in order.  Durable
         on return.
         """
         raise NotImplementedError
 
-    def claim(self, worker_id, host, now, lease):
+    def claim(self, worker_id, host, now, lease, queues=None):
         """Atomically take the next due job (state pending or failed with
         ``run_at <= now``) by priority, then run_at, then enqueue order; mark it
         processing, owned by ``worker_id`` with a lease until ``now + lease``,
         count the attempt and open its attempt record.  Returns the Job (with
         ``runs`` numbering this attempt) or None.  Two workers never get the
-        same job.  When nothing is due the worker is marked idle in the same
-        transaction, so an enqueue that commits afterwards sees it and wakes it.
+        same job.  Jobs of a paused queue, and of a queue with ``max_running``
+        jobs running already, are left where they are; with ``queues`` (a list
+        of names) only jobs of those queues are taken.  When nothing is due the
+        worker is marked idle in the same transaction, so an enqueue that
+        commits afterwards sees it and wakes it.
         """
         raise NotImplementedError
 
@@ -1045,9 +1097,11 @@ class Store:
     def finish(self, job_id, run, worker_id, state, now, outcome, exit_code=None, error=None,
                output="", output_bytes=0, retry_at=None):
         """Close a run: move the job from processing to ``state`` (completed,
-        failed with ``retry_at``, or dead), record exit code, error, output and
-        statistics.  Only the owner of ``run`` may finish it: returns False and
-        changes nothing otherwise (fencing).
+        failed with ``retry_at``, dead, or cancelled), record exit code, error,
+        output and statistics.  A job that reaches a final state releases or
+        cancels the jobs waiting for it and queues its webhook deliveries.  Only
+        the owner of ``run`` may finish it: returns False and changes nothing
+        otherwise (fencing).
         """
         raise NotImplementedError
 
@@ -1058,8 +1112,9 @@ class Store:
 
     def rescue(self, now, host, alive, kill):
         """Give back jobs whose owner is gone: leases past ``lease_until``, and
-        jobs of workers on ``host`` whose process ``alive(pid, started_at)``
-        says is dead.  Each lost run is recorded as outcome ``lost``; the job
+        jobs of workers that ``worker_alive`` says are gone (on ``host``: their
+        process, asked with ``alive(pid, started_at)``; elsewhere: their
+        heartbeat).  Each lost run is recorded as outcome ``lost``; the job
         goes back to pending without using up a retry, or to the DLQ after
         ``max-rescues`` lost runs.  ``kill(pid, started_at)`` is called for the
         process group of each lost run that ran on ``host``; for one whose pid was
@@ -1070,6 +1125,10 @@ class Store:
 
     def get(self, job_id):
         """The Job with that id, or None."""
+        raise NotImplementedError
+
+    def states_of(self, job_ids):
+        """``{job_id: (state, exit_code)}`` of those of ``job_ids`` that exist."""
         raise NotImplementedError
 
     def attempts(self, job_id, with_output=False):
@@ -1090,13 +1149,92 @@ class Store:
 
     def retry_dead(self, job_id, now, reset_attempts=False):
         """Move a dead job back to pending for one more run (its whole budget
-        with ``reset_attempts``).  NotFound / Conflict when it is not dead."""
+        with ``reset_attempts``).  NotFound / Conflict when it is not dead, and
+        Conflict when another unfinished job holds its unique key."""
         raise NotImplementedError
 
     def delete_jobs(self, state=None):
         """Delete jobs of ``state`` (all but processing ones when None) and their
-        attempts; running jobs are never deleted.  Returns the number deleted."""
+        attempts; running jobs are never deleted (Conflict).  Jobs that waited for a
+        deleted job are cancelled, saying so.  Returns the number deleted."""
         raise NotImplementedError
+
+    def purge(self, states, before, batch=1000):
+        """Delete jobs in ``states`` (final states only: InvalidInput otherwise) last updated
+        before ``before``, with their attempts, ``batch`` jobs per transaction so that workers
+        are never held up long.  Statistics are kept.  Returns the number deleted."""
+        raise NotImplementedError
+
+    # --- cancel --------------------------------------------------------------------------
+
+    def cancel(self, job_id, now):
+        """Cancel a job: a waiting, pending or failed one at once (returns 'cancelled'); a
+        running one is flagged for its worker, which is woken to kill the process tree and
+        record the job as cancelled (returns 'requested').  Jobs waiting for a cancelled job
+        are cancelled too.  NotFound / Conflict (already finished) otherwise."""
+        raise NotImplementedError
+
+    def cancel_requested(self, job_id, run):
+        """True when a user asked to cancel run ``run`` of the job."""
+        raise NotImplementedError
+
+    # --- queues --------------------------------------------------------------------------
+
+    def queues(self):
+        """Every known queue, by name: dicts with name, max_running (None = no limit), paused
+        and counts (``{state: n}`` of its pending, processing, failed and waiting jobs)."""
+        raise NotImplementedError
+
+    def set_queue(self, name, max_running=False, paused=None):
+        """Create or change a queue: ``max_running`` (None = no limit; False = leave as is),
+        ``paused`` (None = leave as is).  Running jobs are never affected."""
+        raise NotImplementedError
+
+    # --- schedules -----------------------------------------------------------------------
+
+    def add_schedule(self, name, cron, tz, spec, missed, overlap, next_run, now):
+        """Store a recurring schedule: a cron expression evaluated in time zone ``tz``, the job
+        ``spec`` to enqueue at each tick, the policies ``missed`` (once | skip) and ``overlap``
+        (skip | allow), and the first tick ``next_run``.  Conflict if the name is taken."""
+        raise NotImplementedError
+
+    def schedules(self):
+        """Every schedule as a dict (by name; spec decoded, paused a bool), with ``last_state``,
+        the state of the last job it enqueued."""
+        raise NotImplementedError
+
+    def remove_schedule(self, name):
+        """Delete a schedule (the jobs it enqueued stay); NotFound if there is none."""
+        raise NotImplementedError
+
+    def pause_schedule(self, name, paused, next_run=None):
+        """Pause or resume a schedule; resuming sets its next tick ``next_run``, so the ticks
+        missed while paused are not 'missed'.  NotFound if there is none."""
+        raise NotImplementedError
+
+    def fire_schedules(self, now, next_run, cfg):
+        """Enqueue one job for each due schedule tick (``schedule_tick``), exactly once however
+        many processes call this, then advance each schedule with ``next_run(schedule, after)``.
+        A tick whose job's unique key is held enqueues nothing.  Returns the new job ids."""
+        raise NotImplementedError
+
+    # --- webhooks ------------------------------------------------------------------------
+
+    def webhooks_due(self, now):
+        """True when a webhook delivery is due."""
+        raise NotImplementedError
+
+    def claim_webhooks(self, now, limit, lease):
+        """Take up to ``limit`` due webhook deliveries (dicts with id, url, payload and
+        attempts, oldest first) for ``lease`` seconds: no other sender gets them meanwhile."""
+        raise NotImplementedError
+
+    def webhook_result(self, delivery_id, now, error=None, next_at=None):
+        """Record a delivery attempt: delivered (no ``error``), to be retried at ``next_at``, or
+        given up (an error and no ``next_at``: the delivery is kept, never sent again)."""
+        raise NotImplementedError
+
+    # --- configuration -------------------------------------------------------------------
 
     def config(self):
         """The effective configuration: DEFAULTS overlaid with stored values."""
@@ -1106,8 +1244,11 @@ class Store:
         """Store one validated configuration value."""
         raise NotImplementedError
 
+    # --- workers ---------------------------------------------------------------------------
+
     def register_worker(self, worker):
-        """Insert or replace a worker record (a dict with id, host, pid, ...)."""
+        """Insert or replace a worker record (a dict with id, host, pid, pid_started,
+        supervisor_pid, now and wake: its wake-up address, or None)."""
         raise NotImplementedError
 
     def unregister_worker(self, worker_id):
@@ -1121,6 +1262,11 @@ class Store:
     def wake_addresses(self, host, n):
         """Wake-up addresses of up to ``n`` idle workers on ``host``."""
         raise NotImplementedError
+
+    def poll_for_locks(self):
+        """Called once by a worker on its own store: wait for locks in the way that suits a process
+        that meets the others at the lock many times a second (SQLite: poll instead of sleeping
+        in the busy handler).  Nothing to do for a database server."""
 
     def wait_fds(self):
         """File descriptors an idle worker also waits on: readable when work may
@@ -1220,11 +1366,622 @@ class Store:
         since (workers call it before every claim); nothing to do for a database server."""
 
     def close(self):
+        """Close the store's connections (a store is not used after this)."""
         raise NotImplementedError
+
+
+# --- the rules both stores share ----------------------------------------------------------
+#
+# Pure functions (time passed in, no I/O), and StoreRules: the control flow of the contract's
+# methods, written once over the queries each store supplies.
+
+# What a store says when it refuses something (one text each, whichever store says it).
+NO_SUCH_JOB = "no job with id %s"
+ID_EXISTS = "a job with id %s already exists"
+KEY_TAKEN = "unique key %s is taken"
+NO_FRESH_ID = "could not generate a unique job id"
+NO_SUCH_DEPENDENCY = "job %s depends on %s, which does not exist"
+BAD_DEPENDENCY = "job %s depends on %s, which is %s"
+DEPENDENCY_ENDED = "dependency %s ended %s"
+DEPENDENCY_DELETED = "dependency %s was deleted"
+CANCELLED_BY_USER = "cancelled by a user"
+ALREADY_FINISHED = "job %s is already %s"
+NOT_DEAD = "job %s is %s, not dead: only jobs in the dead letter queue can be retried"
+RETRY_KEY_HELD = "job %s cannot be retried: another active job holds its unique key"
+RUNNING_NOT_CLEARED = "running jobs cannot be cleared; stop the workers first"
+ONLY_FINISHED_PURGED = "only finished jobs can be purged (%s), not %s"
+SCHEDULE_EXISTS = "a schedule named %s already exists"
+NO_SUCH_SCHEDULE = "no schedule named %s"
+
+
+class IdTaken(Exception):
+    """A store's insert met a job with that id already (StoreRules draws another, or refuses)."""
+
+
+class KeyHeld(Exception):
+    """A store's write met the unique-key index: an unfinished job holds the key."""
+
+
+def job_record(job):
+    """The columns a store writes for a validated job (``validate_job``): env and after as JSON
+    text, the queue DEFAULT_QUEUE when none is named, the optional fields as None."""
+    row = dict(job, env=json.dumps(job["env"]) if job.get("env") else None,
+               after_ids=json.dumps(job["after"]) if job.get("after") else None)
+    row.setdefault("queue", DEFAULT_QUEUE)
+    for name in ("unique_key", "webhook", "schedule"):
+        row.setdefault(name, None)
+    return row
+
+
+def initial_state(job, states):
+    """The state a new job starts in: 'waiting' while a job it depends on (``after``) has not
+    completed, else 'pending'.  ``states`` maps each of them to its state (absent: no such job).
+    A dependency that does not exist is NotFound; one that ended dead or cancelled, Conflict: the
+    job could never run."""
+    state = "pending"
+    for dep in job.get("after") or []:
+        dep_state = states.get(dep)
+        if dep_state is None:
+            raise NotFound(NO_SUCH_DEPENDENCY % (job.get("id") or "to enqueue", short_json(dep)))
+        if dep_state in ("dead", "cancelled"):
+            raise Conflict(BAD_DEPENDENCY % (job.get("id") or "to enqueue", dep, dep_state))
+        if dep_state != "completed":
+            state = "waiting"
+    return state
+
+
+def webhook_deliveries(row, stored_url):
+    """The webhook deliveries of a job that reached a final state (its stored row): ``(urls,
+    payload)``.  The URLs are the job's own webhook and the ``webhook-url`` setting (as stored:
+    JSON text, or None), once each; the payload, the JSON document each one gets: the event
+    ("job." + state), the job without its env (it may hold secrets), and who sent it."""
+    urls = [row["webhook"], json.loads(stored_url) if stored_url else None]
+    urls = [u for i, u in enumerate(urls) if u and u not in urls[:i]]
+    if not urls:
+        return [], None
+    job = Job.from_row(row)
+    doc = job.to_dict()
+    doc.pop("env", None)
+    return urls, json.dumps({"event": "job." + job.state, "job": doc, "sent_by": "queuectl " + __version__})
+
+
+#: A worker on another machine is judged by its heartbeat: it is gone once that is older than
+#: WORKER_SILENCE_LEASES leases, and never sooner than WORKER_SILENCE_MIN seconds.
+WORKER_SILENCE_LEASES = 4
+WORKER_SILENCE_MIN = 60.0
+
+
+def worker_alive(w, now, host, lease, alive):
+    """The one rule for "is this worker still there" (rescue, `worker status`, the dashboard,
+    `worker stop`), for a worker record ``w`` at ``now`` seen from machine ``host``.
+
+    A worker of this machine is alive while its process is: ``alive(pid, pid_started)`` checks
+    the pid and the process's start time, so a pid the kernel gave to another process since
+    does not count.  A worker of another machine cannot be asked: it is alive while its
+    heartbeat is at most max(4 x ``lease``, 60 s) old.  A live worker renews it every lease/3
+    seconds, idle or busy, so that is twelve missed beats; the minute covers a short lease, a
+    clock step and a database that was busy for a while."""
+    if w["host"] == host:
+        return bool(alive(w["pid"], w["pid_started"]))
+    return w["heartbeat_at"] >= now - max(WORKER_SILENCE_LEASES * float(lease), WORKER_SILENCE_MIN)
+
+
+def finish_state(state):
+    """The state a run may end in (completed, failed, dead or cancelled) as a JobState; ValueError
+    otherwise (a worker's bug, never a user's input)."""
+    state = JobState(state)
+    if not can_transition(JobState.PROCESSING, state) or state is JobState.PENDING:
+        raise ValueError("cannot finish a run into state %s" % state)
+    return state
+
+
+def deletable_states(state):
+    """The states ``delete_jobs(state)`` deletes: that one, or every one but processing (None).
+    Running jobs are never deleted: Conflict."""
+    states = [str(state)] if state else [s for s in STATES if s != "processing"]
+    if "processing" in states:
+        raise Conflict(RUNNING_NOT_CLEARED)
+    return states
+
+
+def check_purgeable(states):
+    """Only jobs in a final state may be purged: InvalidInput naming the first other state."""
+    for state in states:
+        if state not in FINAL_STATES:
+            raise InvalidInput(ONLY_FINISHED_PURGED % (", ".join(FINAL_STATES), state))
+
+
+def counts_from_rows(rows):
+    """``{state: n}`` for every state, zeros included, from rows with state and n."""
+    result = {s: 0 for s in STATES}
+    for r in rows:
+        result[r["state"]] = int(r["n"])
+    return result
+
+
+def queue_list(queue_rows, count_rows):
+    """``Store.queues()`` from the queue rows (name, max_running, paused) and the rows (queue,
+    state, n) that count the unfinished jobs."""
+    counts = {}
+    for r in count_rows:
+        counts.setdefault(r["queue"], {})[r["state"]] = int(r["n"])
+    return [{"name": r["name"], "max_running": r["max_running"], "paused": bool(r["paused"]),
+             "counts": counts.get(r["name"], {})} for r in queue_rows]
+
+
+#: ``jobs_page``'s first page starts after this (updated_at, seq): after every job.
+FIRST_PAGE = (float("inf"), 2 ** 63 - 1)
+
+
+def id_prefix_range(prefix, after=None):
+    """The ids a prefix search covers, ``(start, stop)``: from ``prefix`` (or just after ``after``,
+    the last id of the previous page) to the first string past every id that starts with it.
+    None when no job id can start with ``prefix``."""
+    if not re.match(r"^[A-Za-z0-9_.:@+-]{1,%d}$" % MAX_ID_LENGTH, prefix):
+        return None
+    start = max(prefix, after + "\x01") if after else prefix  # (ids have no character below "+")
+    return start, prefix[:-1] + chr(ord(prefix[-1]) + 1)
+
+
+def page_of(rows, limit):
+    """``(jobs, more)`` from up to ``limit + 1`` job rows: the page, and whether another follows."""
+    return [Job.from_row(r) for r in rows[:limit]], len(rows) > limit
+
+
+def queue_stats(rows, bucket_rows):
+    """``Store.stats_by_queue()`` from the per-(queue, outcome) rows and the (queue, bucket, count)
+    rows of the run-time histogram."""
+    hist = {}
+    for r in bucket_rows:
+        hist.setdefault(r["queue"], {})[r["bucket"]] = int(r["count"])
+    return [dict(r, count=int(r["count"])) for r in rows], hist
 
 
 #: Upper bounds, in seconds, of the job duration histogram (``/metrics``); +Inf is implied.
 DURATION_BUCKETS = (0.1, 0.5, 1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 3600.0)
+
+
+def totals_with_buckets(total_rows, bucket_rows):
+    """``Store.attempt_totals()`` from the per-(queue, outcome) totals and the (queue, outcome, le,
+    count) rows of the duration histogram: the buckets made cumulative, ending with +Inf."""
+    buckets = {}
+    for r in bucket_rows:
+        buckets.setdefault((r["queue"], r["outcome"]), {})[r["le"]] = int(r["count"])
+    out = []
+    for r in total_rows:
+        per_bucket = buckets.get((r["queue"], r["outcome"]), {})
+        cumulative, running = [], 0
+        for le in DURATION_BUCKETS:
+            running += per_bucket.get(le, 0)
+            cumulative.append((le, running))
+        cumulative.append((float("inf"), int(r["count"])))
+        out.append({"queue": r["queue"], "outcome": r["outcome"], "count": int(r["count"]),
+                    "duration_sum": r["duration_sum"], "buckets": cumulative})
+    return out
+
+
+def judge_lost_run(row, now, host, max_rescues, kill, started_at):
+    """What a rescue does with one lost run (a row with id, runs, worker_id, host, pid,
+    lease_until, rescues): kill its processes when it ran on ``host`` (by pid, or by its
+    environment when the worker died before recording the pid), then decide the job's new
+    state.  Returns ``(state, reason)``: back to pending, or dead after max_rescues."""
+    if row["host"] == host and row["pid"]:
+        kill(row["pid"], started_at)
+    elif row["host"] == host and row["worker_id"]:
+        kill(None, started_at, (row["id"], row["runs"], row["worker_id"]))
+    expired = row["lease_until"] < now
+    why = ("lease of worker %s expired" if expired else "worker %s died") % row["worker_id"]
+    if row["rescues"] + 1 > max_rescues:
+        return "dead", why + "; lost %d times, moved to the dead letter queue" % (row["rescues"] + 1)
+    return "pending", why
+
+
+def config_from_rows(rows):
+    """DEFAULTS overlaid with stored (key, JSON value) rows; unknown keys and bad values are ignored."""
+    cfg = dict(DEFAULTS)
+    for row in rows:
+        if row["key"] in cfg:
+            with contextlib.suppress(ValueError):
+                cfg[row["key"]] = json.loads(row["value"])
+    return cfg
+
+
+def schedule_from_row(row):
+    """A stored schedule row as a dict, its job spec decoded."""
+    d = dict(row)
+    d["spec"] = json.loads(d["spec"])
+    d["paused"] = bool(d["paused"])
+    return d
+
+
+def schedule_tick(s, now, next_run, cfg, state_of, id_taken):
+    """What firing one due schedule row ``s`` does, for every store: ``(job, upcoming)``, the
+    validated job to enqueue (None when the tick is dropped) and the schedule's next run.
+
+    The missed-tick policy: a tick over 60 s late is dropped with 'skip' ('once' runs one job for
+    all missed ticks).  The overlap policy: 'skip' enqueues nothing while the previous job is
+    unfinished (``state_of(job_id)``, None for a job that is gone).  The job id is the schedule's
+    name and tick, with a random suffix when ``id_taken`` (a job kept under that id)."""
+    tick = s["next_run"]
+    upcoming = next_run(dict(s), now)
+    if s["overlap"] == "skip" and s["last_job"] and state_of(s["last_job"]) in ACTIVE_STATES:
+        return None, upcoming
+    if now - tick > 60 and s["missed"] == "skip":
+        return None, upcoming
+    spec = dict(json.loads(s["spec"]))
+    spec["id"] = "%s.%s" % (s["name"], time.strftime("%Y%m%dT%H%MZ", time.gmtime(tick)))
+    if id_taken(spec["id"]):
+        spec["id"] += "." + new_job_id()[:4]
+    job = validate_job(spec, cfg, now, cwd=spec.get("cwd") or "/")
+    job["schedule"] = s["name"]
+    return job, upcoming
+
+
+class StoreRules(Store):
+    """The contract's control flow, written once: every store derives from this and supplies the
+    queries (the methods under "queries", below), each a statement or two of its own SQL.
+
+    Every query runs inside the transaction of the method that calls it (``_transaction``) unless
+    it says otherwise.  Times handed to the queries are the operation's time ``_time(now)``: the
+    caller's ``now`` for SQLite, the database clock for PostgreSQL.
+    """
+
+    # --- enqueue, job by job -------------------------------------------------------------
+
+    def _enqueue_each(self, jobs, now, existing):
+        """``enqueue`` for a batch with dependencies or unique keys, inside the caller's
+        transaction: in dependency order (a job after the batch jobs it depends on), a job whose
+        unique key an unfinished job holds stands for that job; the others are inserted in the
+        state their dependencies give them, a waiting one with an edge to each.  Returns the ids
+        in the order of ``jobs``."""
+        ids, batch, keys = {}, {}, {}  # batch: id -> state, keys: unique key -> id, of this batch
+        for job in dependency_order(jobs):
+            key = job.get("unique_key")
+            holder = key is not None and (keys.get(key) or self._holder_of(key))
+            if not holder:
+                deps = job.get("after") or []
+                outside = [d for d in deps if d not in batch]
+                states = dict(self._dependency_states(outside) if outside else {})
+                states.update((d, batch[d]) for d in deps if d in batch)
+                state = initial_state(job, states)
+                job_id, holder = self._insert_new(job, state, now)
+            if holder:
+                ids[id(job)] = holder
+                if existing is not None:
+                    existing.append(holder)
+                continue
+            if state == "waiting":
+                self._wait_for(job_id, deps)
+            batch[job_id] = state
+            if key is not None:
+                keys[key] = job_id
+            ids[id(job)] = job_id
+        return [ids[id(job)] for job in jobs]
+
+    def _insert_new(self, job, state, now):
+        """Insert one validated job: under its own id (Conflict if that is taken), or a generated
+        one (drawn again if taken).  Returns ``(job_id, None)``, or ``(None, holder)`` when an
+        unfinished job holds its unique key (another process's enqueue committed it first)."""
+        for _ in range(20):
+            job_id = job.get("id") or new_job_id()
+            try:
+                self._insert_job(job, job_id, state, now)
+                return job_id, None
+            except KeyHeld:
+                holder = self._holder_of(job["unique_key"])
+                if holder:
+                    return None, holder
+                raise Conflict(KEY_TAKEN % short_json(job["unique_key"])) from None
+            except IdTaken:
+                if job.get("id"):
+                    raise Conflict(ID_EXISTS % short_json(job_id)) from None
+        raise QueuectlError(NO_FRESH_ID)  # pragma: no cover - 20 collisions of 50-bit random ids
+
+    # --- the end of a job ----------------------------------------------------------------
+
+    def _job_ended(self, job_id, state, at, row=None, dependents=None):
+        """A job reached a final state (in the transaction that moved it there): queue its webhook
+        deliveries, then release the jobs that waited for it (it completed) or cancel them, and
+        theirs in turn (it ended dead or cancelled), saying why.  ``row``: the job's row, when the
+        caller has it; ``dependents``: the result of ``_take_dependents``, when the caller has
+        it."""
+        row = self._fetch_job(job_id) if row is None else row
+        if row is not None:
+            urls, payload = webhook_deliveries(row, self._stored_webhook_url(row))
+            for url in urls:
+                self._insert_webhook(url, payload, at)
+        released = 0
+        for dep in self._take_dependents(job_id) if dependents is None else dependents:
+            if state == "completed":
+                released += bool(self._release_if_ready(dep, at))
+            elif self._cancel_unstarted(dep, at, DEPENDENCY_ENDED % (job_id, state)):
+                self._job_ended(dep, "cancelled", at)
+        if released:
+            self._wake(released)
+
+    # --- the contract's methods ----------------------------------------------------------
+
+    def rescue(self, now, host, alive, kill):
+        cfg = self.config()
+        at = self._time(now)
+        to_local = float(now) - at if now is not None else 0.0  # a run's start, on the caller's clock
+        dead = [w["id"] for w in self.workers() if not worker_alive(w, at, host, cfg["lease-seconds"], alive)]
+        self._tidy()
+        if not dead and not self._any_expired(at):
+            return []  # the common case: reads only, no write lock taken
+        rescued, back = [], 0
+        with self._transaction():
+            for row in self._lost_runs(at, dead):
+                started = None if row["started_at"] is None else row["started_at"] + to_local
+                state, why = judge_lost_run(row, at, host, int(cfg["max-rescues"]), kill, started)
+                if not self._lose_run(row, at, state, why):
+                    continue
+                if state == "dead":
+                    self._job_ended(row["id"], state, at)
+                rescued.append(row["id"])
+                back += state == "pending"
+            for worker_id in dead:
+                self._delete_worker(worker_id)
+            if back:
+                self._wake(back)
+        return rescued
+
+    def retry_dead(self, job_id, now, reset_attempts=False):
+        with self._transaction():
+            try:
+                if self._retry(job_id, self._time(now), reset_attempts):
+                    self._wake(1)
+                    return True
+            except KeyHeld:
+                raise Conflict(RETRY_KEY_HELD % job_id) from None
+            state = self._state(job_id)
+        if state is None:
+            raise NotFound(NO_SUCH_JOB % short_json(job_id))
+        raise Conflict(NOT_DEAD % (job_id, state))
+
+    def retry_all_dead(self, now, reset_attempts=False):
+        retried = skipped = 0
+        with self._transaction():
+            at = self._time(now)
+            for job_id in self._dead_ids():
+                try:
+                    retried += bool(self._retry(job_id, at, reset_attempts))
+                except KeyHeld:
+                    skipped += 1
+            if retried:
+                self._wake(retried)
+        return retried, skipped
+
+    def delete_jobs(self, state=None):
+        states = deletable_states(state)
+        with self._transaction():
+            deleted, waiting = self._delete_jobs(states)
+            at = self._time(None) if waiting else None
+            for job_id in waiting:  # jobs that waited for a deleted job can never run
+                gone = self._missing_dependency(job_id)
+                if gone and self._cancel_unstarted(job_id, at, DEPENDENCY_DELETED % gone):
+                    self._job_ended(job_id, "cancelled", at)
+        return deleted
+
+    def purge(self, states, before, batch=1000):
+        check_purgeable(states)
+        total = 0
+        for state in states:
+            while True:
+                with self._transaction():
+                    n = self._purge_batch(state, before, batch)
+                total += n
+                if n < batch:
+                    break
+        return total
+
+    def cancel(self, job_id, now):
+        with self._transaction():
+            at = self._time(now)
+            if self._cancel_unstarted(job_id, at, CANCELLED_BY_USER):
+                self._job_ended(job_id, "cancelled", at)
+                return "cancelled"
+            if self._request_cancel(job_id):
+                return "requested"
+            state = self._state(job_id)
+        if state is None:
+            raise NotFound(NO_SUCH_JOB % short_json(job_id))
+        raise Conflict(ALREADY_FINISHED % (job_id, state))
+
+    def set_queue(self, name, max_running=False, paused=None):
+        with self._transaction():
+            self._add_queue(name)
+            if max_running is not False:
+                self._set_queue_limit(name, max_running)
+            if paused is not None:
+                self._set_queue_paused(name, bool(paused))
+            if paused is False or max_running is not False:
+                self._wake(None)  # its jobs may be claimable now
+
+    def add_schedule(self, name, cron, tz, spec, missed, overlap, next_run, now):
+        row = {"name": name, "cron": cron, "tz": tz, "spec": json.dumps(spec), "missed": missed,
+               "overlap": overlap, "next_run": next_run}
+        if not self._insert_schedule(row, now):
+            raise Conflict(SCHEDULE_EXISTS % short_json(name))
+
+    def remove_schedule(self, name):
+        if not self._delete_schedule(name):
+            raise NotFound(NO_SUCH_SCHEDULE % short_json(name))
+
+    def pause_schedule(self, name, paused, next_run=None):
+        if not self._pause_schedule(name, bool(paused), next_run):
+            raise NotFound(NO_SUCH_SCHEDULE % short_json(name))
+
+    def fire_schedules(self, now, next_run, cfg):
+        created = []
+        at = self._time(now)
+        if not self._schedules_due(at):
+            return created
+        with self._transaction():
+            for s in self._due_schedules(at):
+                job, upcoming = schedule_tick(s, at, next_run, cfg, self._state, self._id_taken)
+                job_id = None
+                if job is not None and not (job["unique_key"] and self._holder_of(job["unique_key"])):
+                    job_id, _ = self._insert_new(job, "pending", at)
+                if job_id:
+                    created.append(job_id)
+                self._advance_schedule(s["name"], upcoming, s["next_run"] if job_id else None, job_id)
+            if created:
+                self._wake(len(created))
+        return created
+
+    # --- queries: each store supplies these ----------------------------------------------
+    # (in the transaction of ``_transaction`` unless they say otherwise; ``at`` is ``_time(now)``)
+
+    def _transaction(self):
+        """A context manager: one write transaction, committed when the block ends, rolled back if
+        it raises."""
+        raise NotImplementedError
+
+    def _time(self, now):
+        """The time of an operation whose logic runs here: for the caller's ``now`` (None: now)."""
+        raise NotImplementedError
+
+    def _wake(self, n):
+        """``n`` jobs (None: some) became due: idle workers should look for work after the commit."""
+        raise NotImplementedError
+
+    def _tidy(self):
+        """The store's own periodic housekeeping, outside a transaction (rescue calls it)."""
+
+    def _fetch_job(self, job_id):
+        """The job's row (every job column), or None."""
+        raise NotImplementedError
+
+    def _state(self, job_id):
+        """The job's state, or None when there is no such job."""
+        raise NotImplementedError
+
+    def _id_taken(self, job_id):
+        """Is there a job with this id?"""
+        raise NotImplementedError
+
+    def _holder_of(self, key):
+        """The id of the unfinished job that holds unique key ``key``, or None."""
+        raise NotImplementedError
+
+    def _dependency_states(self, job_ids):
+        """``{id: state}`` of the jobs a new job depends on; none may end before the commit."""
+        raise NotImplementedError
+
+    def _insert_job(self, job, job_id, state, now):
+        """Insert a job in ``state`` (its times computed from ``now``) and its queue's name; IdTaken
+        when the id exists, KeyHeld when its unique key is held: then nothing is written."""
+        raise NotImplementedError
+
+    def _wait_for(self, job_id, deps):
+        """Record what a waiting job waits for: ``deps``, those that completed already left out."""
+        raise NotImplementedError
+
+    def _stored_webhook_url(self, row):
+        """The ``webhook-url`` setting as stored (JSON text), or None (``row``: the job's row)."""
+        raise NotImplementedError
+
+    def _insert_webhook(self, url, payload, at):
+        """Queue a webhook delivery, due at once."""
+        raise NotImplementedError
+
+    def _take_dependents(self, job_id):
+        """The waiting jobs that depended on a job that ended; the edges to it are dropped."""
+        raise NotImplementedError
+
+    def _release_if_ready(self, job_id, at):
+        """Move a waiting job that waits for nothing any more to pending; True if it moved."""
+        raise NotImplementedError
+
+    def _cancel_unstarted(self, job_id, at, error):
+        """Cancel a waiting, pending or failed job (saying ``error``) and drop its edges; True if it
+        was one."""
+        raise NotImplementedError
+
+    def _request_cancel(self, job_id):
+        """Flag a running job for cancellation and ask its worker to look now; True if it runs."""
+        raise NotImplementedError
+
+    def _any_expired(self, at):
+        """Has a running job's lease run out?  (Outside a transaction.)"""
+        raise NotImplementedError
+
+    def _lost_runs(self, at, dead_workers):
+        """The running jobs whose lease ran out or whose worker is in ``dead_workers``, each once:
+        rows with seq, id, runs, rescues, queue, worker_id, lease_until, host, pid, started_at."""
+        raise NotImplementedError
+
+    def _lose_run(self, row, at, state, why):
+        """Record a lost run: the job to ``state`` without using up a retry, the attempt 'lost', the
+        statistics; False when the run is not running any more."""
+        raise NotImplementedError
+
+    def _delete_worker(self, worker_id):
+        raise NotImplementedError
+
+    def _retry(self, job_id, at, reset_attempts):
+        """Move a dead job back to pending; True if it was dead.  KeyHeld, with nothing changed,
+        when an unfinished job holds its unique key."""
+        raise NotImplementedError
+
+    def _dead_ids(self):
+        """The ids of the dead jobs, oldest first."""
+        raise NotImplementedError
+
+    def _delete_jobs(self, states):
+        """Delete the jobs in ``states`` with their attempts and edges: ``(how many, the ids of the
+        jobs that waited for one of them)``."""
+        raise NotImplementedError
+
+    def _missing_dependency(self, job_id):
+        """The first job ``job_id`` depends on that does not exist any more, or None."""
+        raise NotImplementedError
+
+    def _purge_batch(self, state, before, limit):
+        """Delete up to ``limit`` jobs in ``state`` last updated before ``before``, oldest first, with
+        their attempts; returns how many."""
+        raise NotImplementedError
+
+    def _add_queue(self, name):
+        raise NotImplementedError
+
+    def _set_queue_limit(self, name, max_running):
+        raise NotImplementedError
+
+    def _set_queue_paused(self, name, paused):
+        raise NotImplementedError
+
+    def _insert_schedule(self, row, now):
+        """Store a schedule, in a transaction of its own; False when the name is taken."""
+        raise NotImplementedError
+
+    def _delete_schedule(self, name):
+        """Delete a schedule, in a transaction of its own; False when there is none."""
+        raise NotImplementedError
+
+    def _pause_schedule(self, name, paused, next_run):
+        """Pause or resume a schedule (and set its next run, if given), in a transaction of its own;
+        False when there is none."""
+        raise NotImplementedError
+
+    def _schedules_due(self, at):
+        """Is a schedule due?  (Outside a transaction.)"""
+        raise NotImplementedError
+
+    def _due_schedules(self, at):
+        """The due schedules' rows, locked where other processes could fire them at the same time."""
+        raise NotImplementedError
+
+    def _advance_schedule(self, name, next_run, last_run, job_id):
+        """Set a schedule's next run, and its last run and job when it enqueued one."""
+        raise NotImplementedError
+
+
+###############################################################################
+# Storage: the SQLite schema and its SQL (named parameters, each statement once)
+###############################################################################
+
 _DURATION = "MAX(0.0, COALESCE(NEW.ended_at, NEW.started_at) - NEW.started_at)"
 _BUCKET = "CASE %s ELSE 1e999 END" % " ".join("WHEN {d} <= %r THEN %r" % (b, b) for b in DURATION_BUCKETS)
 
@@ -1575,8 +2332,21 @@ UPDATE jobs SET state = 'pending', run_at = :now, updated_at = :now, finished_at
        rescues = CASE WHEN :reset THEN 0 ELSE rescues END
 WHERE id = :id AND state = 'dead'
 """
-SQL_DELETE_ATTEMPTS_STATE = "DELETE FROM attempts WHERE job_id IN (SELECT id FROM jobs WHERE state = :state)"
-SQL_DELETE_JOBS_STATE = "DELETE FROM jobs WHERE state = :state"
+SQL_WAITING_ON_STATES = """
+SELECT DISTINCT d.job_id FROM job_deps d JOIN jobs p ON p.id = d.depends_on
+WHERE p.state IN (SELECT value FROM json_each(:states)) ORDER BY d.job_id
+"""
+SQL_DELETE_ATTEMPTS_STATES = """
+DELETE FROM attempts WHERE job_id IN (SELECT id FROM jobs WHERE state IN (SELECT value FROM json_each(:states)))
+"""
+SQL_DELETE_JOBS_STATES = "DELETE FROM jobs WHERE state IN (SELECT value FROM json_each(:states))"
+SQL_DROP_EDGES_OF_DELETED = "DELETE FROM job_deps WHERE job_id NOT IN (SELECT id FROM jobs)"
+SQL_MISSING_DEP = """
+SELECT depends_on FROM job_deps WHERE job_id = :id AND depends_on NOT IN (SELECT id FROM jobs)
+ORDER BY depends_on LIMIT 1
+"""
+SQL_DELETE_ATTEMPTS_OF = "DELETE FROM attempts WHERE job_id IN (SELECT value FROM json_each(:ids))"
+SQL_DELETE_JOBS_OF = "DELETE FROM jobs WHERE id IN (SELECT value FROM json_each(:ids))"
 SQL_CONFIG_ALL = "SELECT key, value FROM config"
 SQL_CONFIG_SET = "INSERT INTO config (key, value) VALUES (:key, :value) ON CONFLICT(key) DO UPDATE SET value = :value"
 SQL_WORKER_UPSERT = """
@@ -1636,40 +2406,44 @@ SQL_ATTEMPT_TOTALS = "SELECT queue, outcome, count, duration_sum FROM attempt_to
 SQL_ATTEMPT_DURATIONS = "SELECT queue, outcome, le, count FROM attempt_durations ORDER BY queue, outcome, le"
 SQL_DEAD_IDS = "SELECT id FROM jobs WHERE state = 'dead' ORDER BY updated_at, seq"
 SQL_DATA_VERSION = "PRAGMA data_version"  # changes when another connection commits
+SQL_JOB_STATE = "SELECT state FROM jobs WHERE id = :id"
+SQL_JOB_EXISTS = "SELECT 1 FROM jobs WHERE id = :id"
+SQL_OWNED_RUN = """
+SELECT queue, created_at, run_at, started_at FROM jobs
+WHERE id = :id AND runs = :n AND worker_id = :worker AND state = 'processing'
+"""
+SQL_DROP_DONE_EDGES = """
+DELETE FROM job_deps WHERE job_id = :id AND depends_on IN (SELECT id FROM jobs WHERE state = 'completed')
+"""
+SQL_WEBHOOK_URL = "SELECT value FROM config WHERE key = 'webhook-url'"
+SQL_WEBHOOK_GIVE_UP = "UPDATE webhooks SET delivered_at = -1 WHERE id = :id"
+SQL_QUEUES = "SELECT name, max_running, paused FROM queues ORDER BY name"
+SQL_QUEUE_COUNTS = """
+SELECT queue, state, count(*) AS n FROM jobs WHERE state IN ('pending', 'processing', 'failed', 'waiting')
+GROUP BY queue, state
+"""
+SQL_SET_QUEUE_LIMIT = "UPDATE queues SET max_running = :m WHERE name = :queue"
+SQL_SET_QUEUE_PAUSED = "UPDATE queues SET paused = :p WHERE name = :queue"
+SQL_SCHEDULE_DELETE = "DELETE FROM schedules WHERE name = :name"
+SQL_SCHEDULE_PAUSE = "UPDATE schedules SET paused = :p, next_run = COALESCE(:next_run, next_run) WHERE name = :name"
+SQL_SCHEDULE_ANY_DUE = "SELECT 1 FROM schedules WHERE paused = 0 AND next_run <= :now LIMIT 1"
+# Connections, transactions and migrations.
+SQL_BEGIN = "BEGIN IMMEDIATE"  # takes the write lock at once: no deadlock on a lock upgrade
+SQL_SAVEPOINT = "SAVEPOINT enqueue_plain"
+SQL_ROLLBACK_TO_SAVEPOINT = "ROLLBACK TO enqueue_plain"
+SQL_RELEASE_SAVEPOINT = "RELEASE enqueue_plain"
+SQL_BUSY_TIMEOUT = "PRAGMA busy_timeout = %d"  # milliseconds
+SQL_SYNC_NORMAL = "PRAGMA synchronous = NORMAL"
+SQL_SYNC_FULL = "PRAGMA synchronous = FULL"
+SQL_JOURNAL_WAL = "PRAGMA journal_mode = WAL"
+SQL_USER_VERSION = "PRAGMA user_version"  # the schema version: how many SCHEMA scripts ran
+SQL_SET_USER_VERSION = "PRAGMA user_version = %d"
+SQL_COUNT_TABLES = "SELECT count(*) FROM sqlite_master"
 
 
-def judge_lost_run(row, now, host, max_rescues, kill, started_at):
-    """What a rescue does with one lost run (a row with id, runs, worker_id, host, pid,
-    lease_until, rescues): kill its processes when it ran on ``host`` (by pid, or by its
-    environment when the worker died before recording the pid), then decide the job's new
-    state.  Returns ``(state, reason)``: back to pending, or dead after max_rescues."""
-    if row["host"] == host and row["pid"]:
-        kill(row["pid"], started_at)
-    elif row["host"] == host and row["worker_id"]:
-        kill(None, started_at, (row["id"], row["runs"], row["worker_id"]))
-    expired = row["lease_until"] < now
-    why = ("lease of worker %s expired" if expired else "worker %s died") % row["worker_id"]
-    if row["rescues"] + 1 > max_rescues:
-        return "dead", why + "; lost %d times, moved to the dead letter queue" % (row["rescues"] + 1)
-    return "pending", why
-
-
-def config_from_rows(rows):
-    """DEFAULTS overlaid with stored (key, JSON value) rows; unknown keys and bad values are ignored."""
-    cfg = dict(DEFAULTS)
-    for row in rows:
-        if row["key"] in cfg:
-            with contextlib.suppress(ValueError):
-                cfg[row["key"]] = json.loads(row["value"])
-    return cfg
-
-
-def schedule_from_row(row):
-    """A stored schedule row as a dict, its job spec decoded."""
-    d = dict(row)
-    d["spec"] = json.loads(d["spec"])
-    d["paused"] = bool(d["paused"])
-    return d
+###############################################################################
+# Storage: SqliteStore, the files it trusts, and open_store
+###############################################################################
 
 
 def default_db_path():
@@ -1688,7 +2462,7 @@ def group_shared():
     if value == "group":
         return True
     raise InvalidInput("%s must be 'group' (share the queue's files with your group) or empty, got %s"
-                       % (SHARED_ENV, _short(value)))
+                       % (SHARED_ENV, short_json(value)))
 
 
 def private_mode(directory=False):
@@ -1878,7 +2652,22 @@ def _db_error(exc, path):
     return DatabaseError("database %s: %s" % (path, text))
 
 
-class SqliteStore(Store):
+def send_wakeups(addresses):
+    """Send a wake-up datagram to each of these worker addresses (``wake_address``), without
+    waiting: one that is not there any more, or whose queue is full, is skipped."""
+    if not addresses:
+        return
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    try:
+        s.setblocking(False)
+        for addr in addresses:
+            with contextlib.suppress(OSError):
+                s.sendto(b"!", "\0" + addr)
+    finally:
+        s.close()
+
+
+class SqliteStore(StoreRules):
     """The embedded store: one SQLite file in WAL mode.
 
     Each process opens its own connection.  Writes use ``BEGIN IMMEDIATE`` so
@@ -1889,10 +2678,11 @@ class SqliteStore(Store):
 
     _wal_fd = None
     _polling = False
+    _wake_idle = 0  # idle workers to wake after this transaction commits (None: all of them)
+    _wake_jobs = ()  # ... and the workers running these jobs
 
     def __init__(self, path, create=True):
         self.path = path
-        self.readonly = False
         if path != ":memory:":
             directory = os.path.dirname(os.path.abspath(path)) or "."
             if not os.path.isdir(directory):
@@ -1956,13 +2746,13 @@ class SqliteStore(Store):
         else:
             conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT, isolation_level=None, check_same_thread=False)
         conn.row_factory = sqlite3.Row
-        conn.execute("PRAGMA busy_timeout = %d" % int(BUSY_TIMEOUT * 1000))
+        conn.execute(SQL_BUSY_TIMEOUT % int(BUSY_TIMEOUT * 1000))
         if not self.readonly:  # FULL for each durable transaction (_tx)
-            conn.execute("PRAGMA synchronous = NORMAL")
+            conn.execute(SQL_SYNC_NORMAL)
         return conn
 
     def _migrate(self):
-        version = self.conn.execute("PRAGMA user_version").fetchone()[0]
+        version = self.conn.execute(SQL_USER_VERSION).fetchone()[0]
         if version > len(SCHEMA):
             raise DatabaseError(
                 "database %s has schema version %d, newer than this queuectl %s understands (%d)"
@@ -1972,23 +2762,23 @@ class SqliteStore(Store):
             return
         if self.readonly:
             raise DatabaseError("database %s is read-only and needs a schema upgrade" % self.path)
-        if version == 0 and self.conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0] and \
-                self.conn.execute("PRAGMA user_version").fetchone()[0] == 0:  # (not another process that
+        if version == 0 and self.conn.execute(SQL_COUNT_TABLES).fetchone()[0] and \
+                self.conn.execute(SQL_USER_VERSION).fetchone()[0] == 0:  # (not another process that
             # created it since the first look: its tables and version are committed together)
             raise DatabaseError("%s is an SQLite database but not a queuectl one; refusing to modify it" % self.path)
         if version == 0 and self.path != ":memory:":
             with contextlib.suppress(sqlite3.OperationalError):  # another process may be creating it
-                self.conn.execute("PRAGMA journal_mode = WAL")
-        self.conn.execute("BEGIN IMMEDIATE")
+                self.conn.execute(SQL_JOURNAL_WAL)
+        self.conn.execute(SQL_BEGIN)
         try:
-            version = self.conn.execute("PRAGMA user_version").fetchone()[0]  # another process may have won
-            if version == 0 and self.conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]:
+            version = self.conn.execute(SQL_USER_VERSION).fetchone()[0]  # another process may have won
+            if version == 0 and self.conn.execute(SQL_COUNT_TABLES).fetchone()[0]:
                 # A file that has tables but no queuectl schema is not ours: refuse to touch it.
                 raise DatabaseError("%s is an SQLite database but not a queuectl one; refusing to modify it" % self.path)
             for number in range(version, len(SCHEMA)):
                 for statement in _split_sql(SCHEMA[number]):
                     self.conn.execute(statement)
-                self.conn.execute("PRAGMA user_version = %d" % (number + 1))
+                self.conn.execute(SQL_SET_USER_VERSION % (number + 1))
             self.conn.execute("COMMIT")
         except BaseException:
             self.conn.execute("ROLLBACK")
@@ -2008,11 +2798,15 @@ class SqliteStore(Store):
         the next flush of the WAL (the WAL is flushed in order, so any later durable commit
         or ``_sync`` makes it durable too).  The worker flushes its claims and results with
         ``_sync`` outside the write lock (finish_and_claim, started); lease renewals and
-        idle marking are never flushed by themselves."""
+        idle marking are never flushed by themselves.
+
+        After the commit, the workers the transaction asked for (``_wake``, ``_request_cancel``)
+        are woken: what PostgreSQL's NOTIFY does at its commit."""
         if self.readonly:
             raise DatabaseError("database %s is read-only: this command needs to write" % self.path)
         if durable:
-            self.conn.execute("PRAGMA synchronous = FULL")
+            self.conn.execute(SQL_SYNC_FULL)
+        self._wake_idle, self._wake_jobs = 0, ()
         try:
             self._begin()
             try:
@@ -2027,7 +2821,9 @@ class SqliteStore(Store):
         finally:
             if durable:
                 with contextlib.suppress(sqlite3.Error):
-                    self.conn.execute("PRAGMA synchronous = NORMAL")
+                    self.conn.execute(SQL_SYNC_NORMAL)
+        if self._wake_idle != 0 or self._wake_jobs:
+            self._send_wakeups()
 
     def poll_for_locks(self):
         """Wait for a lock by trying again every 0.05 ms, growing to 2 ms, instead of through
@@ -2035,7 +2831,7 @@ class SqliteStore(Store):
         the write lock many times a second with short jobs, and would lose milliseconds to a lock
         held for a tenth of one.  For workers; a command keeps the busy handler, which also waits
         out the moments when another process closes the database as its last user."""
-        self.conn.execute("PRAGMA busy_timeout = 0")
+        self.conn.execute(SQL_BUSY_TIMEOUT % 0)
         self._polling = True
 
     def _polled(self, statement, params=()):
@@ -2059,9 +2855,9 @@ class SqliteStore(Store):
     def _begin(self):
         try:
             if self._polling:
-                self._polled("BEGIN IMMEDIATE")
+                self._polled(SQL_BEGIN)
             else:
-                self.conn.execute("BEGIN IMMEDIATE")
+                self.conn.execute(SQL_BEGIN)
         except sqlite3.Error as e:
             raise _db_error(e, self.path) from None
 
@@ -2082,89 +2878,30 @@ class SqliteStore(Store):
     # --- jobs ---------------------------------------------------------------------
 
     def enqueue(self, jobs, now, existing=None):
-        ids = []
-        batch = {}  # id -> state, for dependencies inside this batch
-        keys = {}  # unique_key -> id, inside this batch
-        order = _dependency_order(jobs)
-        with self._tx() as conn:
-            queues = set()
-            if self._insert_plain(conn, order, now):
-                order = []  # all of them are in
-            for job in order:
-                key = job.get("unique_key")
-                if key is not None:
-                    hit = keys.get(key) or conn.execute(SQL_BY_UNIQUE_KEY, {"key": key}).fetchone()
-                    if hit:
-                        job["_result"] = hit if isinstance(hit, str) else hit[0]
-                        if existing is not None:
-                            existing.append(job["_result"])
-                        continue
-                state = "pending"
-                for dep in job.get("after") or []:
-                    dep_state = batch.get(dep)
-                    if dep_state is None:
-                        row = conn.execute("SELECT state FROM jobs WHERE id = :id", {"id": dep}).fetchone()
-                        if row is None:
-                            raise NotFound("job %s depends on %s, which does not exist" % (
-                                job.get("id") or "to enqueue", _short(dep)))
-                        dep_state = row[0]
-                    if dep_state in ("dead", "cancelled"):
-                        raise Conflict("job %s depends on %s, which is %s" % (job.get("id") or "to enqueue", dep, dep_state))
-                    if dep_state != "completed":
-                        state = "waiting"
-                row = self._job_row(job, now, state)
-                given = row.get("id")
-                for _ in range(20):
-                    row["id"] = given or new_job_id()
-                    try:
-                        conn.execute(SQL_INSERT_JOB, row)
-                        break
-                    except sqlite3.IntegrityError as e:
-                        if "unique_key" in str(e):  # pragma: no cover - guarded by the lookup above
-                            raise Conflict("unique key %s is taken" % _short(key)) from None
-                        if given:
-                            raise Conflict("a job with id %s already exists" % _short(given)) from None
-                else:  # pragma: no cover - 20 collisions of 50-bit random ids
-                    raise QueuectlError("could not generate a unique job id")
-                if state == "waiting":  # an edge for each dependency that has not completed yet
-                    for dep in job["after"]:
-                        conn.execute(SQL_INSERT_DEP, {"id": row["id"], "dep": dep})
-                    conn.execute("DELETE FROM job_deps WHERE job_id = :id AND depends_on IN "
-                                 "(SELECT id FROM jobs WHERE state = 'completed')", {"id": row["id"]})
-                batch[row["id"]] = state
-                if key is not None:
-                    keys[key] = row["id"]
-                if row["queue"] not in queues:
-                    queues.add(row["queue"])
-                    conn.execute(SQL_ADD_QUEUE, row)
-                job["_result"] = row["id"]
-        for job in jobs:
-            ids.append(job.pop("_result"))
+        with self._tx():
+            ids = self._insert_plain(jobs, now)
+            if ids is None:
+                ids = self._enqueue_each(jobs, now, existing)
+            due = sum(1 for job in jobs if job["run_at"] <= now)
+            if due:
+                self._wake(due)
         return ids
 
     @staticmethod
     def _job_row(job, now, state):
-        """The SQL_INSERT_JOB parameters of a validated job."""
-        row = dict(job, now=now, state=state, env=json.dumps(job["env"]) if job.get("env") else None,
-                   after_ids=json.dumps(job["after"]) if job.get("after") else None)
-        row.setdefault("queue", "default")
-        for name in ("unique_key", "webhook", "schedule"):
-            row.setdefault(name, None)
-        return row
+        """The SQL_INSERT_JOB parameters of a validated job (but its id)."""
+        return dict(job_record(job), now=now, state=state)
 
-    def _insert_plain(self, conn, jobs, now):
+    def _insert_plain(self, jobs, now):
         """Bulk path of enqueue: a batch without unique keys or dependencies goes in with
-        one executemany, twice the rate of a statement per job (bench/).  Returns False,
-        having written nothing, when the batch needs the job-by-job path (which also
+        one executemany, twice the rate of a statement per job (bench/).  Returns the ids, or
+        None, having written nothing, when the batch needs the job-by-job path (which also
         reports a duplicate id and draws a new id after a collision)."""
         if len(jobs) < 2 or any(j.get("unique_key") is not None or j.get("after") for j in jobs):
-            return False
-        rows = []
-        for job in jobs:
-            row = self._job_row(job, now, "pending")
-            row["id"] = row.get("id") or new_job_id()
-            rows.append(row)
-        conn.execute("SAVEPOINT enqueue_plain")
+            return None
+        rows = [dict(self._job_row(job, now, "pending"), id=job.get("id") or new_job_id()) for job in jobs]
+        conn = self.conn
+        conn.execute(SQL_SAVEPOINT)
         try:
             conn.executemany(SQL_INSERT_JOB, rows)
             for name in {row["queue"] for row in rows}:
@@ -2172,13 +2909,11 @@ class SqliteStore(Store):
         except sqlite3.IntegrityError:  # a duplicate id: the job-by-job path names it
             # (any other error - disk full, I/O - may have rolled the whole transaction back
             # already, savepoint included: it goes up to _tx, which reports it as it is)
-            conn.execute("ROLLBACK TO enqueue_plain")
-            conn.execute("RELEASE enqueue_plain")
-            return False
-        conn.execute("RELEASE enqueue_plain")
-        for job, row in zip(jobs, rows):
-            job["_result"] = row["id"]
-        return True
+            conn.execute(SQL_ROLLBACK_TO_SAVEPOINT)
+            conn.execute(SQL_RELEASE_SAVEPOINT)
+            return None
+        conn.execute(SQL_RELEASE_SAVEPOINT)
+        return [row["id"] for row in rows]
 
     def claim(self, worker_id, host, now, lease, queues=None):
         with self._tx(durable=False) as conn:  # durable with the run's pid (started)
@@ -2252,7 +2987,7 @@ class SqliteStore(Store):
         if fd is None:
             if self.path != ":memory:":
                 with self._tx() as conn:
-                    conn.execute("PRAGMA user_version = %d" % len(SCHEMA))  # a write that changes nothing
+                    conn.execute(SQL_SET_USER_VERSION % len(SCHEMA))  # a write that changes nothing
             return
         try:
             (os.fdatasync if hasattr(os, "fdatasync") else os.fsync)(fd)
@@ -2302,13 +3037,10 @@ class SqliteStore(Store):
 
     def _finish_in(self, conn, job_id, run, worker_id, state, now, outcome, exit_code=None, error=None,
                    output="", output_bytes=0, retry_at=None):
-        state = JobState(state)
-        if not can_transition(JobState.PROCESSING, state) or state is JobState.PENDING:
-            raise ValueError("cannot finish a run into state %s" % state)
+        state = finish_state(state)
         p = {"id": job_id, "n": run, "worker": worker_id, "state": state.value, "now": now, "exit_code": exit_code,
              "error": error, "retry_at": retry_at, "outcome": outcome, "output": output or "", "output_bytes": output_bytes}
-        row = conn.execute("SELECT queue, created_at, run_at, started_at FROM jobs WHERE id = :id AND runs = :n "
-                           "AND worker_id = :worker AND state = 'processing'", p).fetchone()
+        row = conn.execute(SQL_OWNED_RUN, p).fetchone()
         if row is None:
             return False
         conn.execute(SQL_FINISH_JOB, p)
@@ -2320,39 +3052,8 @@ class SqliteStore(Store):
         conn.execute(SQL_STATS_HIST, {"minute": int(now // 60), "queue": row["queue"],
                                       "bucket": run_time_bucket(now - started)})
         if state.value in FINAL_STATES:
-            self._ended(conn, job_id, state.value, now)
+            self._job_ended(job_id, state.value, now)
         return True
-
-    def _ended(self, conn, job_id, state, now):
-        """A job reached a final state: release or cancel its dependents, queue webhooks."""
-        self._queue_webhook(conn, job_id, now)
-        dependents = [r[0] for r in conn.execute(SQL_DEPENDENTS_WAITING, {"id": job_id})]
-        conn.execute(SQL_DROP_EDGES_TO, {"id": job_id})
-        for dep in dependents:
-            if state == "completed":
-                conn.execute(SQL_RELEASE_IF_READY, {"id": dep, "now": now})
-            elif conn.execute(SQL_CANCEL_JOB, {"id": dep, "now": now,
-                                                "error": "dependency %s ended %s" % (job_id, state)}).rowcount:
-                conn.execute(SQL_DROP_EDGES_FROM, {"id": dep})
-                self._ended(conn, dep, "cancelled", now)
-
-    def _queue_webhook(self, conn, job_id, now):
-        row = conn.execute(SQL_GET_JOB, {"id": job_id}).fetchone()
-        if row is None:
-            return
-        urls = [row["webhook"]]
-        glob = conn.execute("SELECT value FROM config WHERE key = 'webhook-url'").fetchone()
-        if glob:
-            urls.append(json.loads(glob[0]))
-        urls = [u for i, u in enumerate(urls) if u and u not in urls[:i]]
-        if not urls:
-            return
-        job = Job.from_row(row)
-        doc = job.to_dict()
-        doc.pop("env", None)  # may hold secrets
-        payload = json.dumps({"event": "job." + job.state, "job": doc, "sent_by": "queuectl " + __version__})
-        for url in urls:
-            conn.execute(SQL_WEBHOOK_INSERT, {"url": url, "payload": payload, "now": now})
 
     def release(self, job_id, run, worker_id, now, reason):
         p = {"id": job_id, "n": run, "worker": worker_id, "now": now, "state": "pending", "lost": 1,
@@ -2363,37 +3064,10 @@ class SqliteStore(Store):
             conn.execute(SQL_LOSE_JOB, p)
             conn.execute(SQL_LOSE_ATTEMPT, p)
             conn.execute(SQL_WORKER_STATE, {"state": "busy", "job": None, "now": now, "worker": worker_id})
+            self._wake(1)
         return True
 
-    def rescue(self, now, host, alive, kill):
-        cfg = self.config()
-        stale_cutoff = now - max(4 * float(cfg["lease-seconds"]), 60.0)
-        dead = [w["id"] for w in self.workers()
-                if (w["host"] == host and not alive(w["pid"], w["pid_started"]))
-                or (w["host"] != host and w["heartbeat_at"] < stale_cutoff)]
-        if not dead and self._read(SQL_ANY_EXPIRED, {"now": now}, one=True) is None:
-            return []  # the common case: a read, no write lock taken
-        rescued = []
-        with self._tx() as conn:
-            lost = list(conn.execute(SQL_LOST_JOBS, {"now": now}))
-            for worker_id in dead:
-                lost.extend(conn.execute(SQL_JOBS_OF_WORKER, {"worker": worker_id}))
-            for row in lost:
-                if row["id"] in rescued:
-                    continue
-                state, why = judge_lost_run(row, now, host, int(cfg["max-rescues"]), kill, row["started_at"])
-                p = {"id": row["id"], "n": row["runs"], "now": now, "state": state, "lost": 1, "error": why,
-                     "outcome": "lost"}
-                conn.execute(SQL_LOSE_JOB, p)
-                conn.execute(SQL_LOSE_ATTEMPT, p)
-                conn.execute(SQL_STATS, {"minute": int(now // 60), "queue": row["queue"], "outcome": "lost",
-                                         "run": 0.0, "wait": 0.0})
-                if state == "dead":
-                    self._ended(conn, row["id"], state, now)
-                rescued.append(row["id"])
-            for worker_id in dead:
-                conn.execute(SQL_WORKER_DELETE, {"worker": worker_id})
-        return rescued
+    # --- reading ---------------------------------------------------------------------
 
     def get(self, job_id):
         row = self._read(SQL_GET_JOB, {"id": job_id}, one=True)
@@ -2421,192 +3095,24 @@ class SqliteStore(Store):
         return [Job.from_row(r) for r in reversed(rows)]
 
     def counts(self):
-        result = {s: 0 for s in STATES}
-        for row in self._read(SQL_COUNTS):
-            result[row["state"]] = row["n"]
-        return result
-
-    def retry_dead(self, job_id, now, reset_attempts=False):
-        with self._tx() as conn:
-            try:
-                cur = conn.execute(SQL_RETRY_DEAD, {"id": job_id, "now": now, "reset": bool(reset_attempts)})
-            except sqlite3.IntegrityError:
-                raise Conflict("job %s cannot be retried: another active job holds its unique key" % job_id) from None
-            if cur.rowcount == 1:
-                return True
-            row = conn.execute("SELECT state FROM jobs WHERE id = :id", {"id": job_id}).fetchone()
-        if row is None:
-            raise NotFound("no job with id %s" % _short(job_id))
-        raise Conflict("job %s is %s, not dead: only jobs in the dead letter queue can be retried" % (job_id, row[0]))
-
-    def delete_jobs(self, state=None):
-        states = [str(state)] if state else [s for s in STATES if s != "processing"]
-        if "processing" in states:
-            raise Conflict("running jobs cannot be cleared; stop the workers first")
-        deleted = 0
-        with self._tx() as conn:
-            for s in states:
-                orphans = [r[0] for r in conn.execute(
-                    "SELECT DISTINCT d.job_id FROM job_deps d JOIN jobs p ON p.id = d.depends_on "
-                    "WHERE p.state = :state", {"state": s})]
-                conn.execute(SQL_DELETE_ATTEMPTS_STATE, {"state": s})
-                deleted += conn.execute(SQL_DELETE_JOBS_STATE, {"state": s}).rowcount
-                self._drop_dependencies_on_deleted(conn, orphans)
-        return deleted
-
-    def _drop_dependencies_on_deleted(self, conn, dependents, now=None):
-        """Jobs that waited on deleted jobs can never run: cancel them, saying why."""
-        now = time.time() if now is None else now
-        for dep in dependents:
-            gone = [r[0] for r in conn.execute(
-                "SELECT depends_on FROM job_deps WHERE job_id = :id AND depends_on NOT IN (SELECT id FROM jobs)",
-                {"id": dep})]
-            if gone and conn.execute(SQL_CANCEL_JOB, {"id": dep, "now": now,
-                                                       "error": "dependency %s was deleted" % gone[0]}).rowcount:
-                conn.execute(SQL_DROP_EDGES_FROM, {"id": dep})
-                self._ended(conn, dep, "cancelled", now)
-        conn.execute("DELETE FROM job_deps WHERE job_id NOT IN (SELECT id FROM jobs)")
-
-    def purge(self, states, before, batch=1000):
-        """Delete jobs in ``states`` (final states only) last updated before ``before``, with their
-        attempts, in batches of ``batch`` per transaction so workers are never held up long.
-        Statistics are kept.  Returns the number deleted."""
-        total = 0
-        for state in states:
-            if state not in FINAL_STATES:
-                raise InvalidInput("only finished jobs can be purged (%s), not %s" % (", ".join(FINAL_STATES), state))
-            while True:
-                with self._tx() as conn:
-                    ids = [r[0] for r in conn.execute(SQL_PURGE_IDS, {"state": state, "before": before, "limit": batch})]
-                    if ids:
-                        doc = json.dumps(ids)
-                        conn.execute("DELETE FROM attempts WHERE job_id IN (SELECT value FROM json_each(:ids))", {"ids": doc})
-                        conn.execute("DELETE FROM jobs WHERE id IN (SELECT value FROM json_each(:ids))", {"ids": doc})
-                total += len(ids)
-                if len(ids) < batch:
-                    break
-        return total
-
-    # --- cancel --------------------------------------------------------------------
-
-    def cancel(self, job_id, now):
-        """Cancel a job: a waiting, pending or failed one at once (returns 'cancelled'); a
-        running one is flagged for its worker, which kills the process tree and records
-        the job as cancelled (returns 'requested').  Dependents of a cancelled job are
-        cancelled too.  NotFound / Conflict (already finished) otherwise."""
-        with self._tx() as conn:
-            if conn.execute(SQL_CANCEL_JOB, {"id": job_id, "now": now, "error": "cancelled by a user"}).rowcount:
-                conn.execute(SQL_DROP_EDGES_FROM, {"id": job_id})
-                self._ended(conn, job_id, "cancelled", now)
-                return "cancelled"
-            if conn.execute(SQL_REQUEST_CANCEL, {"id": job_id}).rowcount:
-                return "requested"
-            row = conn.execute("SELECT state FROM jobs WHERE id = :id", {"id": job_id}).fetchone()
-        if row is None:
-            raise NotFound("no job with id %s" % _short(job_id))
-        raise Conflict("job %s is already %s" % (job_id, row[0]))
+        return counts_from_rows(self._read(SQL_COUNTS))
 
     def cancel_requested(self, job_id, run):
-        """True when a user asked to cancel this run of the job."""
         row = self._read(SQL_CANCEL_REQUESTED, {"id": job_id, "n": run}, one=True)
         return bool(row and row[0])
 
-    # --- queues ----------------------------------------------------------------------
-
     def queues(self):
-        """Every known queue: name, max_running (None = no limit), paused, and job counts by state."""
-        rows = self._read("SELECT name, max_running, paused FROM queues ORDER BY name")
-        counts = {}
-        for queue, state, n in self._read(
-                "SELECT queue, state, count(*) FROM jobs WHERE state IN ('pending', 'processing', 'failed', 'waiting') "
-                "GROUP BY queue, state"):
-            counts.setdefault(queue, {})[state] = n
-        return [{"name": r["name"], "max_running": r["max_running"], "paused": bool(r["paused"]),
-                 "counts": counts.get(r["name"], {})} for r in rows]
-
-    def set_queue(self, name, max_running=False, paused=None):
-        """Create or change a queue: ``max_running`` (None = no limit; False = leave as is),
-        ``paused`` (None = leave as is).  Running jobs are never affected."""
-        with self._tx() as conn:
-            conn.execute(SQL_ADD_QUEUE, {"queue": name})
-            if max_running is not False:
-                conn.execute("UPDATE queues SET max_running = :m WHERE name = :q", {"m": max_running, "q": name})
-            if paused is not None:
-                conn.execute("UPDATE queues SET paused = :p WHERE name = :q", {"p": int(bool(paused)), "q": name})
-
-    # --- schedules -------------------------------------------------------------------
-
-    def add_schedule(self, name, cron, tz, spec, missed, overlap, next_run, now):
-        """Store a recurring schedule; Conflict if the name is taken."""
-        with self._tx() as conn:
-            try:
-                conn.execute(SQL_SCHEDULE_INSERT, {"name": name, "cron": cron, "tz": tz, "spec": json.dumps(spec),
-                                                   "missed": missed, "overlap": overlap, "next_run": next_run,
-                                                   "now": now})
-            except sqlite3.IntegrityError:
-                raise Conflict("a schedule named %s already exists" % _short(name)) from None
+        return queue_list(self._read(SQL_QUEUES), self._read(SQL_QUEUE_COUNTS))
 
     def schedules(self):
-        """Every schedule as a dict (spec decoded), with the state of its last job."""
         return [schedule_from_row(r) for r in self._read(SQL_SCHEDULES)]
-
-    def remove_schedule(self, name):
-        with self._tx() as conn:
-            if not conn.execute("DELETE FROM schedules WHERE name = :n", {"n": name}).rowcount:
-                raise NotFound("no schedule named %s" % _short(name))
-
-    def pause_schedule(self, name, paused, next_run=None):
-        """Pause or resume a schedule (resuming sets the next run, so paused ticks are not 'missed')."""
-        with self._tx() as conn:
-            cur = conn.execute("UPDATE schedules SET paused = :p, next_run = COALESCE(:next_run, next_run) "
-                               "WHERE name = :n", {"p": int(paused), "n": name, "next_run": next_run})
-            if not cur.rowcount:
-                raise NotFound("no schedule named %s" % _short(name))
-
-    def fire_schedules(self, now, next_run, cfg):
-        """Enqueue one job for each due schedule tick, exactly once however many processes
-        call this (one transaction), then advance each schedule with ``next_run(schedule,
-        after)``.  Applies the missed-tick policy (a tick over 60 s late: 'skip' drops it,
-        'once' runs one job for all missed ticks) and the overlap policy ('skip' enqueues
-        nothing while the previous job is unfinished).  Returns the new job ids."""
-        created = []
-        if self._read("SELECT 1 FROM schedules WHERE paused = 0 AND next_run <= :now LIMIT 1", {"now": now},
-                      one=True) is None:
-            return created
-        with self._tx() as conn:
-            def state_of(job_id):
-                row = conn.execute("SELECT state FROM jobs WHERE id = :id", {"id": job_id}).fetchone()
-                return row[0] if row else None
-
-            def id_taken(job_id):
-                return conn.execute("SELECT 1 FROM jobs WHERE id = :id", {"id": job_id}).fetchone() is not None
-
-            for s in conn.execute(SQL_SCHEDULES_DUE, {"now": now}).fetchall():
-                job, upcoming = schedule_tick(s, now, next_run, cfg, state_of, id_taken)
-                job_id = self._insert_in_tx(conn, job, now) if job is not None else None
-                if job_id:
-                    created.append(job_id)
-                conn.execute(SQL_SCHEDULE_ADVANCE, {"name": s["name"], "next_run": upcoming,
-                                                    "last_run": s["next_run"] if job_id else None, "job": job_id})
-        return created
-
-    def _insert_in_tx(self, conn, job, now):
-        row = dict(job, now=now, state="pending", env=json.dumps(job["env"]) if job.get("env") else None,
-                   after_ids=None)
-        if row.get("unique_key") and conn.execute(SQL_BY_UNIQUE_KEY, {"key": row["unique_key"]}).fetchone():
-            return None
-        conn.execute(SQL_INSERT_JOB, row)
-        conn.execute(SQL_ADD_QUEUE, row)
-        return row["id"]
 
     # --- webhooks --------------------------------------------------------------------
 
     def webhooks_due(self, now):
-        """True when a webhook delivery is due."""
         return self._read(SQL_WEBHOOK_ANY_DUE, {"now": now}, one=True) is not None
 
     def claim_webhooks(self, now, limit, lease):
-        """Take up to ``limit`` due webhook deliveries for ``lease`` seconds."""
         if not self.webhooks_due(now):
             return []
         with self._tx() as conn:
@@ -2616,12 +3122,11 @@ class SqliteStore(Store):
         return rows
 
     def webhook_result(self, delivery_id, now, error=None, next_at=None):
-        """Record a delivery: delivered (no error), retry at ``next_at``, or given up (neither)."""
         with self._tx() as conn:
             conn.execute(SQL_WEBHOOK_DONE, {"id": delivery_id, "error": error, "next_at": next_at,
                                             "delivered": now if error is None else None})
             if error is not None and next_at is None:  # given up: keep the row, stop retrying
-                conn.execute("UPDATE webhooks SET delivered_at = -1 WHERE id = :id", {"id": delivery_id})
+                conn.execute(SQL_WEBHOOK_GIVE_UP, {"id": delivery_id})
 
     # --- configuration ---------------------------------------------------------------
 
@@ -2653,15 +3158,15 @@ class SqliteStore(Store):
     def jobs_page(self, state=None, id_prefix=None, limit=50, after=None):
         p = {"limit": int(limit) + 1, "state": str(state) if state else None}
         if id_prefix:
-            if not re.match(r"^[A-Za-z0-9_.:@+-]{1,%d}$" % MAX_ID_LENGTH, id_prefix):
-                return [], False  # no id can start with it
-            p["start"] = max(id_prefix, after + "\x00") if after else id_prefix
-            p["stop"] = id_prefix[:-1] + chr(ord(id_prefix[-1]) + 1)
+            bounds = id_prefix_range(id_prefix, after)
+            if bounds is None:
+                return [], False
+            p["start"], p["stop"] = bounds
             rows = self._read(SQL_PAGE_PREFIX_STATE if state else SQL_PAGE_PREFIX, p)
         else:
-            p["updated_at"], p["seq"] = after if after else (float("inf"), 2 ** 63 - 1)
+            p["updated_at"], p["seq"] = after or FIRST_PAGE
             rows = self._read(SQL_PAGE_STATE if state else SQL_PAGE_ALL, p)
-        return [Job.from_row(r) for r in rows[:limit]], len(rows) > limit
+        return page_of(rows, limit)
 
     def oldest_due(self, now):
         found = [r[0] for r in (self._read(SQL_OLDEST_DUE, {"priority": prio, "now": now}, one=True)
@@ -2695,37 +3200,10 @@ class SqliteStore(Store):
 
     def stats_by_queue(self, since, until):
         p = {"since": int(since), "until": int(until)}
-        hist = {}
-        for r in self._read(SQL_STATS_HIST_BY_QUEUE, p):
-            hist.setdefault(r["queue"], {})[r["bucket"]] = r["count"]
-        return [dict(r) for r in self._read(SQL_STATS_BY_QUEUE, p)], hist
+        return queue_stats(self._read(SQL_STATS_BY_QUEUE, p), self._read(SQL_STATS_HIST_BY_QUEUE, p))
 
     def attempt_totals(self):
-        buckets = {}
-        for r in self._read(SQL_ATTEMPT_DURATIONS):
-            buckets.setdefault((r["queue"], r["outcome"]), {})[r["le"]] = r["count"]
-        out = []
-        for r in self._read(SQL_ATTEMPT_TOTALS):
-            per_bucket = buckets.get((r["queue"], r["outcome"]), {})
-            cumulative, running = [], 0
-            for le in DURATION_BUCKETS:
-                running += per_bucket.get(le, 0)
-                cumulative.append((le, running))
-            cumulative.append((float("inf"), r["count"]))
-            out.append({"queue": r["queue"], "outcome": r["outcome"], "count": r["count"],
-                        "duration_sum": r["duration_sum"], "buckets": cumulative})
-        return out
-
-    def retry_all_dead(self, now, reset_attempts=False):
-        retried = skipped = 0
-        with self._tx() as conn:
-            for (job_id,) in conn.execute(SQL_DEAD_IDS).fetchall():
-                try:
-                    retried += conn.execute(SQL_RETRY_DEAD, {"id": job_id, "now": now,
-                                                             "reset": bool(reset_attempts)}).rowcount
-                except sqlite3.IntegrityError:  # its unique key is held by an active job
-                    skipped += 1
-        return retried, skipped
+        return totals_with_buckets(self._read(SQL_ATTEMPT_TOTALS), self._read(SQL_ATTEMPT_DURATIONS))
 
     def data_version(self):
         return self._read(SQL_DATA_VERSION, one=True)[0]
@@ -2737,6 +3215,176 @@ class SqliteStore(Store):
             with contextlib.suppress(OSError):
                 os.close(self._wal_fd)
             self._wal_fd = None
+
+    # --- the queries of StoreRules (run inside _transaction: the connection's transaction) ---
+
+    def _transaction(self):
+        return self._tx()
+
+    def _time(self, now):
+        return time.time() if now is None else now
+
+    def _wake(self, n):
+        self._wake_idle = None if n is None or self._wake_idle is None else self._wake_idle + n
+
+    def _send_wakeups(self):
+        """Wake the workers of this host the transaction that just committed asked for: up to
+        ``_wake_idle`` idle ones, and those running ``_wake_jobs``.  Never raises: a worker that
+        misses its datagram looks at its next poll."""
+        idle, jobs = self._wake_idle, self._wake_jobs
+        self._wake_idle, self._wake_jobs = 0, ()
+        addresses = []
+        with contextlib.suppress(QueuectlError):
+            if idle != 0:
+                addresses += self.wake_addresses(HOST, -1 if idle is None else idle)  # (LIMIT -1: no limit)
+            if jobs:
+                addresses += [w["wake"] for w in self.workers()
+                              if w["job_id"] in jobs and w["host"] == HOST and w["wake"]]
+        send_wakeups(addresses)
+
+    def _fetch_job(self, job_id):
+        return self.conn.execute(SQL_GET_JOB, {"id": job_id}).fetchone()
+
+    def _state(self, job_id):
+        row = self.conn.execute(SQL_JOB_STATE, {"id": job_id}).fetchone()
+        return row[0] if row else None
+
+    def _id_taken(self, job_id):
+        return self.conn.execute(SQL_JOB_EXISTS, {"id": job_id}).fetchone() is not None
+
+    def _holder_of(self, key):
+        row = self.conn.execute(SQL_BY_UNIQUE_KEY, {"key": key}).fetchone()
+        return row[0] if row else None
+
+    def _dependency_states(self, job_ids):
+        return {r[0]: r[1] for r in self.conn.execute(SQL_STATES_OF, {"ids": json.dumps(list(job_ids))})}
+
+    def _insert_job(self, job, job_id, state, now):
+        row = dict(self._job_row(job, now, state), id=job_id)
+        try:
+            self.conn.execute(SQL_INSERT_JOB, row)
+        except sqlite3.IntegrityError as e:
+            raise (KeyHeld if "unique_key" in str(e) else IdTaken)() from None
+        self.conn.execute(SQL_ADD_QUEUE, row)
+
+    def _wait_for(self, job_id, deps):
+        for dep in deps:
+            self.conn.execute(SQL_INSERT_DEP, {"id": job_id, "dep": dep})
+        self.conn.execute(SQL_DROP_DONE_EDGES, {"id": job_id})
+
+    def _stored_webhook_url(self, row):
+        found = self.conn.execute(SQL_WEBHOOK_URL).fetchone()
+        return found[0] if found else None
+
+    def _insert_webhook(self, url, payload, at):
+        self.conn.execute(SQL_WEBHOOK_INSERT, {"url": url, "payload": payload, "now": at})
+
+    def _take_dependents(self, job_id):
+        dependents = [r[0] for r in self.conn.execute(SQL_DEPENDENTS_WAITING, {"id": job_id})]
+        self.conn.execute(SQL_DROP_EDGES_TO, {"id": job_id})
+        return dependents
+
+    def _release_if_ready(self, job_id, at):
+        return self.conn.execute(SQL_RELEASE_IF_READY, {"id": job_id, "now": at}).rowcount == 1
+
+    def _cancel_unstarted(self, job_id, at, error):
+        if not self.conn.execute(SQL_CANCEL_JOB, {"id": job_id, "now": at, "error": error}).rowcount:
+            return False
+        self.conn.execute(SQL_DROP_EDGES_FROM, {"id": job_id})
+        return True
+
+    def _request_cancel(self, job_id):
+        if self.conn.execute(SQL_REQUEST_CANCEL, {"id": job_id}).rowcount != 1:
+            return False
+        self._wake_jobs += (job_id,)  # its worker looks at once (JobMonitor.tick)
+        return True
+
+    def _any_expired(self, at):
+        return self._read(SQL_ANY_EXPIRED, {"now": at}, one=True) is not None
+
+    def _lost_runs(self, at, dead_workers):
+        rows = self.conn.execute(SQL_LOST_JOBS, {"now": at}).fetchall()
+        for worker_id in dead_workers:
+            rows += self.conn.execute(SQL_JOBS_OF_WORKER, {"worker": worker_id}).fetchall()
+        seen = set()
+        return [r for r in rows if not (r["id"] in seen or seen.add(r["id"]))]
+
+    def _lose_run(self, row, at, state, why):
+        p = {"id": row["id"], "n": row["runs"], "now": at, "state": state, "lost": 1, "error": why, "outcome": "lost"}
+        self.conn.execute(SQL_LOSE_JOB, p)
+        self.conn.execute(SQL_LOSE_ATTEMPT, p)
+        self.conn.execute(SQL_STATS, {"minute": int(at // 60), "queue": row["queue"], "outcome": "lost",
+                                      "run": 0.0, "wait": 0.0})
+        return True
+
+    def _delete_worker(self, worker_id):
+        self.conn.execute(SQL_WORKER_DELETE, {"worker": worker_id})
+
+    def _retry(self, job_id, at, reset_attempts):
+        try:
+            return self.conn.execute(SQL_RETRY_DEAD, {"id": job_id, "now": at,
+                                                      "reset": bool(reset_attempts)}).rowcount == 1
+        except sqlite3.IntegrityError:  # its unique key is held by an active job
+            raise KeyHeld() from None
+
+    def _dead_ids(self):
+        return [r[0] for r in self.conn.execute(SQL_DEAD_IDS)]
+
+    def _delete_jobs(self, states):
+        p = {"states": json.dumps(states)}
+        waiting = [r[0] for r in self.conn.execute(SQL_WAITING_ON_STATES, p)]
+        self.conn.execute(SQL_DELETE_ATTEMPTS_STATES, p)
+        deleted = self.conn.execute(SQL_DELETE_JOBS_STATES, p).rowcount
+        self.conn.execute(SQL_DROP_EDGES_OF_DELETED)
+        return deleted, waiting
+
+    def _missing_dependency(self, job_id):
+        row = self.conn.execute(SQL_MISSING_DEP, {"id": job_id}).fetchone()
+        return row[0] if row else None
+
+    def _purge_batch(self, state, before, limit):
+        ids = [r[0] for r in self.conn.execute(SQL_PURGE_IDS, {"state": state, "before": before, "limit": limit})]
+        if ids:
+            doc = json.dumps(ids)
+            self.conn.execute(SQL_DELETE_ATTEMPTS_OF, {"ids": doc})
+            self.conn.execute(SQL_DELETE_JOBS_OF, {"ids": doc})
+        return len(ids)
+
+    def _add_queue(self, name):
+        self.conn.execute(SQL_ADD_QUEUE, {"queue": name})
+
+    def _set_queue_limit(self, name, max_running):
+        self.conn.execute(SQL_SET_QUEUE_LIMIT, {"m": max_running, "queue": name})
+
+    def _set_queue_paused(self, name, paused):
+        self.conn.execute(SQL_SET_QUEUE_PAUSED, {"p": int(paused), "queue": name})
+
+    def _insert_schedule(self, row, now):
+        with self._tx() as conn:
+            try:
+                conn.execute(SQL_SCHEDULE_INSERT, dict(row, now=now))
+            except sqlite3.IntegrityError:
+                return False
+        return True
+
+    def _delete_schedule(self, name):
+        with self._tx() as conn:
+            return conn.execute(SQL_SCHEDULE_DELETE, {"name": name}).rowcount == 1
+
+    def _pause_schedule(self, name, paused, next_run):
+        with self._tx() as conn:
+            p = {"p": int(paused), "name": name, "next_run": next_run}
+            return conn.execute(SQL_SCHEDULE_PAUSE, p).rowcount == 1
+
+    def _schedules_due(self, at):
+        return self._read(SQL_SCHEDULE_ANY_DUE, {"now": at}, one=True) is not None
+
+    def _due_schedules(self, at):
+        return self.conn.execute(SQL_SCHEDULES_DUE, {"now": at}).fetchall()
+
+    def _advance_schedule(self, name, next_run, last_run, job_id):
+        self.conn.execute(SQL_SCHEDULE_ADVANCE, {"name": name, "next_run": next_run, "last_run": last_run,
+                                                 "job": job_id})
 
 
 def _file_identity(path_or_fd):
@@ -3220,11 +3868,6 @@ def _terminate(proc, grace):
 # Worker and supervisor
 ###############################################################################
 
-#: This machine's identity in worker records and attempts.  QUEUECTL_HOST overrides it (tests run
-#: workers of several "machines" on one host; only workers of the same host are judged by pid).
-HOST = os.environ.get("QUEUECTL_HOST") or os.uname().nodename  # = socket.gethostname(), without importing socket
-
-
 def wake_address(db_path, worker_id):
     """Abstract-namespace unix socket name of a worker (Linux); None elsewhere."""
     if not sys.platform.startswith("linux"):
@@ -3233,24 +3876,6 @@ def wake_address(db_path, worker_id):
 
     digest = hashlib.sha1(os.path.realpath(db_path).encode()).hexdigest()[:12]
     return "queuectl/%s/%s" % (digest, worker_id)
-
-
-def wake_workers(store, n):
-    """Nudge up to ``n`` idle local workers so they claim at once instead of at their next poll."""
-    try:
-        addresses = store.wake_addresses(HOST, n)
-    except QueuectlError:
-        return
-    if not addresses:
-        return
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    try:
-        s.setblocking(False)
-        for addr in addresses:
-            with contextlib.suppress(OSError):
-                s.sendto(b"!", "\0" + addr)
-    finally:
-        s.close()
 
 
 def drain_fd(fd):
@@ -3269,6 +3894,16 @@ def wait_on_pipe(fd, timeout):
     drain_fd(fd)
 
 
+@_record
+class PendingResult:
+    """The result of a worker's last run, waiting to be recorded with its next claim (Worker.execute)."""
+
+    job: Job
+    state: JobState  # what the run leads to (after_failure)
+    result: RunResult
+    finish: dict  # the arguments of Store.finish
+
+
 class Worker:
     """One worker process: claims jobs one at a time and runs them.
 
@@ -3282,8 +3917,7 @@ class Worker:
         self.burst = burst
         self.queues = queues or None  # serve only these queues (None = all)
         self.store = store or open_store(db_path)
-        if hasattr(self.store, "poll_for_locks"):
-            self.store.poll_for_locks()
+        self.store.poll_for_locks()
         self.pid = os.getpid()
         self.id = "%s-%d-%s" % (HOST, self.pid, secrets.token_hex(2))
         self.supervisor_pid = supervisor_pid
@@ -3398,7 +4032,7 @@ class Worker:
             if pending is None:
                 job = self.store.claim(**claim)
             else:  # the last run's result first: it may free a queue slot or release a dependent job
-                ok, job = self.store.finish_and_claim(pending[3], claim)
+                ok, job = self.store.finish_and_claim(pending.finish, claim)
                 self._unrecorded = None
                 self._log_result(pending, ok)
         except DatabaseBusy as e:
@@ -3448,7 +4082,7 @@ class Worker:
             state, retry_at = JobState.CANCELLED, None
         else:
             state, retry_at = after_failure(job, cfg, now)
-        self._unrecorded = (job, state, result, dict(
+        self._unrecorded = PendingResult(job, state, result, dict(
             job_id=job.id, run=job.runs, worker_id=self.id, state=state, now=now, outcome=result.outcome,
             exit_code=result.exit_code, error=result.error, output=result.output, output_bytes=result.output_bytes,
             retry_at=retry_at))
@@ -3460,19 +4094,19 @@ class Worker:
         pending = self._unrecorded
         if pending is None:
             return False
-        ok = self._retrying(lambda: self.store.finish(**pending[3]))
+        ok = self._retrying(lambda: self.store.finish(**pending.finish))
         self._unrecorded = None
         self._log_result(pending, ok)
         return True
 
     @staticmethod
     def _log_result(pending, ok):
-        job, state, result, args = pending
+        job, state, result = pending.job, pending.state, pending.result
         if not ok:
             log.warning("job %s run %d: no longer owned by this worker; result discarded", job.id, job.runs)
         elif state is JobState.FAILED:
             log.info("job %s run %d %s (%s); retry at %s", job.id, job.runs, result.outcome, result.error,
-                     rfc3339(args["retry_at"], precise=False))
+                     rfc3339(pending.finish["retry_at"], precise=False))
         else:
             log.info("job %s run %d %s%s", job.id, job.runs, state.value,
                      "" if state is JobState.COMPLETED else " (%s)" % result.error)
@@ -3519,7 +4153,7 @@ class JobMonitor:
 
     def tick(self, now, buf):
         """Called on every wake-up; returns None, 'stopped' (cold stop), 'lost' (lease gone)
-        or 'cancelled' (a user cancelled the job; `queuectl cancel` also sends a wake-up)."""
+        or 'cancelled' (a user cancelled the job; the store's cancel also wakes us)."""
         woken = self.worker.drain_wakeups()
         if self.worker.stop_level >= 2:
             return "stopped"
@@ -3632,7 +4266,7 @@ class Supervisor:
         _logger()
         store = open_store(self.db_path)
         try:
-            if getattr(store, "readonly", False):  # or every worker would fail at once, forever
+            if store.readonly:  # or every worker would fail at once, forever
                 raise DatabaseError("database %s is read-only: workers need to write to it" % self.db_path)
             need_sender = self.housekeeping(store, time.time())  # also creates/migrates the database
         finally:
@@ -3787,7 +4421,6 @@ class Supervisor:
             created = store.fire_schedules(now, schedule_next_run, cfg)
             if created:
                 log.info("schedules enqueued %s", ", ".join(created))
-                wake_workers(store, len(created))
             retention = float(cfg.get("retention") or 0)
             if retention and now - self._purged_at >= 60:
                 self._purged_at = now
@@ -3893,7 +4526,8 @@ class WebhookSender:
                 return None
         except urllib.error.HTTPError as e:
             if 300 <= e.code < 400:
-                return "HTTP %d: redirect to %s not followed" % (e.code, _short(redact_url(e.headers.get("Location", "?")), 200))
+                location = redact_url(e.headers.get("Location", "?"))
+                return "HTTP %d: redirect to %s not followed" % (e.code, short_json(location, 200))
             return "HTTP %d" % e.code
         except Exception as e:  # noqa: BLE001 - any network failure is retried
             return str(getattr(e, "reason", e)) or type(e).__name__
@@ -3911,10 +4545,12 @@ def _anything_due(store, now):
 
 
 def local_worker_groups(store):
-    """Live supervisors and stray workers of this database on this host: ``{pid: [worker records]}``."""
+    """Live supervisors and stray workers of this database on this host: ``{pid: [worker records]}``
+    (alive by ``worker_alive``; a supervisor by its pid)."""
     groups = {}
+    now, lease = time.time(), store.config()["lease-seconds"]
     for w in store.workers():
-        if w["host"] != HOST or not pid_alive(w["pid"], w["pid_started"]):
+        if w["host"] != HOST or not worker_alive(w, now, HOST, lease, pid_alive):
             continue
         sup = w["supervisor_pid"]
         target = sup if sup and pid_alive(sup) else w["pid"]
@@ -4059,6 +4695,75 @@ def ago(ts, now=None):
     return human_duration(delta) + " ago"
 
 
+def worker_view(w, now, lease):
+    """A worker record as `worker status --json` and the dashboard show it: its state, or "gone"
+    when ``worker_alive`` says it is (rescue removes it soon)."""
+    alive = worker_alive(w, now, HOST, lease, pid_alive)
+    return {
+        "id": w["id"], "pid": w["pid"], "host": w["host"], "state": w["state"] if alive else "gone",
+        "job_id": w["job_id"], "started_at": rfc3339(w["started_at"]), "heartbeat_at": rfc3339(w["heartbeat_at"]),
+        "supervisor_pid": w["supervisor_pid"],
+    }
+
+
+def worker_views(store, now):
+    """``worker_view`` of every worker record, oldest first."""
+    lease = store.config()["lease-seconds"]
+    return [worker_view(w, now, lease) for w in store.workers()]
+
+
+def _prom_labels(**labels):
+    def esc(v):
+        return str(v).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+    return "{" + ",".join('%s="%s"' % (k, esc(v)) for k, v in labels.items()) + "}"
+
+
+def _prom_number(v):
+    if v == float("inf"):
+        return "+Inf"
+    if isinstance(v, float) and v.is_integer() and abs(v) < 1e15:
+        return "%d" % v
+    return repr(v) if isinstance(v, float) else str(v)
+
+
+def metrics_text(store, now):
+    """The Prometheus text exposition (format 0.0.4): `queuectl metrics` and the dashboard's /metrics."""
+    out = []
+
+    def family(name, kind, help_text):
+        out.append("# HELP %s %s" % (name, help_text))
+        out.append("# TYPE %s %s" % (name, kind))
+
+    family("queuectl_jobs", "gauge", "Jobs in the database by state.")
+    for state, n in store.counts().items():
+        out.append("queuectl_jobs%s %d" % (_prom_labels(state=state), n))
+    totals = store.attempt_totals()
+    family("queuectl_attempts_total", "counter", "Finished attempts by queue and outcome, ever (never decreases).")
+    for t in totals:
+        out.append("queuectl_attempts_total%s %d" % (_prom_labels(queue=t["queue"], outcome=t["outcome"]), t["count"]))
+    family("queuectl_job_duration_seconds", "histogram", "Run time of finished attempts, by queue and outcome.")
+    for t in totals:
+        for le, count in t["buckets"]:
+            labels = _prom_labels(queue=t["queue"], outcome=t["outcome"], le=_prom_number(float(le)))
+            out.append("queuectl_job_duration_seconds_bucket%s %d" % (labels, count))
+        labels = _prom_labels(queue=t["queue"], outcome=t["outcome"])
+        out.append("queuectl_job_duration_seconds_sum%s %s" % (labels, _prom_number(float(t["duration_sum"]))))
+        out.append("queuectl_job_duration_seconds_count%s %d" % (labels, t["count"]))
+    oldest = store.oldest_due(now)
+    family("queuectl_oldest_pending_job_age_seconds", "gauge",
+           "How long the longest-waiting due job (pending, or failed and due for retry) has waited; 0 if none.")
+    out.append("queuectl_oldest_pending_job_age_seconds %s" % _prom_number(
+        round(max(0.0, now - oldest), 3) if oldest is not None else 0))
+    states = {"busy": 0, "idle": 0}
+    for view in worker_views(store, now):
+        if view["state"] in states:
+            states[view["state"]] += 1
+    family("queuectl_workers", "gauge", "Live workers by state.")
+    for state, n in states.items():
+        out.append("queuectl_workers%s %d" % (_prom_labels(state=state), n))
+    family("queuectl_info", "gauge", "queuectl version.")
+    out.append("queuectl_info%s 1" % _prom_labels(version=__version__))
+    return "\n".join(out) + "\n"
 def relative(ts, now):
     """A time as a person glances at it: "just now", "3m ago", "5h ago", "12d ago", "in 2h"."""
     delta = now - ts
@@ -4209,8 +4914,9 @@ def top_snapshot(store, now, db="", queue=None, filt="all", limit=20, after=None
                 bucket[1] += r["count"]
     snap.minutes = [tuple(minutes[m]) for m in range(since, until + 1)]
     snap.workers, looked_up = [], 0
+    lease = store.config()["lease-seconds"]
     for w in store.workers():
-        alive = worker_alive(w, now)
+        alive = worker_alive(w, now, HOST, lease, pid_alive)
         view = {"id": w["id"], "host": w["host"], "pid": w["pid"], "heartbeat_at": w["heartbeat_at"],
                 "state": w["state"] if alive else "gone", "job_id": w["job_id"], "job_started_at": None,
                 "command": None}
@@ -4723,14 +5429,13 @@ def _top_finish(lines, view, width, height, uni):
 
 def enqueue_again(store, job, now):
     """Enqueue a copy of ``job`` as a new job, as `enqueue` would with the same command and
-    options (validated again); wakes a local idle worker.  Returns the new job's id."""
+    options (validated again).  Returns the new job's id."""
     doc = {"command": job.command, "priority": job.priority_name, "max_retries": job.max_retries,
            "queue": job.queue, "cwd": job.cwd or "/"}
     for name in ("timeout", "env", "webhook"):
         if getattr(job, name):
             doc[name] = getattr(job, name)
     [job_id] = store.enqueue([validate_job(doc, store.config(), now)], now)
-    wake_workers(store, 1)
     return job_id
 
 
@@ -4967,11 +5672,11 @@ class TopApp:
         return True
 
     def _retry(self, job_id, now, reset):
-        retry_dead_job(self.store, job_id, now, reset_attempts=reset)
+        self.store.retry_dead(job_id, now, reset_attempts=reset)
         return "job %s moved back to pending%s" % (job_id, " with its attempts reset" if reset else " for one more run")
 
     def _cancel(self, job_id, now):
-        if cancel_job(self.store, job_id, now) == "requested":
+        if self.store.cancel(job_id, now) == "requested":
             return "cancel requested: the worker of job %s kills its process tree" % job_id
         return "job %s cancelled" % job_id
 
@@ -4980,7 +5685,7 @@ class TopApp:
         return "job %s enqueued again as job %s" % (job_id, enqueue_again(self.store, job, now))
 
     def _pause(self, queue, paused):
-        pause_queue(self.store, queue, paused)
+        self.store.set_queue(queue, paused=paused)
         return "queue %s %s" % (queue, "paused" if paused else "resumed")
 
 
@@ -5411,7 +6116,9 @@ in the JSON.  Durations take s/m/h/d/w suffixes (90, 90s, 15m, 2h).""")
     cset = add("set", "change one setting", """\
   queuectl config set max-retries 5
   queuectl config set job-timeout 600
-  queuectl config set worker-poll-interval 2.0""", parent=csub)
+  queuectl config set worker-poll-interval 2.0
+
+""" + settings_help(), parent=csub)
     cset.add_argument("key", metavar="KEY")
     cset.add_argument("value", metavar="VALUE")
 
@@ -5571,7 +6278,7 @@ def add_job_options(parser):
     parser.add_argument("-t", "--timeout", type=_timeout_arg, metavar="DURATION",
                         help="kill the job after this long; 0 or none: no limit (default: job-timeout, 300s)")
     parser.add_argument("-r", "--max-retries", type=int, metavar="N", help="retries after the first run")
-    parser.add_argument("-q", "--queue", metavar="NAME", help="named queue (default: default)")
+    parser.add_argument("-q", "--queue", metavar="NAME", help="named queue (default: %s)" % DEFAULT_QUEUE)
     parser.add_argument("--unique-key", metavar="KEY",
                         help="while a job with this key is unfinished, add nothing and print that job's id")
     parser.add_argument("--webhook", metavar="URL", help="POST a JSON event here when the job ends")
@@ -5593,7 +6300,7 @@ def job_overrides(args):
     for item in args.env:
         name, sep, value = item.partition("=")
         if not sep:
-            raise InvalidInput("--env wants NAME=VALUE, got %s" % _short(item))
+            raise InvalidInput("--env wants NAME=VALUE, got %s" % short_json(item))
         env[name] = value
     if env:
         overrides["env"] = env
@@ -5604,7 +6311,7 @@ def _duration_arg(text):
     try:
         return parse_duration(text)
     except ValueError as e:
-        raise argparse.ArgumentTypeError("%s: got %s" % (e, _short(text)))
+        raise argparse.ArgumentTypeError("%s: got %s" % (e, short_json(text)))
 
 
 def _timeout_arg(text):
@@ -5617,7 +6324,7 @@ def _int_arg(lo, hi, what="a whole number"):
         try:
             n = int(text)
         except ValueError:
-            raise argparse.ArgumentTypeError("must be %s, got %s" % (what, _short(text)))
+            raise argparse.ArgumentTypeError("must be %s, got %s" % (what, short_json(text)))
         if not lo <= n <= hi:
             raise argparse.ArgumentTypeError("must be from %d to %d, got %d" % (lo, hi, n))
         return n
@@ -5628,9 +6335,9 @@ def _interval_arg(text):
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError("must be a number of seconds, got %s" % _short(text))
+        raise argparse.ArgumentTypeError("must be a number of seconds, got %s" % short_json(text))
     if not 0.1 <= value <= 3600:  # (NaN fails this too)
-        raise argparse.ArgumentTypeError("must be from 0.1 to 3600 seconds, got %s" % _short(text))
+        raise argparse.ArgumentTypeError("must be from 0.1 to 3600 seconds, got %s" % short_json(text))
     return value
 
 
@@ -5641,7 +6348,7 @@ _positive_int = _int_arg(1, 2 ** 31)
 
 def _state_arg(text):
     if text not in STATES:
-        raise argparse.ArgumentTypeError("unknown state %s (choose from %s)" % (_short(text), ", ".join(STATES)))
+        raise argparse.ArgumentTypeError("unknown state %s (choose from %s)" % (short_json(text), ", ".join(STATES)))
     return text
 
 
@@ -5745,28 +6452,6 @@ def _decode(data, source):
         raise InvalidInput("%s is not UTF-8 text" % source)
 
 
-def retry_dead_job(store, job_id, now, reset_attempts=False):
-    """`dlq retry`: a dead job back to pending, and a local idle worker woken for it."""
-    store.retry_dead(job_id, now, reset_attempts=reset_attempts)
-    wake_workers(store, 1)
-
-
-def cancel_job(store, job_id, now):
-    """`cancel` of one job: ``store.cancel``, and for a running job ("requested") a nudge to its
-    local worker so that it kills the process tree now.  Returns what ``store.cancel`` did."""
-    result = store.cancel(job_id, now)
-    if result == "requested":
-        _wake_owners(store, [job_id])
-    return result
-
-
-def pause_queue(store, name, paused):
-    """`queue pause` / `queue resume`; resuming wakes idle local workers for the queue's due jobs."""
-    store.set_queue(name, paused=paused)
-    if not paused:
-        wake_workers(store, 64)
-
-
 def job_table(jobs, utc, stream=None):
     """Jobs as a table: on a terminal fitted to its width with relative times (a QUEUE column when
     jobs of a named queue are listed), piped with UTC stamps, commands up to 48 characters and the
@@ -5844,9 +6529,6 @@ def cmd_enqueue(args, store):
     sys.stdout.flush()
     for jid in existing:
         sys.stderr.write("queuectl: unique key already queued: job %s\n" % jid)
-    due = sum(1 for j in jobs if j["run_at"] <= now)
-    if due:
-        wake_workers(store, due)
     return EXIT_OK
 
 
@@ -5857,7 +6539,7 @@ def cmd_worker(args, store):
 def cmd_worker_start(args, store):
     if not 1 <= args.count <= 256:
         raise InvalidInput("--count must be from 1 to 256, got %d" % args.count)
-    if getattr(store, "readonly", False):
+    if store.readonly:
         raise DatabaseError("database %s is read-only: workers need to write to it" % args.db_path)
     db = db_location(args.db_path)
     if args.quiet:
@@ -5967,24 +6649,9 @@ def _wait_gone(groups, timeout):
     return False
 
 
-def worker_alive(w, now):
-    """Is a worker record's process still there?  Checked on this host; elsewhere judged by
-    its heartbeat."""
-    return pid_alive(w["pid"], w["pid_started"]) if w["host"] == HOST else now - w["heartbeat_at"] < 60
-
-
-def worker_view(w, now):
-    alive = worker_alive(w, now)
-    return {
-        "id": w["id"], "pid": w["pid"], "host": w["host"], "state": w["state"] if alive else "gone",
-        "job_id": w["job_id"], "started_at": rfc3339(w["started_at"]), "heartbeat_at": rfc3339(w["heartbeat_at"]),
-        "supervisor_pid": w["supervisor_pid"],
-    }
-
-
 def cmd_worker_status(args, store):
     now = time.time()
-    workers = [worker_view(w, now) for w in store.workers()]
+    workers = worker_views(store, now)
     if args.json:
         print_json({"workers": workers})
         return EXIT_OK
@@ -6000,7 +6667,7 @@ def cmd_worker_status(args, store):
 def cmd_status(args, store):
     now = time.time()
     counts = store.counts()
-    workers = [worker_view(w, now) for w in store.workers()]
+    workers = worker_views(store, now)
     live = [w for w in workers if w["state"] != "gone"]
     if args.json:
         print_json({"db": db_label(args.db_path), "version": __version__, "job_counts": counts,
@@ -6032,7 +6699,7 @@ def cmd_list(args, store, state=None):
 def _get_job(store, job_id):
     job = store.get(job_id)
     if job is None:
-        raise NotFound("no job with id %s" % _short(job_id))
+        raise NotFound("no job with id %s" % short_json(job_id))
     return job
 
 
@@ -6181,14 +6848,12 @@ def dlq_retry(args, store):
         sys.stdout.write("moved %d dead job(s) back to pending%s\n" % (retried, how.replace("its", "their")))
         if skipped:
             sys.stdout.write("%d stayed dead: another unfinished job holds their unique key\n" % skipped)
-        if retried:
-            wake_workers(store, retried)
         return EXIT_OK
     code = EXIT_OK
     for job_id in args.job_ids:
         try:
             validate_id(job_id)
-            retry_dead_job(store, job_id, time.time(), reset_attempts=args.reset_attempts)
+            store.retry_dead(job_id, time.time(), reset_attempts=args.reset_attempts)
         except (InvalidInput, NotFound, Conflict) as e:
             sys.stderr.write("queuectl: error: %s\n" % e)
             code = code or e.exit_code
@@ -6211,10 +6876,25 @@ def cmd_config(args, store):
     if getattr(args, "json", False):
         print_json(cfg)
         return EXIT_OK
-    rows = [[k, _fmt_value(cfg[k]), "" if cfg[k] == DEFAULTS[k] else "(default %s)" % _fmt_value(DEFAULTS[k]),
-             CONFIG_RULES[k][4]] for k in DEFAULTS]
+    rows = [[s.name, _fmt_value(cfg[s.name]),
+             "" if cfg[s.name] == s.default else "(default %s)" % _fmt_value(s.default), s.help] for s in SETTINGS]
     table(["KEY", "VALUE", "", "MEANING"], rows, wrap=("MEANING",))
     return EXIT_OK
+
+
+def settings_help():
+    """What `config set --help` says about every setting: the values it takes, its default and its
+    meaning (from SETTINGS)."""
+    width = max(len(s.name) for s in SETTINGS) + 2
+    lines = ["settings (numbers of seconds also take s/m/h/d/w suffixes: 90s, 15m, 7d):"]
+    for s in SETTINGS:
+        if s.kind is str:
+            values = "an http:// or https:// URL, or none (default none)"
+        else:
+            values = "%s%s to %s (default %s)" % ("more than " if s.lo_open else "", _fmt_value(s.lo),
+                                                  _fmt_value(s.hi), _fmt_value(s.default))
+        lines += ["  %s%s" % (s.name.ljust(width), values), "  %s%s" % (" " * width, s.help)]
+    return "\n".join(lines)
 
 
 def _fmt_value(v):
@@ -6234,7 +6914,7 @@ def cmd_cancel(args, store):
     requested = []
     for job_id in args.job_ids:
         validate_id(job_id)
-        if cancel_job(store, job_id, now) == "requested":
+        if store.cancel(job_id, now) == "requested":
             requested.append(job_id)
         else:
             sys.stdout.write("job %s cancelled\n" % job_id)
@@ -6253,19 +6933,6 @@ def cmd_cancel(args, store):
     return EXIT_OK
 
 
-def _wake_owners(store, job_ids):
-    """Nudge the local workers running these jobs so they notice a cancel at once."""
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    try:
-        s.setblocking(False)
-        for w in store.workers():
-            if w["job_id"] in job_ids and w["host"] == HOST and w["wake"]:
-                with contextlib.suppress(OSError):
-                    s.sendto(b"!", "\0" + w["wake"])
-    finally:
-        s.close()
-
-
 WAIT_HINT_AFTER = 3.0  # seconds `wait` waits before it says why nothing runs, if it can tell
 
 
@@ -6273,7 +6940,7 @@ def why_not_running(store, job_ids, now):
     """Why these waiting jobs may never start, as lines for a person: no live worker, or a paused queue."""
     if not job_ids:
         return []
-    live = [w for w in store.workers() if worker_view(w, now)["state"] != "gone"]
+    live = [w for w in worker_views(store, now) if w["state"] != "gone"]
     if not live:
         return ["no worker is running on this database, so %s will not start: run `queuectl worker start`"
                 % ", ".join(job_ids)]
@@ -6301,7 +6968,7 @@ def cmd_wait(args, store):
         validate_id(job_id)
     missing = [j for j in args.job_ids if j not in store.states_of(args.job_ids)]
     if missing:
-        raise NotFound("no job with id %s" % _short(missing[0]))
+        raise NotFound("no job with id %s" % short_json(missing[0]))
     deadline = None if args.timeout is None else time.monotonic() + args.timeout
     hint_at = time.monotonic() + WAIT_HINT_AFTER
     while True:
@@ -6362,12 +7029,12 @@ def cmd_queue(args, store):
     known = known_queues(store)
     if name not in known and not args.create:  # a typo would make a queue no job ever uses
         raise NotFound("no queue named %s (known: %s); to set up a new queue before its first job, add --create"
-                       % (_short(name), ", ".join(sorted(known))))
+                       % (short_json(name), ", ".join(sorted(known))))
     if action == "set-limit":
         store.set_queue(name, max_running=limit)
         sys.stdout.write("queue %s: %s\n" % (name, "no limit" if limit is None else "at most %d running" % limit))
     else:
-        pause_queue(store, name, action == "pause")
+        store.set_queue(name, paused=(action == "pause"))
         sys.stdout.write("queue %s %s\n" % (name, "paused" if action == "pause" else "resumed"))
     return EXIT_OK
 
@@ -6421,7 +7088,7 @@ def cmd_schedule(args, store):
     else:
         found = [s for s in store.schedules() if s["name"] == name]
         if not found:
-            raise NotFound("no schedule named %s" % _short(name))
+            raise NotFound("no schedule named %s" % short_json(name))
         next_run = schedule_next_run(found[0], now)
         store.pause_schedule(name, False, next_run)
         sys.stdout.write("schedule %s resumed; next run %s\n" % (name, rfc3339(next_run, precise=False)))
@@ -6571,7 +7238,7 @@ def cmd_top(args, store):
 
 
 def cmd_metrics(args, store):
-    sys.stdout.write(_web().metrics_text(store, time.time()))
+    sys.stdout.write(metrics_text(store, time.time()))
     return EXIT_OK
 
 
@@ -6704,25 +7371,6 @@ def _split_command(argv):
         i = argv.index("--")
         return argv[:i], argv[i + 1:]
     return argv, None
-
-
-@contextlib.contextmanager
-def _memoized_gettext():
-    """Build the parser with argparse's gettext look-ups memoised.
-
-    argparse asks gettext for a translation of each of its messages, about
-    a hundred per subcommand, and each look-up searches the locale
-    directories on disk: half the time of building the parser, on every
-    command (bench/).  The answers cannot change within a process."""
-    import functools
-
-    saved = argparse._, argparse.ngettext
-    argparse._ = functools.lru_cache(maxsize=None)(saved[0])
-    argparse.ngettext = functools.lru_cache(maxsize=None)(saved[1])
-    try:
-        yield
-    finally:
-        argparse._, argparse.ngettext = saved
 
 
 def setup_logging(verbose=None, quiet=None, stream=None):

@@ -8,9 +8,12 @@ needs psycopg 3 (``pip install 'queuectl[postgres]'``, or a ``.pyz`` built with
 
 Design (docs/postgresql.md has the user's view):
 
-- **Same contract.**  ``PostgresStore`` implements every method of
-  ``queuectl.Store`` with the semantics of ``SqliteStore`` and runs the same
-  contract suite (tests/test_store.py, tests/test_store_pg.py).
+- **Same contract, same rules.**  ``PostgresStore`` implements every method of
+  ``queuectl.Store`` and runs the same contract suite (tests/test_store.py,
+  tests/test_store_pg.py).  The control flow both stores share (dependencies,
+  unique keys, the end of a job, cancel, rescue, schedules, the dead letter
+  queue, deleting) is ``queuectl.StoreRules``, written once in the core; this
+  module supplies its queries (the methods at the end of ``PostgresStore``).
 - **Own schema.**  Everything lives in one PostgreSQL schema, ``queuectl`` by
   default, ``?schema=NAME`` in the URL to choose another, so queuectl can share
   a database with an application (and tests use a fresh schema each).  The
@@ -85,19 +88,19 @@ from psycopg.rows import dict_row
 
 import queuectl
 from queuectl import (
-    STATES,
     Attempt,
     Conflict,
     DatabaseBusy,
     DatabaseError,
+    IdTaken,
     InvalidInput,
     Job,
-    JobState,
+    KeyHeld,
     NotFound,
     QueuectlError,
-    Store,
-    can_transition,
+    StoreRules,
     new_job_id,
+    short_json,
 )
 
 DEFAULT_SCHEMA = "queuectl"
@@ -112,16 +115,6 @@ PIPELINE = psycopg.Pipeline.is_supported()  # several statements per round trip 
 ###############################################################################
 
 
-def is_url(db):
-    return bool(re.match(r"^postgres(ql)?://", str(db or "")))
-
-
-def redact(url):
-    """The URL as it may be shown: without its password."""
-    url = re.sub(r"^(postgres(?:ql)?://[^:/@?#]*):[^@/?#]*@", r"\1:***@", str(url))
-    return re.sub(r"([?&]password=)[^&#]*", r"\1***", url)
-
-
 def parse_url(url, schema=None):
     """``(conninfo for libpq, schema name)``: ``?schema=NAME`` is queuectl's, the rest libpq's."""
     parts = urllib.parse.urlsplit(url)
@@ -134,7 +127,7 @@ def parse_url(url, schema=None):
     schema = schema or DEFAULT_SCHEMA
     if not SCHEMA_RE.match(schema):
         raise InvalidInput("invalid PostgreSQL schema name %r in %s: use 1-48 lower-case letters, digits and _ "
-                           "(not starting with a digit)" % (schema, redact(url)))
+                           "(not starting with a digit)" % (schema, queuectl.redact_url(url)))
     conninfo = urllib.parse.urlunsplit(parts._replace(query=urllib.parse.urlencode(rest)))
     return conninfo, schema
 
@@ -346,7 +339,7 @@ INSERT INTO {s}.schema_migrations (version, applied_at) VALUES (%(v)s, extract(e
 
 #: The time of a statement: the database clock, or the caller's ``now`` in clock="caller" mode.
 CLOCK = "coalesce(%(now)s::float8, extract(epoch from clock_timestamp())::float8)"
-ACTIVE = "('pending', 'processing', 'failed', 'waiting')"  # states that hold a unique key (queuectl.ACTIVE_STATES)
+ACTIVE = "(%s)" % ", ".join("'%s'" % s for s in queuectl.ACTIVE_STATES)  # the states that hold a unique key
 
 #: Job columns; a new column is added here and in a migration.
 JOB_COLUMNS = (
@@ -870,7 +863,7 @@ def _one_line(text):
 ###############################################################################
 
 
-class PostgresStore(Store):
+class PostgresStore(StoreRules):
     """queuectl's store in a PostgreSQL schema (see the module docstring).
 
     One autocommit connection for the store's statements (each write is a
@@ -879,13 +872,11 @@ class PostgresStore(Store):
     DatabaseBusy (safe to retry) and re-opened on the next call.
     """
 
-    readonly = False
-
     def __init__(self, url, create=True, schema=None, clock="database"):
         if clock not in ("database", "caller"):
             raise ValueError("clock must be 'database' or 'caller'")
         self.url = url
-        self.path = redact(url)  # how messages name the database
+        self.path = queuectl.redact_url(url)  # how messages name the database
         self.conninfo, self.schema = parse_url(url, schema)
         self.caller_clock = clock == "caller"
         self.channel = "queuectl:" + self.schema
@@ -893,6 +884,7 @@ class PostgresStore(Store):
         self._fold_lock = lock_key("queuectl-fold:" + self.schema)
         self._migrate_lock = lock_key("queuectl-migrate:" + self.schema)
         self.conn = None
+        self._cur = None  # the cursor of the transaction the queries run in (_in)
         self._listen = None
         self._listen_retry_at = 0.0
         self.conn = self._connect()
@@ -1058,28 +1050,19 @@ class PostgresStore(Store):
         for job in jobs:
             if job.get("id") is not None:
                 if job["id"] in given:
-                    raise Conflict("a job with id %s already exists" % queuectl._short(job["id"]))
+                    raise Conflict(queuectl.ID_EXISTS % short_json(job["id"]))
                 given.add(job["id"])
-        taken = set(given)
-        rows = [self._row(job, taken) for job in jobs]
         due = any(job["run_at"] <= now for job in jobs)
         if not any(job.get("after") or job.get("unique_key") for job in jobs):
+            taken = set(given)
+            rows = [dict(queuectl.job_record(job), id=job.get("id") or self._fresh_id(taken)) for job in jobs]
             self._enqueue_bulk(rows, now, due, given, taken)
             return [r["id"] for r in rows]
-        with self._cursor(transaction=True) as cur:
-            self._enqueue_one_by_one(cur, jobs, rows, now, given, taken, existing)
+        with self._transaction():
+            ids = self._enqueue_each(jobs, now, existing)
             if due:
-                cur.execute(self.sql.NOTIFY, {"channel": self.channel})
-        return [r["id"] for r in rows]
-
-    @staticmethod
-    def _row(job, taken):
-        row = dict(job, env=json.dumps(job["env"]) if job.get("env") else None,
-                   after_ids=json.dumps(job["after"]) if job.get("after") else None)
-        row.setdefault("queue", "default")
-        if row.get("id") is None:
-            row["id"] = PostgresStore._fresh_id(taken)
-        return row
+                self._wake(None)
+        return ids
 
     @staticmethod
     def _fresh_id(taken):
@@ -1106,11 +1089,11 @@ class PostgresStore(Store):
                 return
             except _Duplicate as d:
                 if d.id is None or d.id in given:
-                    raise Conflict("a job with id %s already exists" % queuectl._short(d.id or "(unknown)")) from None
+                    raise Conflict(queuectl.ID_EXISTS % short_json(d.id or "(unknown)")) from None
                 for r in rows:  # a generated id collided with an existing one: draw it again
                     if r["id"] == d.id:
                         r["id"] = self._fresh_id(taken)
-        raise QueuectlError("could not generate a unique job id")  # pragma: no cover - 20 collisions
+        raise QueuectlError(queuectl.NO_FRESH_ID)  # pragma: no cover - 20 collisions
 
     def _bulk_params(self, rows, now):
         params = {"now": self._clock(now)}
@@ -1121,76 +1104,6 @@ class PostgresStore(Store):
         params["run_at"] = [a for a, _ in at]
         params["run_in"] = [r for _, r in at]
         return params
-
-    def _enqueue_one_by_one(self, cur, jobs, rows, now, given, taken, existing):
-        """The path for batches with dependencies or unique keys: SqliteStore.enqueue's rules, with
-        the rows it depends on locked (FOR SHARE) so that none can end unseen meanwhile."""
-        row_of = {id(job): row for job, row in zip(jobs, rows)}
-        batch = {}  # id -> state, for dependencies inside this batch
-        keys = {}  # unique_key -> id, inside this batch
-        for job in queuectl._dependency_order(jobs):
-            row = row_of[id(job)]
-            key = job.get("unique_key")
-            if key is not None:
-                hit = keys.get(key) or self._by_key(cur, key)
-                if hit:
-                    row["id"] = hit
-                    if existing is not None:
-                        existing.append(hit)
-                    continue
-            state = "pending"
-            deps = job.get("after") or []
-            outside = sorted(d for d in deps if d not in batch)
-            found = {r["id"]: r["state"] for r in cur.execute(self.sql.LOCK_STATES, {"ids": outside})} if outside \
-                else {}
-            for dep in deps:
-                dep_state = batch.get(dep) or found.get(dep)
-                if dep_state is None:
-                    raise NotFound("job %s depends on %s, which does not exist" % (
-                        job.get("id") or "to enqueue", queuectl._short(dep)))
-                if dep_state in ("dead", "cancelled"):
-                    raise Conflict("job %s depends on %s, which is %s" % (job.get("id") or "to enqueue", dep, dep_state))
-                if dep_state != "completed":
-                    state = "waiting"
-            hit = self._insert_one(cur, row, state, now, given, taken)
-            if hit is not None:  # another enqueue took the unique key first
-                row["id"] = hit
-                if existing is not None:
-                    existing.append(hit)
-                continue
-            if state == "waiting":
-                for dep in deps:
-                    cur.execute(self.sql.INSERT_DEP, {"id": row["id"], "dep": dep})
-                cur.execute(self.sql.DROP_DONE_EDGES, {"id": row["id"]})
-            batch[row["id"]] = state
-            if key is not None:
-                keys[key] = row["id"]
-
-    def _by_key(self, cur, key):
-        hit = cur.execute(self.sql.BY_UNIQUE_KEY, {"key": key}).fetchone()
-        return hit["id"] if hit else None
-
-    def _insert_one(self, cur, row, state, now, given, taken):
-        """Insert one job (in a savepoint); returns the id of the job holding its unique key if
-        another one does, else None."""
-        run_abs, run_in = self._at(row["run_at"], now)
-        for _ in range(20):
-            params = {f: row.get(f) for f, _ in ENQUEUE_FIELDS}
-            params.update(now=self._clock(now), state=state, run_at=run_abs, run_in=run_in)
-            try:
-                with cur.connection.transaction():
-                    cur.execute(self.sql.INSERT_JOB, params)
-                return None
-            except psycopg.errors.UniqueViolation as e:
-                if getattr(e.diag, "constraint_name", None) == "jobs_unique_key":
-                    hit = self._by_key(cur, row["unique_key"])
-                    if hit:
-                        return hit
-                    raise Conflict("unique key %s is taken" % queuectl._short(row["unique_key"])) from None
-                if row["id"] in given:
-                    raise Conflict("a job with id %s already exists" % queuectl._short(row["id"])) from None
-                row["id"] = self._fresh_id(taken)
-        raise QueuectlError("could not generate a unique job id")  # pragma: no cover
 
     # --- claim and run ----------------------------------------------------------------
 
@@ -1245,9 +1158,7 @@ class PostgresStore(Store):
 
     def finish(self, job_id, run, worker_id, state, now, outcome, exit_code=None, error=None,
                output="", output_bytes=0, retry_at=None):
-        state = JobState(state)
-        if not can_transition(JobState.PROCESSING, state) or state is JobState.PENDING:
-            raise ValueError("cannot finish a run into state %s" % state)
+        state = queuectl.finish_state(state)
         retry_abs, retry_in = self._at(retry_at, now)
         params = {"now": self._clock(now), "id": job_id, "n": run, "worker": worker_id, "state": state.value,
                   "exit_code": exit_code, "error": error, "retry_at": retry_abs, "retry_in": retry_in,
@@ -1259,99 +1170,20 @@ class PostgresStore(Store):
         with self._cursor() as cur:
             conn = cur.connection
             pipeline = conn.pipeline() if PIPELINE else contextlib.nullcontext()  # libpq 14+
-            with pipeline, conn.transaction():
+            with pipeline, conn.transaction(), self._in(cur):
                 cur.execute(self.sql.FINISH, params)
                 deps = conn.cursor()
                 deps.execute(self.sql.TAKE_DEPENDENTS, {"id": job_id})
                 row = cur.fetchone()
                 dependents = [r["job_id"] for r in deps.fetchall()]
                 if row is not None:
-                    self._ended(cur, row, state.value, row["at"], dependents)
+                    self._job_ended(job_id, state.value, row["at"], row, dependents)
         return row is not None
-
-    def _ended(self, cur, job, state, at, dependents=None):
-        """A job reached a final state: queue its webhooks, release or cancel the jobs that wait
-        for it (each locked first, so two jobs ending at once cannot both leave it waiting).  The
-        dependents are looked up in a statement after the one that locked the job's row: its
-        snapshot then has every edge an enqueue committed while it held the job (FOR SHARE)."""
-        self._queue_webhook(cur, job, at)
-        if dependents is None:
-            dependents = [r["job_id"] for r in cur.execute(self.sql.TAKE_DEPENDENTS, {"id": job["id"]})]
-        released = False
-        for dep in dependents:
-            cur.execute(self.sql.LOCK_JOB, {"id": dep})
-            if state == "completed":
-                released = cur.execute(self.sql.RELEASE_IF_READY, {"id": dep, "at": at}).fetchone() is not None \
-                    or released
-            elif cur.execute(self.sql.CANCEL_JOB, {"id": dep, "at": at,
-                                                    "error": "dependency %s ended %s" % (job["id"], state)}).fetchone():
-                cur.execute(self.sql.DROP_EDGES_FROM, {"id": dep})
-                self._ended(cur, cur.execute(self.sql.GET_JOB, {"id": dep}).fetchone(), "cancelled", at)
-        if released:
-            cur.execute(self.sql.NOTIFY, {"channel": self.channel})
-
-    def _queue_webhook(self, cur, job, at):
-        if "global_webhook" in job:
-            glob = job["global_webhook"]
-        else:
-            hit = cur.execute(self.sql.GLOBAL_WEBHOOK).fetchone()
-            glob = hit["value"] if hit else None
-        urls = [job.get("webhook"), json.loads(glob) if glob else None]
-        urls = [u for i, u in enumerate(urls) if u and u not in urls[:i]]
-        if not urls:
-            return
-        doc = Job.from_row(job).to_dict()
-        doc.pop("env", None)  # may hold secrets
-        payload = json.dumps({"event": "job." + doc["state"], "job": doc, "sent_by": "queuectl " + queuectl.__version__})
-        for url in urls:
-            cur.execute(self.sql.WEBHOOK_INSERT, {"url": url, "payload": payload, "at": at})
 
     def release(self, job_id, run, worker_id, now, reason):
         row = self._one(self.sql.RELEASE, {"now": self._clock(now), "id": job_id, "n": run, "worker": worker_id,
                                            "error": reason, "channel": self.channel})
         return row["n"] == 1
-
-    def rescue(self, now, host, alive, kill):
-        """Store.rescue on the database clock.  ``kill`` compares a run's start with the start of
-        the process it would kill, read on this machine's clock: the start it gets is translated
-        to this machine's clock by the difference between the caller's ``now`` and the database's."""
-        cfg = self.config()
-        at = self._now(now)
-        to_local = (float(now) - at) if now is not None else 0.0
-        stale_cutoff = at - max(4 * float(cfg["lease-seconds"]), 60.0)
-        workers = self.workers()
-        dead = [w["id"] for w in workers
-                if (w["host"] == host and not alive(w["pid"], w["pid_started"]))
-                or (w["host"] != host and w["heartbeat_at"] < stale_cutoff)]
-        self._fold()
-        if not dead and self._one(self.sql.ANY_EXPIRED, {"at": at}) is None:
-            return []  # the common case: reads only
-        rescued = []
-        back_to_queue = False
-        with self._cursor(transaction=True) as cur:
-            for row in cur.execute(self.sql.LOST_JOBS, {"at": at, "dead": dead}).fetchall():
-                started = None if row["started_at"] is None else row["started_at"] + to_local
-                state, why = queuectl.judge_lost_run(row, at, host, int(cfg["max-rescues"]), kill, started)
-                p = {"seq": row["seq"], "id": row["id"], "n": row["runs"], "at": at, "state": state, "error": why,
-                     "queue": row["queue"]}
-                if cur.execute(self.sql.LOSE_JOB, p).rowcount != 1:
-                    continue
-                cur.execute(self.sql.LOSE_ATTEMPT, p)
-                cur.execute(self.sql.STATS_LOST, p)
-                if state == "dead":
-                    self._ended(cur, cur.execute(self.sql.GET_JOB, {"id": row["id"]}).fetchone(), state, at)
-                rescued.append(row["id"])
-                back_to_queue = back_to_queue or state == "pending"
-            for worker_id in dead:
-                cur.execute(self.sql.WORKER_DELETE, {"worker": worker_id})
-            if back_to_queue:
-                cur.execute(self.sql.NOTIFY, {"channel": self.channel})
-        return rescued
-
-    def _fold(self):
-        """Housekeeping of the per-state counts: fold the deltas logged since the last fold."""
-        with self._cursor() as cur:
-            cur.execute(self.sql.FOLD_COUNTS, {"fold_lock": self._fold_lock})
 
     # --- reading ---------------------------------------------------------------------
 
@@ -1381,179 +1213,17 @@ class PostgresStore(Store):
         return [Job.from_row(r) for r in reversed(rows)]
 
     def counts(self):
-        result = {s: 0 for s in STATES}
-        for row in self._all(self.sql.COUNTS, {"fold_lock": self._fold_lock}):
-            result[row["state"]] = int(row["n"])
-        return result
-
-    # --- the dead letter queue, deleting, purging -------------------------------------
-
-    def retry_dead(self, job_id, now, reset_attempts=False):
-        with self._cursor(transaction=True) as cur:
-            try:
-                with cur.connection.transaction():
-                    hit = cur.execute(self.sql.RETRY_DEAD, {"now": self._clock(now), "id": job_id,
-                                                            "reset": bool(reset_attempts)}).fetchone()
-            except psycopg.errors.UniqueViolation:
-                raise Conflict("job %s cannot be retried: another active job holds its unique key" % job_id) from None
-            if hit:
-                cur.execute(self.sql.NOTIFY, {"channel": self.channel})
-                return True
-            row = cur.execute(self.sql.JOB_STATE, {"id": job_id}).fetchone()
-        if row is None:
-            raise NotFound("no job with id %s" % queuectl._short(job_id))
-        raise Conflict("job %s is %s, not dead: only jobs in the dead letter queue can be retried"
-                       % (job_id, row["state"]))
-
-    def retry_all_dead(self, now, reset_attempts=False):
-        retried = skipped = 0
-        with self._cursor(transaction=True) as cur:
-            for r in cur.execute(self.sql.DEAD_IDS).fetchall():
-                try:
-                    with cur.connection.transaction():
-                        retried += cur.execute(self.sql.RETRY_DEAD, {"now": self._clock(now), "id": r["id"],
-                                                                     "reset": bool(reset_attempts)}).rowcount
-                except psycopg.errors.UniqueViolation:  # its unique key is held by an active job
-                    skipped += 1
-            if retried:
-                cur.execute(self.sql.NOTIFY, {"channel": self.channel})
-        return retried, skipped
-
-    def delete_jobs(self, state=None):
-        states = [str(state)] if state else [s for s in STATES if s != "processing"]
-        if "processing" in states:
-            raise Conflict("running jobs cannot be cleared; stop the workers first")
-        with self._cursor(transaction=True) as cur:
-            gone = [r["id"] for r in cur.execute(self.sql.DELETE_JOBS, {"states": states})]
-            if gone:
-                self._drop_dependencies_on_deleted(cur, gone)
-        return len(gone)
-
-    def _drop_dependencies_on_deleted(self, cur, gone):
-        """Jobs that waited on deleted jobs can never run: cancel them, saying why."""
-        at = self._now(None, cur)
-        for dep in [r["job_id"] for r in cur.execute(self.sql.WAITING_ON, {"ids": gone}).fetchall()]:
-            cur.execute(self.sql.LOCK_JOB, {"id": dep})
-            missing = cur.execute(self.sql.MISSING_DEP, {"id": dep}).fetchone()
-            if missing and cur.execute(self.sql.CANCEL_JOB, {"id": dep, "at": at, "error": "dependency %s was deleted"
-                                                             % missing["depends_on"]}).rowcount:
-                cur.execute(self.sql.DROP_EDGES_FROM, {"id": dep})
-                self._ended(cur, cur.execute(self.sql.GET_JOB, {"id": dep}).fetchone(), "cancelled", at)
-        cur.execute(self.sql.DROP_ORPHAN_EDGES, {"ids": gone})
-
-    def purge(self, states, before, batch=1000):
-        """Delete jobs in ``states`` (final states only) last updated before ``before`` (epoch
-        seconds, read on the database clock), with their attempts, ``batch`` per transaction.
-        Statistics are kept.  Returns the number deleted."""
-        total = 0
-        for state in states:
-            if state not in queuectl.FINAL_STATES:
-                raise InvalidInput("only finished jobs can be purged (%s), not %s"
-                                   % (", ".join(queuectl.FINAL_STATES), state))
-            while True:
-                with self._cursor(transaction=True) as cur:
-                    n = cur.execute(self.sql.PURGE, {"state": state, "before": before, "limit": batch}).fetchone()["n"]
-                total += n
-                if n < batch:
-                    break
-        return total
-
-    # --- cancel ----------------------------------------------------------------------
-
-    def cancel(self, job_id, now):
-        with self._cursor(transaction=True) as cur:
-            at = self._now(now, cur)
-            cur.execute(self.sql.LOCK_JOB, {"id": job_id})
-            if cur.execute(self.sql.CANCEL_JOB, {"id": job_id, "at": at, "error": "cancelled by a user"}).rowcount:
-                cur.execute(self.sql.DROP_EDGES_FROM, {"id": job_id})
-                self._ended(cur, cur.execute(self.sql.GET_JOB, {"id": job_id}).fetchone(), "cancelled", at)
-                return "cancelled"
-            if cur.execute(self.sql.REQUEST_CANCEL, {"id": job_id}).rowcount:
-                cur.execute(self.sql.NOTIFY_CANCEL, {"channel": self.channel})  # its worker checks at once
-                return "requested"
-            row = cur.execute(self.sql.JOB_STATE, {"id": job_id}).fetchone()
-        if row is None:
-            raise NotFound("no job with id %s" % queuectl._short(job_id))
-        raise Conflict("job %s is already %s" % (job_id, row["state"]))
+        return queuectl.counts_from_rows(self._all(self.sql.COUNTS, {"fold_lock": self._fold_lock}))
 
     def cancel_requested(self, job_id, run):
         row = self._one(self.sql.CANCEL_REQUESTED, {"id": job_id, "n": run})
         return bool(row and row["cancel_requested"])
 
-    # --- queues ----------------------------------------------------------------------
-
     def queues(self):
-        counts = {}
-        for r in self._all(self.sql.QUEUE_COUNTS):
-            counts.setdefault(r["queue"], {})[r["state"]] = int(r["n"])
-        return [{"name": r["name"], "max_running": r["max_running"], "paused": bool(r["paused"]),
-                 "counts": counts.get(r["name"], {})} for r in self._all(self.sql.QUEUES)]
-
-    def set_queue(self, name, max_running=False, paused=None):
-        with self._cursor(transaction=True) as cur:
-            cur.execute(self.sql.ADD_QUEUE, {"queue": name})
-            if max_running is not False:
-                cur.execute(self.sql.SET_QUEUE_LIMIT, {"m": max_running, "queue": name})
-            if paused is not None:
-                cur.execute(self.sql.SET_QUEUE_PAUSED, {"p": bool(paused), "queue": name})
-            if paused is False or max_running is not False:
-                cur.execute(self.sql.NOTIFY, {"channel": self.channel})  # jobs may be claimable now
-
-    # --- schedules -------------------------------------------------------------------
-
-    def add_schedule(self, name, cron, tz, spec, missed, overlap, next_run, now):
-        params = {"name": name, "cron": cron, "tz": tz, "spec": json.dumps(spec), "missed": missed,
-                  "overlap": overlap, "next_run": next_run, "now": self._clock(now)}
-        with self._cursor() as cur:
-            try:
-                cur.execute(self.sql.SCHEDULE_INSERT, params)
-            except psycopg.errors.UniqueViolation:
-                raise Conflict("a schedule named %s already exists" % queuectl._short(name)) from None
+        return queuectl.queue_list(self._all(self.sql.QUEUES), self._all(self.sql.QUEUE_COUNTS))
 
     def schedules(self):
         return [queuectl.schedule_from_row(r) for r in self._all(self.sql.SCHEDULES)]
-
-    def remove_schedule(self, name):
-        with self._cursor() as cur:
-            if not cur.execute(self.sql.SCHEDULE_DELETE, {"name": name}).rowcount:
-                raise NotFound("no schedule named %s" % queuectl._short(name))
-
-    def pause_schedule(self, name, paused, next_run=None):
-        with self._cursor() as cur:
-            if not cur.execute(self.sql.SCHEDULE_PAUSE, {"p": bool(paused), "name": name,
-                                                         "next_run": next_run}).rowcount:
-                raise NotFound("no schedule named %s" % queuectl._short(name))
-
-    def fire_schedules(self, now, next_run, cfg):
-        """SqliteStore.fire_schedules on the database clock; each due schedule is locked (SKIP
-        LOCKED) by the one process that fires it, so a tick makes one job however many
-        supervisors on however many machines call this."""
-        created = []
-        at = self._now(now)
-        if self._one(self.sql.SCHEDULE_ANY_DUE, {"at": at}) is None:
-            return created
-        with self._cursor(transaction=True) as cur:
-            def state_of(job_id):
-                row = cur.execute(self.sql.JOB_STATE, {"id": job_id}).fetchone()
-                return row["state"] if row else None
-
-            def id_taken(job_id):
-                return cur.execute(self.sql.JOB_EXISTS, {"id": job_id}).fetchone() is not None
-
-            for s in cur.execute(self.sql.SCHEDULES_DUE, {"at": at}).fetchall():
-                job, upcoming = queuectl.schedule_tick(s, at, next_run, cfg, state_of, id_taken)
-                job_id = None
-                if job is not None:
-                    row = self._row(job, set())
-                    if not (row.get("unique_key") and self._by_key(cur, row["unique_key"])):
-                        if self._insert_one(cur, row, "pending", at, {row["id"]}, set()) is None:
-                            job_id = row["id"]
-                            created.append(job_id)
-                cur.execute(self.sql.SCHEDULE_ADVANCE, {"name": s["name"], "next_run": upcoming,
-                                                        "last_run": s["next_run"] if job_id else None, "job": job_id})
-            if created:
-                cur.execute(self.sql.NOTIFY, {"channel": self.channel})
-        return created
 
     # --- webhooks --------------------------------------------------------------------
 
@@ -1607,15 +1277,15 @@ class PostgresStore(Store):
     def jobs_page(self, state=None, id_prefix=None, limit=50, after=None):
         p = {"limit": int(limit) + 1, "state": str(state) if state else None}
         if id_prefix:
-            if not re.match(r"^[A-Za-z0-9_.:@+-]{1,%d}$" % queuectl.MAX_ID_LENGTH, id_prefix):
-                return [], False  # no id can start with it
-            p["start"] = max(id_prefix, after + "\x01") if after else id_prefix
-            p["stop"] = id_prefix[:-1] + chr(ord(id_prefix[-1]) + 1)
+            bounds = queuectl.id_prefix_range(id_prefix, after)
+            if bounds is None:
+                return [], False
+            p["start"], p["stop"] = bounds
             rows = self._all(self.sql.PAGE_PREFIX, p)
         else:
-            p["updated_at"], p["seq"] = after if after else (float("inf"), 2 ** 63 - 1)
+            p["updated_at"], p["seq"] = after or queuectl.FIRST_PAGE
             rows = self._all(self.sql.PAGE_STATE if state else self.sql.PAGE_ALL, p)
-        return [Job.from_row(r) for r in rows[:limit]], len(rows) > limit
+        return queuectl.page_of(rows, limit)
 
     def oldest_due(self, now):
         row = self._one(self.sql.OLDEST_DUE, {"now": self._clock(now),
@@ -1656,26 +1326,10 @@ class PostgresStore(Store):
 
     def stats_by_queue(self, since, until):
         p = {"since": int(since), "until": int(until)}
-        hist = {}
-        for r in self._all(self.sql.STATS_HIST_BY_QUEUE, p):
-            hist.setdefault(r["queue"], {})[r["bucket"]] = int(r["count"])
-        return [dict(r, count=int(r["count"])) for r in self._all(self.sql.STATS_BY_QUEUE, p)], hist
+        return queuectl.queue_stats(self._all(self.sql.STATS_BY_QUEUE, p), self._all(self.sql.STATS_HIST_BY_QUEUE, p))
 
     def attempt_totals(self):
-        buckets = {}
-        for r in self._all(self.sql.ATTEMPT_DURATIONS):
-            buckets.setdefault((r["queue"], r["outcome"]), {})[r["le"]] = int(r["count"])
-        out = []
-        for r in self._all(self.sql.ATTEMPT_TOTALS):
-            per_bucket = buckets.get((r["queue"], r["outcome"]), {})
-            cumulative, running = [], 0
-            for le in queuectl.DURATION_BUCKETS:
-                running += per_bucket.get(le, 0)
-                cumulative.append((le, running))
-            cumulative.append((float("inf"), int(r["count"])))
-            out.append({"queue": r["queue"], "outcome": r["outcome"], "count": int(r["count"]),
-                        "duration_sum": r["duration_sum"], "buckets": cumulative})
-        return out
+        return queuectl.totals_with_buckets(self._all(self.sql.ATTEMPT_TOTALS), self._all(self.sql.ATTEMPT_DURATIONS))
 
     # --- wake-up by LISTEN/NOTIFY ------------------------------------------------------
 
@@ -1739,3 +1393,179 @@ class PostgresStore(Store):
             with contextlib.suppress(Exception):
                 self.conn.close()
             self.conn = None
+
+    # --- the queries of StoreRules (run inside _transaction, on its cursor) -----------
+
+    @contextlib.contextmanager
+    def _transaction(self):
+        with self._cursor(transaction=True) as cur, self._in(cur):
+            yield
+
+    @contextlib.contextmanager
+    def _in(self, cur):
+        """The queries below run on ``cur`` (a transaction's cursor) in this block."""
+        self._cur = cur
+        try:
+            yield
+        finally:
+            self._cur = None
+
+    def _time(self, now):
+        return self._now(now, self._cur)
+
+    def _wake(self, n):
+        self._cur.execute(self.sql.NOTIFY, {"channel": self.channel})  # delivered at commit, to every listening worker
+
+    def _tidy(self):
+        """Fold the per-state count changes logged since the last fold."""
+        with self._cursor() as cur:
+            cur.execute(self.sql.FOLD_COUNTS, {"fold_lock": self._fold_lock})
+
+    def _fetch_job(self, job_id):
+        return self._cur.execute(self.sql.GET_JOB, {"id": job_id}).fetchone()
+
+    def _state(self, job_id):
+        row = self._cur.execute(self.sql.JOB_STATE, {"id": job_id}).fetchone()
+        return row["state"] if row else None
+
+    def _id_taken(self, job_id):
+        return self._cur.execute(self.sql.JOB_EXISTS, {"id": job_id}).fetchone() is not None
+
+    def _holder_of(self, key):
+        row = self._cur.execute(self.sql.BY_UNIQUE_KEY, {"key": key}).fetchone()
+        return row["id"] if row else None
+
+    def _dependency_states(self, job_ids):
+        """Locked (FOR SHARE) so that none of them can end unseen before this enqueue commits."""
+        return {r["id"]: r["state"] for r in self._cur.execute(self.sql.LOCK_STATES, {"ids": sorted(job_ids)})}
+
+    def _insert_job(self, job, job_id, state, now):
+        row = queuectl.job_record(job)
+        run_abs, run_in = self._at(row["run_at"], now)
+        params = {f: row.get(f) for f, _ in ENQUEUE_FIELDS}
+        params.update(id=job_id, now=self._clock(now), state=state, run_at=run_abs, run_in=run_in)
+        try:
+            with self._cur.connection.transaction():  # a savepoint: a failed insert leaves the rest
+                self._cur.execute(self.sql.INSERT_JOB, params)
+        except psycopg.errors.UniqueViolation as e:
+            raise (KeyHeld if getattr(e.diag, "constraint_name", None) == "jobs_unique_key" else IdTaken)() from None
+
+    def _wait_for(self, job_id, deps):
+        for dep in deps:
+            self._cur.execute(self.sql.INSERT_DEP, {"id": job_id, "dep": dep})
+        self._cur.execute(self.sql.DROP_DONE_EDGES, {"id": job_id})
+
+    def _stored_webhook_url(self, row):
+        if "global_webhook" in row:  # (finish reads it with the job)
+            return row["global_webhook"]
+        found = self._cur.execute(self.sql.GLOBAL_WEBHOOK).fetchone()
+        return found["value"] if found else None
+
+    def _insert_webhook(self, url, payload, at):
+        self._cur.execute(self.sql.WEBHOOK_INSERT, {"url": url, "payload": payload, "at": at})
+
+    def _take_dependents(self, job_id):
+        """In a statement of its own: its snapshot, taken after the job's row was locked, has every
+        edge an enqueue committed while it held the job (FOR SHARE)."""
+        return [r["job_id"] for r in self._cur.execute(self.sql.TAKE_DEPENDENTS, {"id": job_id})]
+
+    def _release_if_ready(self, job_id, at):
+        """The job is locked first, so two dependencies that end at once cannot both leave it waiting."""
+        self._cur.execute(self.sql.LOCK_JOB, {"id": job_id})
+        return self._cur.execute(self.sql.RELEASE_IF_READY, {"id": job_id, "at": at}).fetchone() is not None
+
+    def _cancel_unstarted(self, job_id, at, error):
+        self._cur.execute(self.sql.LOCK_JOB, {"id": job_id})
+        if self._cur.execute(self.sql.CANCEL_JOB, {"id": job_id, "at": at, "error": error}).fetchone() is None:
+            return False
+        self._cur.execute(self.sql.DROP_EDGES_FROM, {"id": job_id})
+        return True
+
+    def _request_cancel(self, job_id):
+        if not self._cur.execute(self.sql.REQUEST_CANCEL, {"id": job_id}).rowcount:
+            return False
+        self._cur.execute(self.sql.NOTIFY_CANCEL, {"channel": self.channel})  # its worker checks at once
+        return True
+
+    def _any_expired(self, at):
+        return self._one(self.sql.ANY_EXPIRED, {"at": at}) is not None
+
+    def _lost_runs(self, at, dead_workers):
+        """Locked, skipping rows another rescuer holds: several machines rescuing at once never
+        count a lost run twice."""
+        return self._cur.execute(self.sql.LOST_JOBS, {"at": at, "dead": dead_workers}).fetchall()
+
+    def _lose_run(self, row, at, state, why):
+        p = {"seq": row["seq"], "id": row["id"], "n": row["runs"], "at": at, "state": state, "error": why,
+             "queue": row["queue"]}
+        if self._cur.execute(self.sql.LOSE_JOB, p).rowcount != 1:
+            return False
+        self._cur.execute(self.sql.LOSE_ATTEMPT, p)
+        self._cur.execute(self.sql.STATS_LOST, p)
+        return True
+
+    def _delete_worker(self, worker_id):
+        self._cur.execute(self.sql.WORKER_DELETE, {"worker": worker_id})
+
+    def _retry(self, job_id, at, reset_attempts):
+        try:
+            with self._cur.connection.transaction():  # a savepoint
+                p = {"now": at, "id": job_id, "reset": bool(reset_attempts)}
+                return self._cur.execute(self.sql.RETRY_DEAD, p).rowcount == 1
+        except psycopg.errors.UniqueViolation:
+            raise KeyHeld() from None
+
+    def _dead_ids(self):
+        return [r["id"] for r in self._cur.execute(self.sql.DEAD_IDS)]
+
+    def _delete_jobs(self, states):
+        gone = [r["id"] for r in self._cur.execute(self.sql.DELETE_JOBS, {"states": states})]
+        if not gone:
+            return 0, []
+        self._cur.execute(self.sql.DROP_ORPHAN_EDGES, {"ids": gone})
+        return len(gone), [r["job_id"] for r in self._cur.execute(self.sql.WAITING_ON, {"ids": gone})]
+
+    def _missing_dependency(self, job_id):
+        self._cur.execute(self.sql.LOCK_JOB, {"id": job_id})
+        row = self._cur.execute(self.sql.MISSING_DEP, {"id": job_id}).fetchone()
+        return row["depends_on"] if row else None
+
+    def _purge_batch(self, state, before, limit):
+        return self._cur.execute(self.sql.PURGE, {"state": state, "before": before, "limit": limit}).fetchone()["n"]
+
+    def _add_queue(self, name):
+        self._cur.execute(self.sql.ADD_QUEUE, {"queue": name})
+
+    def _set_queue_limit(self, name, max_running):
+        self._cur.execute(self.sql.SET_QUEUE_LIMIT, {"m": max_running, "queue": name})
+
+    def _set_queue_paused(self, name, paused):
+        self._cur.execute(self.sql.SET_QUEUE_PAUSED, {"p": paused, "queue": name})
+
+    def _insert_schedule(self, row, now):
+        with self._cursor() as cur:
+            try:
+                cur.execute(self.sql.SCHEDULE_INSERT, dict(row, now=self._clock(now)))
+            except psycopg.errors.UniqueViolation:
+                return False
+        return True
+
+    def _delete_schedule(self, name):
+        with self._cursor() as cur:
+            return cur.execute(self.sql.SCHEDULE_DELETE, {"name": name}).rowcount == 1
+
+    def _pause_schedule(self, name, paused, next_run):
+        with self._cursor() as cur:
+            return cur.execute(self.sql.SCHEDULE_PAUSE, {"p": paused, "name": name, "next_run": next_run}).rowcount == 1
+
+    def _schedules_due(self, at):
+        return self._one(self.sql.SCHEDULE_ANY_DUE, {"at": at}) is not None
+
+    def _due_schedules(self, at):
+        """Locked, skipping those another process holds: one job per tick, however many
+        supervisors on however many machines fire it."""
+        return self._cur.execute(self.sql.SCHEDULES_DUE, {"at": at}).fetchall()
+
+    def _advance_schedule(self, name, next_run, last_run, job_id):
+        self._cur.execute(self.sql.SCHEDULE_ADVANCE, {"name": name, "next_run": next_run, "last_run": last_run,
+                                                      "job": job_id})

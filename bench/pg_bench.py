@@ -193,7 +193,7 @@ def _listener(db, ready, conn, rounds):
 def wakeup_latency(backend, rounds):
     """``(enqueue, signal)``: each a (p50, p99) in ms.  enqueue: from calling ``enqueue()`` (its
     commit included) to the idle worker waking; signal: the notification alone, from sending it
-    (PostgreSQL: a NOTIFY statement; SQLite: the datagram of ``wake_workers``) to the wake-up."""
+    (PostgreSQL: a NOTIFY statement; SQLite: the datagram of ``send_wakeups``) to the wake-up."""
     store = backend.open()
     ctx = multiprocessing.get_context("fork")
     ready = ctx.Event()
@@ -206,13 +206,12 @@ def wakeup_latency(backend, rounds):
         for _ in range(rounds):
             spec = job(0)
             t0 = time.monotonic()
-            store.enqueue([spec], time.time())
-            queuectl.wake_workers(store, 1)  # what `queuectl enqueue` does after its commit (PostgreSQL: nothing)
+            store.enqueue([spec], time.time())  # it wakes the worker after its commit
             end_to_end.append(here.recv() - t0)
             time.sleep(0.005)
             t0 = time.monotonic()
             if backend.name == "SQLite":
-                queuectl.wake_workers(store, 1)
+                queuectl.send_wakeups(store.wake_addresses(queuectl.HOST, 1))
             else:
                 store.conn.execute(store.sql.NOTIFY, {"channel": store.channel})
             signal_only.append(here.recv() - t0)

@@ -90,7 +90,7 @@ class System:
 
 class Queuectl(System):
     """queuectl with its default settings.  ``mode``: how jobs are enqueued --
-    'api' (validate_job + SqliteStore.enqueue + wake, what `enqueue` does, in
+    'api' (validate_job + SqliteStore.enqueue, which wakes a worker, what `enqueue` does, in
     this process) or 'cli' (one `queuectl enqueue -- CMD` process per job)."""
 
     def __init__(self, workdir, mode="api", db_name="q.db"):
@@ -105,6 +105,8 @@ class Queuectl(System):
 
     def setup(self):
         self.store = queuectl.SqliteStore(self.db)
+        if self.mode == "nowake":  # leave it to the workers' fallback poll: the store sends no wake-up
+            self.store._send_wakeups = lambda: None
         self.cfg = self.store.config()
         self._reader = sqlite3.connect(self.db, timeout=10, isolation_level=None)
         return True
@@ -149,16 +151,13 @@ class Queuectl(System):
             return r.stdout.decode().strip()
         now = time.time()
         ids = self.store.enqueue([queuectl.validate_job({"command": command}, self.cfg, now)], now)
-        if self.mode != "nowake":  # 'nowake': leave it to the workers' fallback poll
-            queuectl.wake_workers(self.store, 1)
         return ids[0]
 
     def enqueue_many(self, commands):
         if self.mode == "bulk":
             now = time.time()
             jobs = [queuectl.validate_job({"command": c}, self.cfg, now) for c in commands]
-            self.store.enqueue(jobs, now)
-            queuectl.wake_workers(self.store, len(jobs))
+            self.store.enqueue(jobs, now)  # (the store wakes the workers after its commit)
             return
         for c in commands:
             self.enqueue(c)

@@ -230,7 +230,6 @@ def top_cpu(workdir, seconds, busy, job_seconds=0.05, feed_per_second=20):
                     now = time.time()
                     store.enqueue([queuectl.validate_job({"command": "sleep %g" % job_seconds}, cfg, now, cwd="/")],
                                   now)
-                    queuectl.wake_workers(store, 1)
                     stop.wait(1.0 / feed_per_second)
             finally:
                 store.close()

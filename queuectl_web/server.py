@@ -262,8 +262,7 @@ def job_brief(job):
 
 def workers_view(store, now):
     workers = []
-    for w in store.workers():
-        view = queuectl.worker_view(w, now)
+    for view in queuectl.worker_views(store, now):
         view["job_command"] = None
         view["job_started_at"] = None
         if view["job_id"]:
@@ -335,61 +334,6 @@ def decode_cursor(text, by_id):
     except (ValueError, TypeError, IndexError, KeyError, RecursionError):
         pass
     raise HTTPError(400, "invalid cursor (take it from a previous page's 'next')")
-
-
-def _prom_labels(**labels):
-    def esc(v):
-        return str(v).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
-    return "{" + ",".join('%s="%s"' % (k, esc(v)) for k, v in labels.items()) + "}"
-
-
-def _prom_number(v):
-    if v == float("inf"):
-        return "+Inf"
-    if isinstance(v, float) and v.is_integer() and abs(v) < 1e15:
-        return "%d" % v
-    return repr(v) if isinstance(v, float) else str(v)
-
-
-def metrics_text(store, now):
-    """The Prometheus text exposition (format 0.0.4)."""
-    out = []
-
-    def family(name, kind, help_text):
-        out.append("# HELP %s %s" % (name, help_text))
-        out.append("# TYPE %s %s" % (name, kind))
-
-    family("queuectl_jobs", "gauge", "Jobs in the database by state.")
-    for state, n in store.counts().items():
-        out.append("queuectl_jobs%s %d" % (_prom_labels(state=state), n))
-    totals = store.attempt_totals()
-    family("queuectl_attempts_total", "counter", "Finished attempts by queue and outcome, ever (never decreases).")
-    for t in totals:
-        out.append("queuectl_attempts_total%s %d" % (_prom_labels(queue=t["queue"], outcome=t["outcome"]), t["count"]))
-    family("queuectl_job_duration_seconds", "histogram", "Run time of finished attempts, by queue and outcome.")
-    for t in totals:
-        for le, count in t["buckets"]:
-            labels = _prom_labels(queue=t["queue"], outcome=t["outcome"], le=_prom_number(float(le)))
-            out.append("queuectl_job_duration_seconds_bucket%s %d" % (labels, count))
-        labels = _prom_labels(queue=t["queue"], outcome=t["outcome"])
-        out.append("queuectl_job_duration_seconds_sum%s %s" % (labels, _prom_number(float(t["duration_sum"]))))
-        out.append("queuectl_job_duration_seconds_count%s %d" % (labels, t["count"]))
-    oldest = store.oldest_due(now)
-    family("queuectl_oldest_pending_job_age_seconds", "gauge",
-           "How long the longest-waiting due job (pending, or failed and due for retry) has waited; 0 if none.")
-    out.append("queuectl_oldest_pending_job_age_seconds %s" % _prom_number(
-        round(max(0.0, now - oldest), 3) if oldest is not None else 0))
-    states = {"busy": 0, "idle": 0}
-    for w in store.workers():
-        view = queuectl.worker_view(w, now)
-        if view["state"] in states:
-            states[view["state"]] += 1
-    family("queuectl_workers", "gauge", "Live workers by state.")
-    for state, n in states.items():
-        out.append("queuectl_workers%s %d" % (_prom_labels(state=state), n))
-    family("queuectl_info", "gauge", "queuectl version.")
-    out.append("queuectl_info%s 1" % _prom_labels(version=queuectl.__version__))
-    return "\n".join(out) + "\n"
 
 
 # --- the server --------------------------------------------------------------------------
@@ -910,7 +854,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def get_job(self, store, query, job_id):
         job = store.get(job_id)
         if job is None:
-            raise HTTPError(404, "no job with id %s" % queuectl._short(job_id))
+            raise HTTPError(404, "no job with id %s" % queuectl.short_json(job_id))
         attempts = store.attempts(job.id)
         number = query_int(query, "run", None, 1, MAX_QUERY_INT)  # ("attempt": its older name)
         if number is None:
@@ -936,7 +880,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self._json(200, stats_view(store, time.time()))
 
     def get_metrics(self, store, query):
-        self._send(200, metrics_text(store, time.time()), "text/plain; version=0.0.4; charset=utf-8")
+        self._send(200, queuectl.metrics_text(store, time.time()), "text/plain; version=0.0.4; charset=utf-8")
 
     def get_healthz(self, store, query):
         store.counts()  # the database answers
@@ -992,25 +936,18 @@ class Handler(http.server.BaseHTTPRequestHandler):
         now = time.time()
         job = queuectl.validate_job(body, store.config(), now)
         [job_id] = store.enqueue([job], now)
-        if job["run_at"] <= now:
-            queuectl.wake_workers(store, 1)
         self._json(201, {"success": True, "id": job_id})
 
     def post_retry(self, store, query, job_id, body):
         store.retry_dead(job_id, time.time(), reset_attempts=bool(body.get("reset_attempts")))
-        queuectl.wake_workers(store, 1)
         self._json(200, {"success": True, "id": job_id, "state": "pending"})
 
     def post_cancel(self, store, query, job_id, body):
-        if not hasattr(store, "cancel"):
-            raise HTTPError(404, "this queuectl cannot cancel jobs")
         result = store.cancel(job_id, time.time())
         self._json(200, {"success": True, "id": job_id, "result": result})
 
     def post_dlq_retry(self, store, query, body):
         retried, skipped = store.retry_all_dead(time.time(), reset_attempts=bool(body.get("reset_attempts")))
-        if retried:
-            queuectl.wake_workers(store, retried)
         self._json(200, {"success": True, "retried": retried, "skipped": skipped})
 
     def post_dlq_clear(self, store, query, body):

@@ -9,10 +9,12 @@ waits.
 
 import json
 import os
+import re
 import shutil
 import sqlite3
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
@@ -339,6 +341,37 @@ def test_dlq_list_retry_and_clear(cli, db, store):
 
 def config_rows(db):
     return db_rows(db, "SELECT key, value FROM config ORDER BY key")
+
+
+def shown(value):
+    """A setting's value as `config show` prints it."""
+    return "%d" % value if isinstance(value, float) and value.is_integer() else str(value)
+
+
+def test_config_show_and_config_set_help_list_every_setting_from_the_table(cli):
+    ok(cli("enqueue", "--id", "x", "--", "true"))  # (a read command does not create a database)
+    lines = ok(cli("config", "show")).out.splitlines()
+    assert lines[0].split() == ["KEY", "VALUE", "MEANING"]
+    assert [line.split()[0] for line in lines[1:]] == [s.name for s in queuectl.SETTINGS]
+    for line, s in zip(lines[1:], queuectl.SETTINGS):
+        assert line.endswith(s.help) and (line.split()[1] == shown(s.default) or s.default == "")
+    help_text = ok(cli("config", "set", "--help")).out
+    for s in queuectl.SETTINGS:
+        assert s.help in help_text and "(default %s)" % (shown(s.default) or "none") in help_text, s.name
+
+
+def test_the_readmes_configuration_listing_is_the_table():
+    """The README shows `config show` (its runnable example is run by test_docs.py as well)."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    block = readme.split("## Configuration", 1)[1].split("$ queuectl config show\n", 1)[1].split("\n$ ", 1)[0]
+    rows = []
+    for line in block.splitlines()[1:]:
+        if line.startswith(" "):  # the meaning goes on (wrapped at 80 columns)
+            rows[-1][-1] += " " + line.strip()
+        else:
+            rows.append(re.split(r"\s{2,}", line.strip()))
+    assert [(r[0], r[1] if len(r) == 3 else "", r[-1]) for r in rows] == [
+        (s.name, shown(s.default), s.help) for s in queuectl.SETTINGS]
 
 
 def test_config_show_get_set(cli, db):
@@ -839,3 +872,17 @@ def subprocess_output(argv):
     import subprocess
 
     return subprocess.run(argv, capture_output=True, text=True, check=True).stdout
+
+
+def test_metrics_is_a_core_command_that_needs_no_dashboard_package(tmp_path):
+    """`queuectl metrics` prints what the dashboard's /metrics serves, without importing queuectl_web."""
+    import subprocess
+    import sys
+
+    queuectl.SqliteStore(str(tmp_path / "q.db")).close()
+    code = ("import sys, queuectl; rc = queuectl.main(['--db', %r, 'metrics']); "
+            "sys.exit(rc or ('queuectl_web' in sys.modules and 9))") % str(tmp_path / "q.db")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=str(Path(queuectl.__file__).parent), capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert 'queuectl_jobs{state="pending"} 0' in proc.stdout and "queuectl_info{" in proc.stdout

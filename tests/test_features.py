@@ -12,6 +12,7 @@ the supervisors; nobody waits a minute.
 
 import contextlib
 import datetime
+import http.client
 import http.server
 import json
 import os
@@ -443,6 +444,56 @@ def test_cancel_a_running_job_kills_its_whole_tree(run, db, workers, tmp_path):
     assert run("enqueue", "--id", "next", "--", "true").rc == 0  # the worker is free again
     wait_state(db, "next", "completed")
     assert state_of(db, "tree") == "cancelled" and n_attempts(db, "tree") == 1  # no retry
+
+
+def test_a_dashboard_cancel_stops_a_running_job_as_fast_as_a_cli_cancel(run, db, workers):
+    """Waking the job's worker is the store's job, whoever cancels: the dashboard's API or `queuectl
+    cancel`.  Each cancel comes right after the job started, so a worker that was not woken would
+    see it only at its own look at the job, a second later (an idle one at its poll interval: 30 s
+    here).  Timed from the cancel request's commit to the job's end."""
+    from queuectl_web import server as web
+
+    workers.start(1, poll=30)
+    dashboard = web.make_server(str(db), port=0)  # in this process: its store is the one that cancels
+    dashboard.start()
+
+    def dashboard_cancel(job_id):
+        conn = http.client.HTTPConnection("127.0.0.1", dashboard.server_address[1], timeout=10)
+        try:
+            conn.request("POST", "/api/jobs/%s/cancel" % job_id, body=b"{}", headers={
+                "Authorization": "Bearer " + dashboard.token, "Content-Type": "application/json"})
+            response = conn.getresponse()
+            assert (response.status, json.loads(response.read())["result"]) == (200, "requested")
+        finally:
+            conn.close()
+
+    def cli_cancel(job_id):
+        """Starts `queuectl cancel`; returns a function that waits for it and checks what it said."""
+        proc = subprocess.Popen(program() + ["cancel", job_id], env=conftest.program_env(db), stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+
+        def finished():
+            out = proc.communicate(timeout=30)[0].decode()
+            assert proc.returncode == 0 and "job %s cancelled (its process tree was killed)" % job_id in out, out
+        return finished
+
+    took = {}
+    try:
+        for how, cancel in (("dashboard", dashboard_cancel), ("cli", cli_cancel)):
+            job_id = "long-" + how
+            assert run("enqueue", "--id", job_id, "--", "sleep 60").rc == 0
+            wait_until(lambda: db_rows(db, "SELECT pid FROM attempts WHERE job_id = ?", (job_id,)) not in ([], [(None,)]),
+                       20, interval=0.005, message="job %s did not start" % job_id)
+            finished = cancel(job_id)
+            wait_until(lambda: job_field(db, job_id, "cancel_requested") == 1, 10, interval=0.002)
+            requested = time.monotonic()
+            wait_state(db, job_id, "cancelled", timeout=10)
+            took[how] = time.monotonic() - requested
+            if finished:
+                finished()
+    finally:
+        dashboard.stop()
+    assert took["dashboard"] < 0.5 and took["cli"] < 0.5, took
 
 
 # --- wait ------------------------------------------------------------------------------------

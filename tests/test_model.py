@@ -421,10 +421,25 @@ def test_unknown_config_keys_are_refused(key):
         queuectl.validate_config(key, "1")
 
 
-def test_every_default_is_valid_and_every_key_has_a_rule():
-    assert set(queuectl.CONFIG_RULES) == set(queuectl.DEFAULTS)
-    for key, value in queuectl.DEFAULTS.items():
-        assert queuectl.validate_config(key, str(value)) == (key, value)
+def test_every_setting_comes_from_the_one_table_and_its_default_is_valid():
+    names = [s.name for s in queuectl.SETTINGS]
+    assert len(set(names)) == len(names) and list(queuectl.DEFAULTS) == names
+    for s in queuectl.SETTINGS:
+        assert queuectl.DEFAULTS[s.name] == s.default and type(s.default) is s.kind and s.help
+        assert queuectl.validate_config(s.name, str(s.default)) == (s.name, s.default)
+
+
+@pytest.mark.parametrize("setting", queuectl.SETTINGS[:-1], ids=lambda s: s.name)
+def test_validation_takes_each_settings_range_from_the_table(setting):
+    for value in (setting.lo, setting.hi):
+        if value == setting.lo and setting.lo_open:
+            with pytest.raises(InvalidInput):
+                queuectl.validate_config(setting.name, str(value))
+        else:
+            assert queuectl.validate_config(setting.name, str(value))[1] == value
+    for outside in (setting.lo - 1, setting.hi + 1):
+        with pytest.raises(InvalidInput):
+            queuectl.validate_config(setting.name, str(outside))
 
 
 ###############################################################################

@@ -1,8 +1,10 @@
 """Cron expressions and firing schedules, with time injected (nothing waits for a clock).
 
-``Cron.next_after`` is a pure function of a timestamp and a time zone;
-``SqliteStore.fire_schedules`` takes ``now``.  The end-to-end side (three
-supervisors, the policies through the CLI) is in test_features.py.
+``Cron.next_after`` is a pure function of a timestamp and a time zone.  What
+firing a schedule does (``Store.fire_schedules``, which takes ``now``) is tested
+on every store in test_store.py's contract; here, only SQLite's side of two
+processes racing for one tick.  The end-to-end side (three supervisors, the
+policies through the CLI) is in test_features.py.
 """
 
 import datetime
@@ -172,68 +174,14 @@ def test_resolve_tz():
             queuectl.resolve_tz(bad)
 
 
-# --- fire_schedules with an injected clock ----------------------------------------------------
+# --- fire_schedules: SQLite's side of a race (what a tick does is in test_store.py's contract) ---
 
 NOW = at(2031, 5, 14, 12, 0, 30)  # the ticks of */5 around it: 12:00, 12:05, 12:10
 
 
-def add(store, name, expr="*/5 * * * *", next_run=None, missed="once", overlap="skip", tz="UTC", **job):
-    spec = {"command": "echo %s" % name, "cwd": "/"}
-    spec.update(job)
-    nxt = next_run if next_run is not None else Cron.parse(expr).next_after(NOW)
-    store.add_schedule(name, expr, tz, spec, missed, overlap, nxt, NOW - 3600)
-
-
-def fire(store, now):
-    return store.fire_schedules(now, queuectl.schedule_next_run, store.config())
-
-
-def row(store, name):
-    (s,) = [s for s in store.schedules() if s["name"] == name]
-    return s
-
-
-def complete(store, job_id, now):
-    job = store.claim("w1", "host", now, 15.0)
-    assert job is not None and job.id == job_id
-    assert store.finish(job.id, job.runs, "w1", "completed", now, "completed", 0)
-
-
-def test_nothing_fires_before_the_tick(store):
-    add(store, "s")
-    assert fire(store, NOW) == []
-    assert fire(store, at(2031, 5, 14, 12, 4, 59)) == []
-    assert store.counts()["pending"] == 0 and row(store, "s")["next_run"] == at(2031, 5, 14, 12, 5)
-
-
-def test_a_due_tick_enqueues_one_job_with_the_schedules_options(store, tmp_path):
-    add(store, "s", priority="high", queue="reports", timeout=60.0,
-        max_retries=1, env={"A": "1"})
-    now = at(2031, 5, 14, 12, 5, 10)
-    (job_id,) = fire(store, now)
-    assert job_id == "s.20310514T1205Z"
-    job = store.get(job_id)
-    assert (job.state, job.command, job.schedule, job.queue, job.priority_name) == \
-        ("pending", "echo s", "s", "reports", "high")
-    assert (job.timeout, job.max_retries, job.env, job.cwd) == (60.0, 1, {"A": "1"}, "/")
-    assert job.run_at == now
-    s = row(store, "s")
-    assert s["next_run"] == at(2031, 5, 14, 12, 10) and s["last_run"] == at(2031, 5, 14, 12, 5)
-    assert s["last_job"] == job_id and s["last_state"] == "pending"
-    assert "reports" in [q["name"] for q in store.queues()]
-
-
-def test_a_tick_fires_once_however_many_processes_ask(store, db):
-    add(store, "s", overlap="allow")
-    now = at(2031, 5, 14, 12, 5, 1)
-    other = queuectl.SqliteStore(str(db))
-    try:
-        assert len(fire(store, now)) == 1
-        assert fire(other, now) == [] and fire(store, now) == []
-        assert fire(other, now + 30) == []
-    finally:
-        other.close()
-    assert store.counts()["pending"] == 1
+def add(store, name, expr="*/5 * * * *", overlap="skip"):
+    store.add_schedule(name, expr, "UTC", {"command": "echo %s" % name, "cwd": "/"}, "once", overlap,
+                       Cron.parse(expr).next_after(NOW), NOW - 3600)
 
 
 def test_a_tick_fires_once_when_two_processes_race_for_it(store, db):
@@ -269,101 +217,3 @@ def test_a_tick_fires_once_when_two_processes_race_for_it(store, db):
         other.close()
     assert len(created) == 1 and results["other"] == []
     assert store.counts()["pending"] == 1
-
-
-def test_missed_ticks_run_once_with_missed_once(store):
-    add(store, "s", next_run=NOW - 3 * 3600 - 30, missed="once")  # 36 ticks missed while nothing ran
-    created = fire(store, NOW)
-    assert len(created) == 1
-    assert row(store, "s")["next_run"] == at(2031, 5, 14, 12, 5)  # the next tick after now
-    assert fire(store, NOW + 1) == []
-
-
-def test_missed_ticks_are_dropped_with_missed_skip(store):
-    add(store, "s", next_run=NOW - 3 * 3600 - 30, missed="skip")
-    assert fire(store, NOW) == []
-    s = row(store, "s")
-    assert s["next_run"] == at(2031, 5, 14, 12, 5) and s["last_job"] is None and s["last_run"] is None
-    assert store.counts()["pending"] == 0
-
-
-@pytest.mark.parametrize("late, fires", [(0, True), (30, True), (60, True), (61, False), (299, False)])
-def test_a_tick_up_to_a_minute_late_is_not_missed(store, late, fires):
-    tick = at(2031, 5, 14, 12, 5)
-    add(store, "s", next_run=tick, missed="skip")
-    assert len(fire(store, tick + late)) == (1 if fires else 0)
-    assert row(store, "s")["next_run"] > tick + late
-
-
-def test_overlap_skip_waits_for_the_previous_run(store):
-    add(store, "s", overlap="skip")
-    t1, t2, t3 = at(2031, 5, 14, 12, 5), at(2031, 5, 14, 12, 10), at(2031, 5, 14, 12, 15)
-    (first,) = fire(store, t1)
-    assert fire(store, t2) == []  # the first run is still pending
-    assert row(store, "s")["next_run"] == t3 and row(store, "s")["last_job"] == first
-    complete(store, first, t2 + 1)
-    assert len(fire(store, t3)) == 1
-
-
-def test_overlap_skip_also_while_the_previous_run_is_running_or_failed(store):
-    add(store, "s", overlap="skip", max_retries=2)
-    (first,) = fire(store, at(2031, 5, 14, 12, 5))
-    job = store.claim("w1", "host", at(2031, 5, 14, 12, 6), 15.0)
-    assert job.id == first
-    assert fire(store, at(2031, 5, 14, 12, 10)) == []  # processing
-    store.finish(job.id, job.runs, "w1", "failed", at(2031, 5, 14, 12, 11), "failed", 1,
-                 retry_at=at(2031, 5, 14, 13))
-    assert fire(store, at(2031, 5, 14, 12, 15)) == []  # failed, awaiting its retry
-
-
-def test_overlap_allow_fires_while_the_previous_run_is_unfinished(store):
-    add(store, "s", overlap="allow")
-    assert len(fire(store, at(2031, 5, 14, 12, 5))) == 1
-    assert len(fire(store, at(2031, 5, 14, 12, 10))) == 1
-    assert store.counts()["pending"] == 2
-
-
-def test_a_paused_schedule_does_not_fire_and_resumes_from_its_next_tick(store):
-    add(store, "s")
-    store.pause_schedule("s", True)
-    assert fire(store, at(2031, 5, 14, 13)) == []
-    assert row(store, "s")["next_run"] == at(2031, 5, 14, 12, 5)  # untouched while paused
-    resume_at = at(2031, 5, 14, 13, 2)
-    store.pause_schedule("s", False, queuectl.schedule_next_run(row(store, "s"), resume_at))
-    assert row(store, "s")["next_run"] == at(2031, 5, 14, 13, 5) and not row(store, "s")["paused"]
-    assert fire(store, resume_at) == []  # the ticks missed while paused are not made up for
-    assert len(fire(store, at(2031, 5, 14, 13, 5))) == 1
-
-
-def test_a_unique_key_held_by_another_job_skips_the_tick(store):
-    store.enqueue([queuectl.validate_job({"command": "true", "unique_key": "K"}, queuectl.DEFAULTS, NOW, cwd="/")],
-                  NOW)
-    add(store, "s", unique_key="K")
-    assert fire(store, at(2031, 5, 14, 12, 5)) == []
-    assert row(store, "s")["next_run"] == at(2031, 5, 14, 12, 10)
-
-
-def test_a_taken_job_id_gets_a_suffix(store):
-    store.enqueue([queuectl.validate_job({"id": "s.20310514T1205Z", "command": "true"}, queuectl.DEFAULTS, NOW,
-                                         cwd="/")], NOW)
-    add(store, "s")
-    (job_id,) = fire(store, at(2031, 5, 14, 12, 5))
-    assert job_id.startswith("s.20310514T1205Z.") and store.get(job_id).schedule == "s"
-
-
-def test_schedules_in_a_time_zone_advance_in_it(store):
-    tokyo = zone("Asia/Tokyo")
-    add(store, "t", expr="0 9 * * *", tz="Asia/Tokyo", next_run=at(2031, 5, 14, 9, tz=tokyo))
-    assert len(fire(store, at(2031, 5, 14, 9, tz=tokyo))) == 1
-    assert row(store, "t")["next_run"] == at(2031, 5, 15, 9, tz=tokyo)
-
-
-def test_schedule_names_are_unique_and_removal_is_checked(store):
-    add(store, "s")
-    with pytest.raises(queuectl.Conflict):
-        add(store, "s")
-    store.remove_schedule("s")
-    assert store.schedules() == []
-    for call in (lambda: store.remove_schedule("s"), lambda: store.pause_schedule("s", True)):
-        with pytest.raises(queuectl.NotFound):
-            call()

@@ -12,7 +12,11 @@ and providing three fixtures:
   backend's job table (not from the store's maintained counters).
 """
 
+import datetime
+import inspect
+import json
 import os
+import socket
 import sqlite3
 import threading
 import time
@@ -27,6 +31,15 @@ NOW = 1_700_000_000.0
 LEASE = 15.0
 HOST = "host-a"
 OTHER_HOST = "host-b"
+
+
+#: The schedule tests' clock: the ticks of */5 around it are 12:00, 12:05 and 12:10.
+TICK_NOW = datetime.datetime(2031, 5, 14, 12, 0, 30, tzinfo=datetime.timezone.utc).timestamp()
+
+
+def tick(hour, minute=0, second=0, day=14, tz=datetime.timezone.utc):
+    """A time on 2031-05-(day) (in ``tz``), in epoch seconds."""
+    return datetime.datetime(2031, 5, day, hour, minute, second, tzinfo=tz).timestamp()
 
 
 def spec(now=NOW, **fields):
@@ -816,6 +829,619 @@ class StoreContract:
         assert store.attempt("j").n == 2
         assert store.attempt("j", 3) is None
 
+    # --- helpers for the features beyond the core ----------------------------------------
+
+    def run(self, store, job_id, state="completed", now=NOW + 1, worker="w1"):
+        """Claim ``job_id`` (the next due job) and end its run in ``state``."""
+        job = self.claim(store, worker, now=now)
+        assert job is not None and job.id == job_id, "job %s is not the next due one: %r" % (job_id, job)
+        if state == "failed":
+            assert store.finish(job_id, job.runs, worker, "failed", now, "failed", 1, "exit code 1",
+                                retry_at=now + 1000)
+        elif state != "processing":
+            assert store.finish(job_id, job.runs, worker, state, now, "completed" if state == "completed" else "failed",
+                                0 if state == "completed" else 1)
+        return job
+
+    def claims(self, store, now=NOW + 1, **kw):
+        """Every job a worker can claim at ``now``, in claim order (each left processing)."""
+        got = []
+        while True:
+            job = store.claim("w-all", HOST, now, LEASE, **kw)
+            if job is None:
+                return got
+            got.append(job.id)
+
+    # --- cancel ------------------------------------------------------------------------------
+
+    @pytest.mark.parametrize("state", ["pending", "failed", "waiting"])
+    def test_cancel_of_a_job_that_is_not_running_is_at_once(self, store, raw_counts, state):
+        self.enqueue_one(store, id="before")
+        self.enqueue_one(store, id="j", after=["before"] if state == "waiting" else None)
+        if state == "failed":
+            self.run(store, "before")
+            self.run(store, "j", "failed")
+        assert store.get("j").state == state
+        assert store.cancel("j", NOW + 5) == "cancelled"
+        job = store.get("j")
+        assert (job.state, job.finished_at, job.updated_at, job.last_error) == (
+            "cancelled", NOW + 5, NOW + 5, "cancelled by a user")
+        assert "j" not in self.claims(store, now=NOW + 10 ** 6)
+        self.assert_counts(store, raw_counts)
+
+    def test_cancel_of_a_running_job_is_a_request_its_worker_records(self, store):
+        self.enqueue_one(store, id="j")
+        self.run(store, "j", "processing")
+        assert store.cancel_requested("j", 1) is False
+        assert store.cancel("j", NOW + 2) == "requested"
+        assert store.get("j").state == "processing"  # the worker kills the process tree first
+        assert store.cancel_requested("j", 1) is True
+        assert store.cancel_requested("j", 2) is False  # a request is for the run that was running
+        assert store.finish("j", 1, "w1", "cancelled", NOW + 3, "cancelled", -15, "cancelled by a user")
+        job = store.get("j")
+        assert (job.state, job.finished_at, job.worker_id) == ("cancelled", NOW + 3, None)
+        assert store.attempt("j", 1).outcome == "cancelled"
+
+    @pytest.mark.parametrize("state", ["completed", "dead", "cancelled"])
+    def test_cancel_of_a_finished_job_is_a_conflict_and_changes_nothing(self, store, state):
+        self.enqueue_one(store, id="j")
+        if state == "cancelled":
+            store.cancel("j", NOW + 1)
+        else:
+            self.run(store, "j", state)
+        before = snapshot(store, "j")
+        with pytest.raises(Conflict) as info:
+            store.cancel("j", NOW + 10)
+        assert str(info.value) == "job j is already %s" % state
+        assert snapshot(store, "j") == before
+
+    def test_cancel_of_an_unknown_job_is_not_found(self, store):
+        with pytest.raises(NotFound):
+            store.cancel("nope", NOW)
+
+    def test_cancel_reaches_the_jobs_waiting_for_it_and_theirs(self, store):
+        for job_id, after in [("a", None), ("b", ["a"]), ("c", ["b"]), ("free", None)]:
+            self.enqueue_one(store, id=job_id, after=after)
+        assert store.cancel("a", NOW + 1) == "cancelled"
+        assert {j: store.get(j).state for j in "abc"} == {"a": "cancelled", "b": "cancelled", "c": "cancelled"}
+        assert store.get("b").last_error == "dependency a ended cancelled"
+        assert store.get("c").last_error == "dependency b ended cancelled"
+        assert self.claims(store) == ["free"]
+
+    # --- purge -----------------------------------------------------------------------------
+
+    def finished_jobs(self, store):
+        """old-c, old-d, old-x completed/dead/cancelled at NOW + 1; new-c completed at NOW + 100;
+        p pending."""
+        for job_id in ["old-c", "old-d", "old-x", "new-c", "p"]:
+            self.enqueue_one(store, id=job_id, priority="low" if job_id == "p" else "high")
+        self.run(store, "old-c", now=NOW + 1)
+        self.run(store, "old-d", "dead", now=NOW + 1)
+        store.cancel("old-x", NOW + 1)
+        self.run(store, "new-c", now=NOW + 100)
+
+    def test_purge_deletes_finished_jobs_of_the_given_states_last_updated_before_a_time(self, store, raw_counts):
+        self.finished_jobs(store)
+        assert store.purge(["completed"], NOW + 50) == 1
+        assert store.get("old-c") is None and store.attempts("old-c") == []
+        assert store.get("new-c").state == "completed" and store.get("old-d").state == "dead"
+        assert store.purge(["dead", "cancelled"], NOW + 50) == 2
+        assert store.purge(["completed", "dead", "cancelled"], NOW + 50) == 0
+        assert sorted(j.id for j in store.list_jobs()) == ["new-c", "p"]
+        self.assert_counts(store, raw_counts, {"completed": 1, "pending": 1})
+
+    def test_purge_goes_batch_by_batch_until_nothing_is_left(self, store):
+        store.enqueue([spec(id="c%d" % i) for i in range(7)], NOW)
+        for i in range(7):
+            self.run(store, "c%d" % i)
+        assert store.purge(["completed"], NOW + 50, batch=2) == 7
+        assert store.list_jobs() == []
+
+    def test_purge_keeps_the_statistics(self, store):
+        self.finished_jobs(store)
+        minute = int((NOW + 1) // 60)
+        stats, totals = store.stats_by_queue(minute - 10, minute + 10), store.attempt_totals()
+        assert store.purge(["completed", "dead", "cancelled"], NOW + 1000) == 4
+        assert store.stats_by_queue(minute - 10, minute + 10) == stats
+        assert store.attempt_totals() == totals
+
+    @pytest.mark.parametrize("state", ["pending", "processing", "failed", "waiting", "bogus"])
+    def test_purge_refuses_a_state_that_is_not_final(self, store, state):
+        self.finished_jobs(store)
+        before = sorted((j.id, j.state) for j in store.list_jobs())
+        with pytest.raises(queuectl.InvalidInput) as info:
+            store.purge([state], NOW + 1000)
+        assert state in str(info.value)
+        assert sorted((j.id, j.state) for j in store.list_jobs()) == before
+
+    # --- queues and limits -----------------------------------------------------------------
+
+    def test_queues_lists_every_queue_with_its_limit_pause_and_unfinished_counts(self, store):
+        self.enqueue_one(store, id="a", priority="low")
+        self.enqueue_one(store, id="r1", queue="reports", priority="high")
+        self.enqueue_one(store, id="r2", queue="reports")
+        self.enqueue_one(store, id="r3", queue="reports", after=["r2"])
+        self.run(store, "r1", "processing")
+        self.run(store, "r2", "failed")
+        store.set_queue("empty", max_running=2)
+        store.set_queue("reports", paused=True)
+        assert store.queues() == [
+            {"name": "default", "max_running": None, "paused": False, "counts": {"pending": 1}},
+            {"name": "empty", "max_running": 2, "paused": False, "counts": {}},
+            {"name": "reports", "max_running": None, "paused": True,
+             "counts": {"processing": 1, "failed": 1, "waiting": 1}},
+        ]
+
+    def test_set_queue_changes_only_what_it_is_given(self, store):
+        store.set_queue("q", max_running=3)
+        store.set_queue("q", paused=True)
+        assert store.queues() == [{"name": "q", "max_running": 3, "paused": True, "counts": {}}]
+        store.set_queue("q", max_running=None)
+        store.set_queue("q", paused=False)
+        assert store.queues() == [{"name": "q", "max_running": None, "paused": False, "counts": {}}]
+
+    def test_a_queue_limit_counts_the_running_jobs_of_every_worker(self, store):
+        store.set_queue("deploy", max_running=2)
+        for i in range(4):
+            self.enqueue_one(store, id="d%d" % i, queue="deploy", priority="high")
+        self.enqueue_one(store, id="other", priority="low")
+        assert [self.claim_id(store, w) for w in ("w1", "w2", "w3")] == ["d0", "d1", "other"]
+        assert self.claim(store, "w4") is None  # two deploy jobs run: the others wait
+        assert store.finish("d0", 1, "w1", "completed", NOW + 2, "completed", 0)
+        assert self.claim_id(store, "w4", now=NOW + 2) == "d2"
+        store.set_queue("deploy", max_running=None)
+        assert self.claim_id(store, "w5", now=NOW + 2) == "d3"
+
+    def test_a_paused_queue_keeps_its_jobs_until_it_is_resumed(self, store):
+        self.enqueue_one(store, id="running", queue="q", priority="high")
+        self.enqueue_one(store, id="waits", queue="q", priority="high")
+        self.enqueue_one(store, id="other", priority="low")
+        assert self.claim_id(store) == "running"
+        store.set_queue("q", paused=True)
+        assert self.claims(store) == ["other"]
+        assert store.heartbeat("w1", "running", 1, NOW + 2, LEASE)  # a running job is not touched
+        assert store.finish("running", 1, "w1", "completed", NOW + 3, "completed", 0)
+        store.set_queue("q", paused=False)
+        assert self.claims(store, now=NOW + 4) == ["waits"]
+
+    def test_a_worker_may_take_from_given_queues_only(self, store):
+        self.enqueue_one(store, id="a", queue="a", priority="high")
+        self.enqueue_one(store, id="b", queue="b", priority="low")
+        self.enqueue_one(store, id="c", queue="c")
+        assert self.claims(store, queues=["b", "c"]) == ["c", "b"]
+        assert self.claims(store, queues=["nope"]) == []
+        assert self.claims(store) == ["a"]
+
+    # --- schedules -------------------------------------------------------------------------
+
+    def add_schedule(self, store, name, expr="*/5 * * * *", next_run=None, missed="once", overlap="skip",
+                     tz="UTC", **job):
+        job_spec = dict({"command": "echo %s" % name, "cwd": "/"}, **job)
+        first = next_run if next_run is not None else queuectl.Cron.parse(expr).next_after(TICK_NOW)
+        store.add_schedule(name, expr, tz, job_spec, missed, overlap, first, TICK_NOW - 3600)
+
+    def fire(self, store, now):
+        return store.fire_schedules(now, queuectl.schedule_next_run, store.config())
+
+    def schedule(self, store, name):
+        (s,) = [s for s in store.schedules() if s["name"] == name]
+        return s
+
+    def test_a_schedule_is_stored_as_given(self, store):
+        self.add_schedule(store, "s", "0 3 * * *", tz="Asia/Tokyo", missed="skip", overlap="allow", priority="high")
+        s = self.schedule(store, "s")
+        assert {k: s[k] for k in ("name", "cron", "tz", "spec", "missed", "overlap", "paused", "next_run", "last_run",
+                                  "last_job", "created_at", "last_state")} == {
+            "name": "s", "cron": "0 3 * * *", "tz": "Asia/Tokyo",
+            "spec": {"command": "echo s", "cwd": "/", "priority": "high"}, "missed": "skip", "overlap": "allow",
+            "paused": False, "next_run": queuectl.Cron.parse("0 3 * * *").next_after(TICK_NOW),
+            "last_run": None, "last_job": None, "created_at": TICK_NOW - 3600, "last_state": None}
+
+    def test_nothing_fires_before_the_tick(self, store):
+        self.add_schedule(store, "s")
+        assert self.fire(store, TICK_NOW) == []
+        assert self.fire(store, tick(12, 4, 59)) == []
+        assert store.counts()["pending"] == 0 and self.schedule(store, "s")["next_run"] == tick(12, 5)
+
+    def test_a_due_tick_enqueues_one_job_with_the_schedules_options(self, store):
+        self.add_schedule(store, "s", priority="high", queue="reports", timeout=60.0, max_retries=1, env={"A": "1"})
+        now = tick(12, 5, 10)
+        (job_id,) = self.fire(store, now)
+        assert job_id == "s.20310514T1205Z"
+        job = store.get(job_id)
+        assert (job.state, job.command, job.schedule, job.queue, job.priority_name) == \
+            ("pending", "echo s", "s", "reports", "high")
+        assert (job.timeout, job.max_retries, job.env, job.cwd, job.run_at) == (60.0, 1, {"A": "1"}, "/", now)
+        s = self.schedule(store, "s")
+        assert s["next_run"] == tick(12, 10) and s["last_run"] == tick(12, 5)
+        assert s["last_job"] == job_id and s["last_state"] == "pending"
+        assert "reports" in [q["name"] for q in store.queues()]
+
+    def test_a_tick_fires_once_however_many_processes_ask(self, store, open_store):
+        self.add_schedule(store, "s", overlap="allow")
+        now = tick(12, 5, 1)
+        other = open_store()
+        assert len(self.fire(store, now)) == 1
+        assert self.fire(other, now) == [] and self.fire(store, now) == []
+        assert self.fire(other, now + 30) == []
+        assert store.counts()["pending"] == 1
+
+    def test_missed_ticks_run_once_with_missed_once(self, store):
+        self.add_schedule(store, "s", next_run=TICK_NOW - 3 * 3600 - 30, missed="once")  # 36 ticks missed
+        assert len(self.fire(store, TICK_NOW)) == 1
+        assert self.schedule(store, "s")["next_run"] == tick(12, 5)  # the next tick after now
+        assert self.fire(store, TICK_NOW + 1) == []
+
+    def test_missed_ticks_are_dropped_with_missed_skip(self, store):
+        self.add_schedule(store, "s", next_run=TICK_NOW - 3 * 3600 - 30, missed="skip")
+        assert self.fire(store, TICK_NOW) == []
+        s = self.schedule(store, "s")
+        assert s["next_run"] == tick(12, 5) and s["last_job"] is None and s["last_run"] is None
+        assert store.counts()["pending"] == 0
+
+    @pytest.mark.parametrize("late, fires", [(0, True), (30, True), (60, True), (61, False), (299, False)])
+    def test_a_tick_up_to_a_minute_late_is_not_missed(self, store, late, fires):
+        self.add_schedule(store, "s", next_run=tick(12, 5), missed="skip")
+        assert len(self.fire(store, tick(12, 5) + late)) == (1 if fires else 0)
+        assert self.schedule(store, "s")["next_run"] > tick(12, 5) + late
+
+    def test_overlap_skip_waits_for_the_previous_run(self, store):
+        self.add_schedule(store, "s", overlap="skip")
+        (first,) = self.fire(store, tick(12, 5))
+        assert self.fire(store, tick(12, 10)) == []  # the first run is still pending
+        assert self.schedule(store, "s")["next_run"] == tick(12, 15)
+        assert self.schedule(store, "s")["last_job"] == first
+        self.run(store, first, now=tick(12, 11))
+        assert len(self.fire(store, tick(12, 15))) == 1
+
+    def test_overlap_skip_also_while_the_previous_run_is_running_or_failed(self, store):
+        self.add_schedule(store, "s", overlap="skip", max_retries=2)
+        (first,) = self.fire(store, tick(12, 5))
+        job = self.run(store, first, "processing", now=tick(12, 6))
+        assert self.fire(store, tick(12, 10)) == []  # processing
+        store.finish(job.id, job.runs, "w1", "failed", tick(12, 11), "failed", 1, retry_at=tick(13))
+        assert self.fire(store, tick(12, 15)) == []  # failed, awaiting its retry
+
+    def test_overlap_allow_fires_while_the_previous_run_is_unfinished(self, store):
+        self.add_schedule(store, "s", overlap="allow")
+        assert len(self.fire(store, tick(12, 5))) == 1
+        assert len(self.fire(store, tick(12, 10))) == 1
+        assert store.counts()["pending"] == 2
+
+    def test_a_paused_schedule_does_not_fire_and_resumes_from_its_next_tick(self, store):
+        self.add_schedule(store, "s")
+        store.pause_schedule("s", True)
+        assert self.schedule(store, "s")["paused"] is True
+        assert self.fire(store, tick(13)) == []
+        assert self.schedule(store, "s")["next_run"] == tick(12, 5)  # untouched while paused
+        resume_at = tick(13, 2)
+        store.pause_schedule("s", False, queuectl.schedule_next_run(self.schedule(store, "s"), resume_at))
+        assert self.schedule(store, "s")["next_run"] == tick(13, 5) and not self.schedule(store, "s")["paused"]
+        assert self.fire(store, resume_at) == []  # the ticks missed while paused are not made up for
+        assert len(self.fire(store, tick(13, 5))) == 1
+
+    def test_a_unique_key_held_by_another_job_skips_the_tick(self, store):
+        store.enqueue([spec(TICK_NOW, unique_key="K")], TICK_NOW)
+        self.add_schedule(store, "s", unique_key="K")
+        assert self.fire(store, tick(12, 5)) == []
+        assert self.schedule(store, "s")["next_run"] == tick(12, 10)
+        assert self.schedule(store, "s")["last_job"] is None
+
+    def test_a_taken_job_id_gets_a_suffix(self, store):
+        store.enqueue([spec(TICK_NOW, id="s.20310514T1205Z")], TICK_NOW)
+        self.add_schedule(store, "s")
+        (job_id,) = self.fire(store, tick(12, 5))
+        assert job_id.startswith("s.20310514T1205Z.") and store.get(job_id).schedule == "s"
+
+    def test_schedules_in_a_time_zone_advance_in_it(self, store):
+        tokyo = queuectl.resolve_tz("Asia/Tokyo")  # UTC+9, no DST
+        self.add_schedule(store, "t", expr="0 9 * * *", tz="Asia/Tokyo", next_run=tick(9, tz=tokyo))
+        assert len(self.fire(store, tick(9, tz=tokyo))) == 1
+        assert self.schedule(store, "t")["next_run"] == tick(9, day=15, tz=tokyo)
+
+    def test_schedule_names_are_unique_and_removal_is_checked(self, store):
+        self.add_schedule(store, "s")
+        with pytest.raises(Conflict):
+            self.add_schedule(store, "s")
+        store.remove_schedule("s")
+        assert store.schedules() == []
+        for call in (lambda: store.remove_schedule("s"), lambda: store.pause_schedule("s", True)):
+            with pytest.raises(NotFound):
+                call()
+
+    def test_removing_a_schedule_keeps_its_jobs(self, store):
+        self.add_schedule(store, "s")
+        (job_id,) = self.fire(store, tick(12, 5))
+        store.remove_schedule("s")
+        assert store.get(job_id).schedule == "s"
+
+    # --- webhooks outbox -------------------------------------------------------------------
+
+    def outbox(self, store, now=NOW + 100):
+        """{(url, job id): (event, payload)} of the deliveries due at ``now`` (claimed); each once."""
+        out = {}
+        for d in store.claim_webhooks(now, 100, 30.0):
+            payload = json.loads(d["payload"])
+            assert (set(payload), d["attempts"]) == ({"event", "job", "sent_by"}, 0)
+            key = (d["url"], payload["job"]["id"])
+            assert key not in out, "two deliveries of job %s to %s" % key[::-1]
+            out[key] = (payload["event"], payload)
+        return out
+
+    def test_a_job_that_ends_queues_one_delivery_per_url_with_its_document_without_env(self, store):
+        store.set_config("webhook-url", "http://hooks.test/all")
+        self.enqueue_one(store, id="a", webhook="http://hooks.test/a", env={"TOKEN": "secret"}, priority="high")
+        self.enqueue_one(store, id="b", webhook="http://hooks.test/all")  # the same URL twice: one delivery
+        self.enqueue_one(store, id="c", priority="low")
+        self.run(store, "a")
+        self.run(store, "b", "dead")
+        store.cancel("c", NOW + 2)
+        out = self.outbox(store)
+        assert {k: v[0] for k, v in out.items()} == {
+            ("http://hooks.test/a", "a"): "job.completed", ("http://hooks.test/all", "a"): "job.completed",
+            ("http://hooks.test/all", "b"): "job.dead", ("http://hooks.test/all", "c"): "job.cancelled"}
+        payload = out[("http://hooks.test/a", "a")][1]
+        expected = store.get("a").to_dict()
+        del expected["env"]  # may hold secrets
+        assert payload == {"event": "job.completed", "job": expected, "sent_by": "queuectl " + queuectl.__version__}
+
+    def test_a_run_that_will_be_retried_queues_no_delivery(self, store):
+        self.enqueue_one(store, id="a", webhook="http://hooks.test/a")
+        self.run(store, "a", "failed")
+        assert store.webhooks_due(NOW + 10 ** 6) is False
+        assert store.claim_webhooks(NOW + 10 ** 6, 10, 30.0) == []
+
+    def test_a_delivery_is_leased_then_retried_delivered_or_given_up(self, store):
+        self.enqueue_one(store, id="a", webhook="http://hooks.test/a", priority="high")
+        self.enqueue_one(store, id="b", webhook="http://hooks.test/b")
+        self.run(store, "a", now=NOW + 1)
+        assert store.webhooks_due(NOW + 1) is True
+        (d,) = store.claim_webhooks(NOW + 1, 10, 30.0)
+        assert store.claim_webhooks(NOW + 2, 10, 30.0) == []  # leased to the first sender
+        assert [x["id"] for x in store.claim_webhooks(NOW + 32, 10, 30.0)] == [d["id"]]  # the lease ran out
+        store.webhook_result(d["id"], NOW + 33, error="HTTP 500", next_at=NOW + 100)
+        assert store.webhooks_due(NOW + 99) is False and store.webhooks_due(NOW + 100) is True
+        (again,) = store.claim_webhooks(NOW + 100, 10, 30.0)
+        assert (again["id"], again["attempts"]) == (d["id"], 1)
+        store.webhook_result(d["id"], NOW + 101)  # delivered
+        assert store.webhooks_due(NOW + 10 ** 6) is False
+        self.run(store, "b", now=NOW + 200)
+        (d,) = store.claim_webhooks(NOW + 200, 10, 30.0)
+        store.webhook_result(d["id"], NOW + 201, error="HTTP 404")  # given up: never sent again
+        assert store.webhooks_due(NOW + 10 ** 6) is False
+
+    def test_claim_webhooks_takes_at_most_limit_oldest_first(self, store):
+        for i in range(5):
+            self.enqueue_one(store, id="j%d" % i, webhook="http://hooks.test/%d" % i)
+        for i in range(5):
+            self.run(store, "j%d" % i, now=NOW + 1 + i)
+        first = store.claim_webhooks(NOW + 10, 3, 30.0)
+        assert [d["url"] for d in first] == ["http://hooks.test/0", "http://hooks.test/1", "http://hooks.test/2"]
+        assert [d["url"] for d in store.claim_webhooks(NOW + 10, 3, 30.0)] == ["http://hooks.test/3",
+                                                                                "http://hooks.test/4"]
+
+    # --- dependencies ----------------------------------------------------------------------
+
+    def test_a_job_waits_until_every_job_it_depends_on_completed(self, store):
+        self.enqueue_one(store, id="a", priority="high")
+        self.enqueue_one(store, id="b", priority="high")
+        self.enqueue_one(store, id="c", after=["a", "b"])
+        assert store.get("c").state == "waiting" and store.get("c").after == ["a", "b"]
+        self.run(store, "a")
+        assert store.get("c").state == "waiting"
+        b = self.claim(store, now=NOW + 2)
+        assert b.id == "b" and self.claim(store, now=NOW + 2) is None  # c is not due while it waits
+        assert store.finish("b", 1, "w1", "completed", NOW + 3, "completed", 0)
+        assert store.get("c").state == "pending"
+        assert self.claims(store, now=NOW + 3) == ["c"]
+
+    def test_a_job_whose_dependencies_completed_already_is_pending_at_once(self, store):
+        self.enqueue_one(store, id="a")
+        self.run(store, "a")
+        self.enqueue_one(store, id="b", after=["a"])
+        assert store.get("b").state == "pending"
+
+    def test_dependencies_inside_one_batch_in_any_order(self, store):
+        ids = store.enqueue([spec(id="late", after=["early"]), spec(id="early"), spec(after=["late", "early"])], NOW)
+        assert ids[:2] == ["late", "early"]
+        assert [store.get(i).state for i in ids] == ["waiting", "pending", "waiting"]
+        self.run(store, "early")
+        assert self.claims(store) == ["late"]
+
+    @pytest.mark.parametrize("dep_state, error, message", [
+        (None, NotFound, 'job j depends on "dep", which does not exist'),
+        ("dead", Conflict, "job j depends on dep, which is dead"),
+        ("cancelled", Conflict, "job j depends on dep, which is cancelled"),
+    ])
+    def test_a_dependency_that_is_missing_or_ended_badly_refuses_the_batch(self, store, raw_counts, dep_state, error,
+                                                                            message):
+        if dep_state is not None:
+            self.enqueue_one(store, id="dep")
+            if dep_state == "dead":
+                self.run(store, "dep", "dead")
+            else:
+                store.cancel("dep", NOW)
+        before = sorted((j.id, j.state) for j in store.list_jobs())
+        with pytest.raises(error) as info:
+            store.enqueue([spec(id="fine"), spec(id="j", after=["dep"])], NOW + 5)
+        assert str(info.value) == message
+        assert sorted((j.id, j.state) for j in store.list_jobs()) == before
+        self.assert_counts(store, raw_counts)
+
+    def test_a_dependency_cycle_is_refused(self, store):
+        with pytest.raises(queuectl.InvalidInput) as info:
+            store.enqueue([spec(id="a", after=["b"]), spec(id="b", after=["a"])], NOW)
+        assert "cycle" in str(info.value)
+        assert store.list_jobs() == []
+
+    def test_a_dependency_that_ends_dead_cancels_the_jobs_waiting_for_it_naming_it(self, store):
+        self.enqueue_one(store, id="a", priority="high")
+        self.enqueue_one(store, id="b", after=["a"])
+        self.enqueue_one(store, id="c", after=["b"])
+        self.run(store, "a", "dead", now=NOW + 2)
+        assert (store.get("b").state, store.get("b").last_error) == ("cancelled", "dependency a ended dead")
+        assert (store.get("c").state, store.get("c").last_error) == ("cancelled", "dependency b ended cancelled")
+        assert store.get("b").finished_at == NOW + 2
+
+    def test_a_dependency_lost_for_good_by_rescue_cancels_the_jobs_waiting_for_it(self, store):
+        store.set_config("max-rescues", 0)
+        self.enqueue_one(store, id="a")
+        self.enqueue_one(store, id="b", after=["a"])
+        self.run(store, "a", "processing")
+        assert store.rescue(NOW + 100, HOST, always_alive, Recorder()) == ["a"]
+        assert (store.get("a").state, store.get("b").state) == ("dead", "cancelled")
+
+    def test_deleting_a_job_cancels_the_jobs_waiting_for_it(self, store):
+        self.enqueue_one(store, id="a")
+        self.enqueue_one(store, id="b", after=["a"])
+        self.enqueue_one(store, id="c", after=["b"])
+        assert store.delete_jobs("pending") == 1
+        assert store.get("a") is None
+        assert (store.get("b").state, store.get("b").last_error) == ("cancelled", "dependency a was deleted")
+        assert (store.get("c").state, store.get("c").last_error) == ("cancelled", "dependency b ended cancelled")
+
+    # --- unique keys -----------------------------------------------------------------------
+
+    def test_a_unique_key_held_by_an_unfinished_job_adds_nothing_and_names_its_holder(self, store, raw_counts):
+        self.enqueue_one(store, id="k1", unique_key="K")
+        existing = []
+        ids = store.enqueue([spec(id="k2", unique_key="K"), spec(id="other", unique_key="L")], NOW + 1,
+                            existing=existing)
+        assert ids == ["k1", "other"] and existing == ["k1"]
+        assert store.get("k2") is None
+        self.assert_counts(store, raw_counts, {"pending": 2})
+
+    def test_a_unique_key_twice_in_one_batch_adds_one_job(self, store):
+        existing = []
+        ids = store.enqueue([spec(unique_key="K"), spec(unique_key="K", command="second")], NOW, existing=existing)
+        assert ids[0] == ids[1] and existing == [ids[0]]
+        assert [j.command for j in store.list_jobs()] == ["true"]
+
+    @pytest.mark.parametrize("state, held", [("processing", True), ("failed", True), ("waiting", True),
+                                             ("completed", False), ("dead", False), ("cancelled", False)])
+    def test_a_unique_key_is_held_until_its_job_is_finished(self, store, state, held):
+        self.enqueue_one(store, id="dep", priority="high")
+        self.enqueue_one(store, id="k1", unique_key="K", after=["dep"] if state == "waiting" else None)
+        if state != "waiting":
+            self.run(store, "dep")
+            if state == "cancelled":
+                store.cancel("k1", NOW + 2)
+            else:
+                self.run(store, "k1", state, now=NOW + 2)
+        assert store.get("k1").state == state
+        (job_id,) = store.enqueue([spec(id="k2", unique_key="K")], NOW + 3)
+        assert job_id == ("k1" if held else "k2")
+
+    def test_a_dead_job_whose_key_is_held_again_cannot_be_retried(self, store):
+        self.enqueue_one(store, id="k1", unique_key="K")
+        self.run(store, "k1", "dead")
+        self.enqueue_one(store, id="k2", unique_key="K")
+        with pytest.raises(Conflict) as info:
+            store.retry_dead("k1", NOW + 5)
+        assert "unique key" in str(info.value)
+        assert store.retry_all_dead(NOW + 5) == (0, 1)
+        assert store.get("k1").state == "dead"
+
+    # --- the whole dead letter queue ---------------------------------------------------------
+
+    def test_retry_all_dead_moves_every_dead_job(self, store):
+        store.enqueue([spec(id="d%d" % i, priority="high") for i in range(3)] + [spec(id="ok", priority="low")], NOW)
+        for i in range(3):
+            self.run(store, "d%d" % i, "dead")
+        assert store.retry_all_dead(NOW + 10) == (3, 0)
+        assert {j.id: (j.state, j.run_at) for j in store.list_jobs()} == {
+            "d0": ("pending", NOW + 10), "d1": ("pending", NOW + 10), "d2": ("pending", NOW + 10),
+            "ok": ("pending", NOW)}
+        assert store.retry_all_dead(NOW + 20) == (0, 0)
+
+    # --- dashboard and monitoring reads ----------------------------------------------------
+
+    def test_jobs_page_walks_every_job_once_newest_first_even_with_equal_times(self, store):
+        store.enqueue([spec(id="a%03d" % i) for i in range(23)], NOW)  # one timestamp for all
+        store.enqueue([spec(NOW + 5, id="b%03d" % i) for i in range(7)], NOW + 5)
+        seen, after = [], None
+        while True:
+            jobs, more = store.jobs_page(limit=5, after=after)
+            seen += [j.id for j in jobs]
+            if not more:
+                break
+            after = (jobs[-1].updated_at, jobs[-1].seq)
+        assert len(seen) == 30 and len(set(seen)) == 30
+        assert seen[:7] == ["b%03d" % i for i in reversed(range(7))]  # newest first, then the last enqueued first
+        assert seen[7:] == ["a%03d" % i for i in reversed(range(23))]
+
+    def test_jobs_page_filters_by_state(self, store):
+        store.enqueue([spec(id="j%d" % i, priority="high" if i in (1, 4, 7) else "low") for i in range(10)], NOW)
+        for i in (1, 4, 7):
+            self.run(store, "j%d" % i, "dead", now=NOW + i)
+        jobs, more = store.jobs_page(state="dead", limit=2)
+        assert [j.id for j in jobs] == ["j7", "j4"] and more
+        jobs, more = store.jobs_page(state="dead", limit=2, after=(jobs[-1].updated_at, jobs[-1].seq))
+        assert [j.id for j in jobs] == ["j1"] and not more
+        assert store.jobs_page(state="completed") == ([], False)
+
+    def test_jobs_page_id_prefix_search_in_id_order(self, store):
+        ids = ("backup-3", "backup-1", "backup-2", "backupx", "backuP-9", "build-1", "b")
+        store.enqueue([spec(id=i, priority="high" if i == "backup-2" else "low") for i in ids], NOW)
+        jobs, more = store.jobs_page(id_prefix="backup-", limit=2)
+        assert [j.id for j in jobs] == ["backup-1", "backup-2"] and more
+        jobs, more = store.jobs_page(id_prefix="backup-", limit=2, after=jobs[-1].id)
+        assert [j.id for j in jobs] == ["backup-3"] and not more
+        self.run(store, "backup-2", "dead")
+        assert [j.id for j in store.jobs_page(id_prefix="backup", state="dead")[0]] == ["backup-2"]
+        assert [j.id for j in store.jobs_page(id_prefix="b")[0]] == ["b", "backuP-9", "backup-1", "backup-2",
+                                                                     "backup-3", "backupx", "build-1"]
+        for impossible in ("back up", "%", "b_ckup'--", "\u00e9"):
+            assert store.jobs_page(id_prefix=impossible) == ([], False)
+
+    def test_oldest_due_is_the_longest_waiting_due_job(self, store):
+        assert store.oldest_due(NOW) is None
+        self.enqueue_one(store, NOW - 100, id="later", delay=60, priority="high")  # due at NOW - 40
+        self.enqueue_one(store, NOW - 30, id="low", priority="low")
+        self.enqueue_one(store, NOW - 500, id="future", delay=600)  # due at NOW + 100
+        assert store.oldest_due(NOW) == NOW - 40
+        self.run(store, "later", "processing", now=NOW)
+        assert store.oldest_due(NOW) == NOW - 30
+        self.run(store, "low", now=NOW)
+        assert store.oldest_due(NOW) is None
+        assert store.oldest_due(NOW + 200) == NOW + 100
+
+    def run_for(self, store, job_id, state, start, duration):
+        job = self.claim(store, now=start)
+        assert job.id == job_id
+        assert store.finish(job_id, job.runs, "w1", state, start + duration,
+                            "completed" if state == "completed" else "failed", 0 if state == "completed" else 1)
+
+    def test_stats_minutes_sum_queues_per_minute(self, store):
+        store.enqueue([spec(id="a"), spec(id="b", queue="q2"), spec(id="c")], NOW)
+        self.run_for(store, "a", "completed", NOW, 2)
+        self.run_for(store, "b", "completed", NOW + 1, 4)
+        self.run_for(store, "c", "dead", NOW + 70, 1)
+        minute = int((NOW + 2) // 60)
+        by = {(r["minute"], r["outcome"]): r for r in store.stats_minutes(minute - 5, minute + 5)}
+        assert by[(minute, "completed")]["count"] == 2
+        assert by[(minute, "completed")]["run_sum"] == pytest.approx(6)
+        assert by[(int((NOW + 71) // 60), "failed")]["count"] == 1
+        assert store.stats_minutes(minute + 10, minute + 20) == []
+
+    def test_attempt_totals_histogram_never_goes_down_when_jobs_are_deleted(self, store):
+        store.enqueue([spec(id="quick"), spec(id="slow"), spec(id="bad")], NOW)
+        self.run_for(store, "quick", "completed", NOW, 0.05)
+        self.run_for(store, "slow", "completed", NOW + 1, 42)
+        self.run_for(store, "bad", "dead", NOW + 2, 3)
+        before = {(t["queue"], t["outcome"]): t for t in store.attempt_totals()}
+        done = before[("default", "completed")]
+        assert done["count"] == 2 and done["duration_sum"] == pytest.approx(42.05)
+        buckets = dict(done["buckets"])
+        assert buckets[0.1] == 1 and buckets[60.0] == 2 and buckets[float("inf")] == 2
+        counts = [c for _, c in done["buckets"]]
+        assert counts == sorted(counts), "buckets are cumulative"
+        assert [le for le, _ in done["buckets"]] == list(queuectl.DURATION_BUCKETS) + [float("inf")]
+        assert before[("default", "failed")]["count"] == 1
+        assert store.delete_jobs() == 3
+        assert [store.attempts(j) for j in ("quick", "slow", "bad")] == [[], [], []]
+        assert {(t["queue"], t["outcome"]): t for t in store.attempt_totals()} == before
+
 
 ###############################################################################
 # SqliteStore
@@ -839,7 +1465,6 @@ class TestSqliteStore(StoreContract):
     @pytest.fixture
     def raw_counts(self, db):
         return lambda: dict(db_rows(db, "SELECT state, count(*) FROM jobs GROUP BY state"))
-
 
 
 def test_worker_commits_wait_for_no_disk_and_a_sync_flushes_the_wal(store, db):
@@ -908,6 +1533,56 @@ def test_a_polling_writer_gives_up_after_the_busy_timeout(store, db, monkeypatch
         assert store.counts().get("pending", 0) == 0
     finally:
         other.close()
+
+
+class WakeSocket:
+    """The wake-up socket of a worker registered on this host (as Worker binds it)."""
+
+    def __init__(self, store, db, worker_id):
+        self.address = queuectl.wake_address(str(db), worker_id)
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind("\0" + self.address)
+        self.sock.setblocking(False)
+        store.register_worker(worker_record(worker_id, host=queuectl.HOST, wake=self.address))
+
+    def datagrams(self):
+        """How many wake-ups arrived since the last call (they are sent before the store's call returns)."""
+        n = 0
+        while True:
+            try:
+                self.sock.recv(64)
+            except BlockingIOError:
+                return n
+            n += 1
+
+
+def test_the_sqlite_store_wakes_workers_after_the_commits_that_give_them_work(store, db):
+    """What PostgreSQL's NOTIFY does: idle workers of this host are woken by datagram once a change
+    that makes jobs due has committed, and the worker of a job a user cancels; nothing else wakes."""
+    idle, busy = WakeSocket(store, db, "idle"), WakeSocket(store, db, "busy")
+    try:
+        store.enqueue([spec(id="later", delay=60)], NOW)
+        assert (idle.datagrams(), busy.datagrams()) == (0, 0)
+        store.enqueue([spec(id="a", max_retries=0), spec(id="b", after=["a"])], NOW)
+        assert (idle.datagrams(), busy.datagrams()) == (1, 1)  # up to one idle worker per job
+        with pytest.raises(Conflict):
+            store.enqueue([spec(id="a")], NOW)  # refused, nothing committed: no wake-up
+        assert idle.datagrams() == 0
+        job = store.claim("busy", queuectl.HOST, NOW, LEASE)
+        assert job.id == "a" and (idle.datagrams(), busy.datagrams()) == (0, 0)
+        assert store.cancel("a", NOW + 1) == "requested"
+        assert (idle.datagrams(), busy.datagrams()) == (0, 1)  # the worker running it, only
+        assert store.finish("a", 1, "busy", "dead", NOW + 2, "failed", 1)  # b is cancelled: nothing to do
+        assert idle.datagrams() == 0
+        assert store.retry_dead("a", NOW + 3)
+        assert idle.datagrams() == 1
+        store.set_queue("default", paused=True)
+        assert idle.datagrams() == 0
+        store.set_queue("default", paused=False)
+        assert idle.datagrams() == 1
+    finally:
+        idle.sock.close()
+        busy.sock.close()
 
 
 def plan(store, sql):
@@ -993,3 +1668,64 @@ def test_a_garbage_file_is_a_database_error_and_left_untouched(db, content):
     with pytest.raises(DatabaseError):
         queuectl.SqliteStore(str(db))
     assert db.read_bytes() == content
+
+
+def public_methods(cls):
+    return {name for name in dir(cls) if not name.startswith("_") and callable(getattr(cls, name))}
+
+
+def assert_implements_the_contract(cls, extra=()):
+    """Every method a caller may use is declared and documented on Store (callers never probe a
+    store with hasattr), and ``cls`` implements each one the contract leaves open, and each query
+    StoreRules needs.  ``extra``: public methods that are not for callers (a test helper)."""
+    assert public_methods(cls) - public_methods(queuectl.Store) == set(extra)
+    for name in public_methods(queuectl.Store):
+        assert getattr(queuectl.Store, name).__doc__, "Store.%s has no docstring" % name
+    for name in dir(queuectl.StoreRules):
+        declared = getattr(queuectl.StoreRules, name)
+        if callable(declared) and (name in vars(queuectl.StoreRules) or name in vars(queuectl.Store)) \
+                and "raise NotImplementedError" in inspect.getsource(declared):
+            assert getattr(cls, name) is not declared, "%s.%s is missing" % (cls.__name__, name)
+
+
+def test_the_sqlite_store_implements_the_whole_contract_and_nothing_else():
+    assert_implements_the_contract(queuectl.SqliteStore)
+
+
+###############################################################################
+# The rules both stores share
+###############################################################################
+
+
+@pytest.mark.parametrize("age, lease, alive", [
+    (59.9, 1.0, True), (60.1, 1.0, False),  # never gone within a minute
+    (59.9, 15.0, True), (60.1, 15.0, False),  # 4 x 15 s
+    (3 * 3600, 3600.0, True), (4 * 3600 + 1, 3600.0, False),  # a long lease: 4 of them
+])
+def test_a_worker_on_another_host_is_alive_while_its_heartbeat_is_recent(age, lease, alive):
+    w = dict(worker_record("remote", host=OTHER_HOST), heartbeat_at=NOW - age)
+    never = Recorder(lambda pid, started: False)
+    assert queuectl.worker_alive(w, NOW, HOST, lease, never) is alive
+    assert never.calls == []  # its pid means nothing on this host
+
+
+@pytest.mark.parametrize("answer", [True, False])
+def test_a_worker_on_this_host_is_alive_while_its_process_is(answer):
+    w = dict(worker_record("local", pid=4242, pid_started=55.0), heartbeat_at=NOW - 10 ** 6)
+    alive = Recorder(lambda pid, started: answer)
+    assert queuectl.worker_alive(w, NOW, HOST, LEASE, alive) is answer
+    assert alive.calls == [(4242, 55.0)]  # the pid and its start time: a reused pid is not the worker
+
+
+def test_rescue_worker_status_and_the_dashboard_judge_a_worker_by_the_same_rule(store):
+    """A worker of another machine with a long lease, silent for two hours: alive for rescue, for
+    `worker status` and the dashboard (worker_views); gone for all of them after four leases."""
+    store.set_config("lease-seconds", 3600)
+    store.register_worker(dict(worker_record("remote", host=queuectl.HOST + "-other", now=time.time() - 7200)))
+    assert [v["state"] for v in queuectl.worker_views(store, time.time())] == ["idle"]
+    assert store.rescue(time.time(), queuectl.HOST, always_alive, Recorder()) == []
+    assert [w["id"] for w in store.workers()] == ["remote"]
+    later = time.time() + 3 * 3600 + 1
+    assert [v["state"] for v in queuectl.worker_views(store, later)] == ["gone"]
+    store.rescue(later, queuectl.HOST, always_alive, Recorder())
+    assert store.workers() == []
