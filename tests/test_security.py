@@ -105,6 +105,7 @@ class Dashboards:
         proc = subprocess.Popen(program() + [str(a) for a in args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 stdin=subprocess.DEVNULL, env=env, cwd="/", start_new_session=True,
                                 preexec_fn=lambda: os.umask(umask))
+        proc.db = env.get("QUEUECTL_DB")
         self.procs.append(proc)
         line = proc.stdout.readline().decode()
         assert line.startswith("dashboard: http://"), (line, proc.poll())
@@ -117,6 +118,8 @@ class Dashboards:
         for p in self.procs:
             with contextlib.suppress(OSError):
                 os.killpg(p.pid, signal.SIGKILL)
+            if p.db and os.path.exists(p.db):  # `up`'s supervisor has a process group of its own
+                kill_workers_of(p.db)
             with contextlib.suppress(Exception):
                 p.wait(10)
             for f in (p.stdout, p.stderr):
