@@ -201,14 +201,27 @@ class Setting:
     """One setting: what `queuectl config set NAME VALUE` takes, what it is when never set, what it
     means.  (A plain class: SETTINGS is built at every start, and a _record compiles its __init__.)
 
-    ``kind`` is int, float (a number of seconds or a factor; 90s, 15m, 2h are taken) or str (a URL);
-    a number lies from ``lo`` (excluded when ``lo_open``) to ``hi``."""
+    ``kind`` is int, float or str (a URL); a number lies from ``lo`` (excluded when ``lo_open``) to
+    ``hi``.  ``unit`` is "s" (a duration: 90s, 15m, 7d are taken and shown), "bytes" (64K, 1M) or
+    None (a plain number); ``zero`` is the word for 0 when 0 means "no limit" (taken and shown)."""
 
-    __slots__ = ("name", "kind", "default", "lo", "hi", "lo_open", "help")
+    __slots__ = ("name", "kind", "default", "lo", "hi", "lo_open", "help", "unit", "zero")
 
-    def __init__(self, name, kind, default, lo=None, hi=None, lo_open=False, help=""):
+    def __init__(self, name, kind, default, lo=None, hi=None, lo_open=False, help="", unit=None, zero=None):
         self.name, self.kind, self.default, self.help = name, kind, default, help
-        self.lo, self.hi, self.lo_open = lo, hi, lo_open
+        self.lo, self.hi, self.lo_open, self.unit, self.zero = lo, hi, lo_open, unit, zero
+
+    def show(self, value):
+        """A value as `config show` prints it: "300s", "1M", "none"."""
+        if self.kind is str:
+            return value or "none"
+        if value == 0 and self.zero:
+            return self.zero
+        if self.unit == "s":
+            return format_seconds(value)
+        if self.unit == "bytes":
+            return format_size(value)
+        return _fmt_value(value)
 
     def __repr__(self):
         return "Setting(%r, %s, %r)" % (self.name, self.kind.__name__, self.default)
@@ -220,22 +233,25 @@ SETTINGS = (
     Setting("max-retries", int, 3, 0, 1000, False,
             "retries after the first run (a job runs at most max-retries + 1 times)"),
     Setting("backoff-base", float, 2.0, 1, 1000, False, "after the n-th failed run wait backoff-base ** n seconds"),
-    Setting("backoff-max", float, 3600.0, 0, 366 * 86400, True, "longest wait between retries, seconds"),
-    Setting("worker-poll-interval", float, 1.0, 0, 3600, True, "idle workers look for due jobs this often, seconds"),
+    Setting("backoff-max", float, 3600.0, 0, 366 * 86400, True, "longest wait between retries", unit="s"),
+    Setting("worker-poll-interval", float, 1.0, 0, 3600, True, "idle workers look for due jobs this often",
+            unit="s"),
     Setting("job-timeout", float, 300.0, 0, 366 * 86400, False,
-            "timeout for jobs without their own, seconds (0 = none)"),
+            "timeout for jobs without their own (0 or none: no limit)", unit="s", zero="none"),
     Setting("lease-seconds", float, 15.0, 1, 3600, False,
-            "a job is rescued when its worker stops renewing its lease this long"),
+            "a job is rescued when its worker stops renewing its lease this long", unit="s"),
     Setting("output-limit", int, 1048576, 1024, 64 * 1048576, False,
-            "bytes of output kept per attempt (the end is kept)"),
+            "output kept per attempt (the end is kept)", unit="bytes"),
     Setting("max-rescues", int, 5, 0, 1000, False,
             "rescues from dead workers a job may have; one more sends it to the DLQ"),
-    Setting("kill-grace", float, 2.0, 0, 600, False, "seconds between SIGTERM and SIGKILL when a job is killed"),
+    Setting("kill-grace", float, 2.0, 0, 600, False, "between SIGTERM and SIGKILL when a job is killed", unit="s"),
     Setting("retention", float, 0.0, 0, 10 * 366 * 86400, False,
-            "completed and cancelled jobs older than this are purged automatically (0 = keep)"),
+            "completed and cancelled jobs older than this are purged automatically (0 or forever: kept)",
+            unit="s", zero="forever"),
     Setting("webhook-url", str, "", help="URL that gets a JSON POST when any job ends (empty = none)"),
 )
 SETTINGS_BY_NAME = {s.name: s for s in SETTINGS}
+QUEUE_LIMIT = Setting("queue limit", int, None, 1, 100000, zero="none")  # (`queue set-limit`; not a config key)
 #: Every setting's default, by name (what a store's config() returns for settings never set).
 DEFAULTS = {s.name: s.default for s in SETTINGS}
 
@@ -967,6 +983,33 @@ def dependency_order(jobs):
 DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
 
+SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "kb": 1024, "kib": 1024, "m": 1048576, "mb": 1048576, "mib": 1048576,
+              "g": 1073741824, "gb": 1073741824, "gib": 1073741824}
+
+
+def parse_size(text):
+    """'1048576', '64K', '1M', '1MiB' -> bytes (binary units); ValueError otherwise."""
+    m = re.match(r"^\s*(\d+(?:\.\d+)?)\s*([a-z]*)\s*$", str(text).lower())
+    if not m or m.group(2) not in SIZE_UNITS:
+        raise ValueError("not a size such as 65536, 64K, 1M")
+    return int(float(m.group(1)) * SIZE_UNITS[m.group(2)])
+
+
+def format_size(n):
+    for unit, size in (("G", 1073741824), ("M", 1048576), ("K", 1024)):
+        if n >= size and n % size == 0:
+            return "%d%s" % (n // size, unit)
+    return "%d" % n
+
+
+def format_seconds(seconds):
+    """300 -> "300s", 3600 -> "1h", 604800 -> "7d" (whole hours and days read as such), 0.5 -> "0.5s"."""
+    for unit, size in (("d", 86400), ("h", 3600)):
+        if seconds >= size and seconds % size == 0:
+            return "%d%s" % (seconds // size, unit)
+    return "%gs" % seconds
+
+
 def parse_duration(text):
     """'90', '1.5', '90s', '15m', '12h', '7d', '2w' -> seconds (float); ValueError otherwise."""
     m = re.match(r"^\s*(-?)\s*(\d+(?:\.\d*)?|\.\d+)\s*([smhdw]?)\s*$", str(text).lower())
@@ -992,16 +1035,27 @@ def short_json(v, n=40):
     return text if len(text) <= n else text[: n - 3] + "..."
 
 
-def _validate_number(key, text, kind, lo, hi, lo_open=False):
+def _validate_number(setting, text):
+    """A setting's number from ``text``, or InvalidInput that says what it takes."""
+    kind, lo, hi = setting.kind, setting.lo, setting.hi
     try:
-        value = int(text) if kind is int else parse_duration(text)
+        value = text if isinstance(text, int) else int(text) if kind is int else parse_duration(text)
     except (TypeError, ValueError):
-        raise InvalidInput("config %s must be %s from %s to %s, got %s" % (
-            key, "a whole number" if kind is int else "a number", _fmt_value(lo), _fmt_value(hi), short_json(text)))
-    if value != value or value in (float("inf"), float("-inf")) or value < lo or (lo_open and value == lo) or value > hi:
-        raise InvalidInput("config %s must be %s %s and <= %s, got %s"
-                           % (key, ">" if lo_open else ">=", lo, hi, short_json(text)))
+        value = None
+    if value is None or value != value or value < lo or (setting.lo_open and value == lo) or value > hi:
+        raise InvalidInput("%s must be %s" % (setting.name if setting is QUEUE_LIMIT else "config " + setting.name,
+                                              setting_range(setting))
+                           + ", got %s" % short_json(text))
     return value
+
+
+def setting_range(setting):
+    """What a number setting takes, as `config set` and its help say it."""
+    what = {"s": "a duration", "bytes": "a size"}.get(setting.unit, "a whole number" if setting.kind is int
+                                                      else "a number")
+    lo = setting.show(setting.lo) if setting.lo else "0"
+    span = ("above %s, up to %s" if setting.lo_open else "from %s to %s") % (lo, setting.show(setting.hi))
+    return "%s %s%s" % (what, span, ", or %s" % setting.zero if setting.zero else "")
 
 
 def normalize_config_key(key):
@@ -1017,7 +1071,15 @@ def validate_config(key, value):
     setting = SETTINGS_BY_NAME[k]
     if setting.kind is str:
         return k, "" if str(value).strip() in ("", "none") else validate_url(str(value), "config " + k)
-    return k, _validate_number(k, value, setting.kind, setting.lo, setting.hi, setting.lo_open)
+    text = str(value).strip().lower()
+    if setting.zero and text in (setting.zero, "none", "0"):
+        return k, setting.kind(0)
+    if setting.unit == "bytes":
+        try:
+            value = parse_size(text)
+        except ValueError:
+            pass  # (_validate_number says what it takes)
+    return k, _validate_number(setting, value)
 
 
 ###############################################################################
@@ -6867,7 +6929,7 @@ def cmd_config(args, store):
     if action == "set":
         key, value = validate_config(args.key, args.value)
         store.set_config(key, value)
-        sys.stdout.write("%s = %s\n" % (key, _fmt_value(value)))
+        sys.stdout.write("%s = %s\n" % (key, SETTINGS_BY_NAME[key].show(value)))
         return EXIT_OK
     cfg = store.config()
     if action == "get":
@@ -6876,8 +6938,8 @@ def cmd_config(args, store):
     if getattr(args, "json", False):
         print_json(cfg)
         return EXIT_OK
-    rows = [[s.name, _fmt_value(cfg[s.name]),
-             "" if cfg[s.name] == s.default else "(default %s)" % _fmt_value(s.default), s.help] for s in SETTINGS]
+    rows = [[s.name, s.show(cfg[s.name]),
+             "" if cfg[s.name] == s.default else "(default %s)" % s.show(s.default), s.help] for s in SETTINGS]
     table(["KEY", "VALUE", "", "MEANING"], rows, wrap=("MEANING",))
     return EXIT_OK
 
@@ -6886,13 +6948,12 @@ def settings_help():
     """What `config set --help` says about every setting: the values it takes, its default and its
     meaning (from SETTINGS)."""
     width = max(len(s.name) for s in SETTINGS) + 2
-    lines = ["settings (numbers of seconds also take s/m/h/d/w suffixes: 90s, 15m, 7d):"]
+    lines = ["settings (durations take s/m/h/d/w: 90s, 15m, 7d; sizes K/M/G: 64K, 1M):"]
     for s in SETTINGS:
         if s.kind is str:
             values = "an http:// or https:// URL, or none (default none)"
         else:
-            values = "%s%s to %s (default %s)" % ("more than " if s.lo_open else "", _fmt_value(s.lo),
-                                                  _fmt_value(s.hi), _fmt_value(s.default))
+            values = "%s (default %s)" % (setting_range(s), s.show(s.default))
         lines += ["  %s%s" % (s.name.ljust(width), values), "  %s%s" % (" " * width, s.help)]
     return "\n".join(lines)
 
@@ -7025,7 +7086,7 @@ def cmd_queue(args, store):
     name = validate_name(args.name, "queue")
     if action == "set-limit":
         limit = None if args.limit.lower() in ("none", "0", "unlimited") else \
-            _validate_number("limit", args.limit, int, 1, 100000)
+            _validate_number(QUEUE_LIMIT, args.limit)
     known = known_queues(store)
     if name not in known and not args.create:  # a typo would make a queue no job ever uses
         raise NotFound("no queue named %s (known: %s); to set up a new queue before its first job, add --create"

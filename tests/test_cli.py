@@ -343,9 +343,20 @@ def config_rows(db):
     return db_rows(db, "SELECT key, value FROM config ORDER BY key")
 
 
-def shown(value):
-    """A setting's value as `config show` prints it."""
-    return "%d" % value if isinstance(value, float) and value.is_integer() else str(value)
+def shown(setting):
+    """A setting's default as `config show` prints it."""
+    return setting.show(setting.default)
+
+
+@pytest.mark.parametrize("name, value, show", [
+    ("job-timeout", "300", "300s"), ("job-timeout", "0", "none"), ("job-timeout", "none", "none"),
+    ("job-timeout", "2h", "2h"), ("retention", "forever", "forever"), ("retention", "7d", "7d"),
+    ("retention", "90m", "5400s"), ("output-limit", "1M", "1M"), ("output-limit", "64k", "64K"),
+    ("output-limit", "65536", "64K"), ("output-limit", "100000", "100000"), ("backoff-base", "1.5", "1.5"),
+    ("webhook-url", "none", "none")])
+def test_settings_take_and_show_units(name, value, show):
+    key, parsed = queuectl.validate_config(name, value)
+    assert queuectl.SETTINGS_BY_NAME[key].show(parsed) == show
 
 
 def test_config_show_and_config_set_help_list_every_setting_from_the_table(cli):
@@ -354,10 +365,10 @@ def test_config_show_and_config_set_help_list_every_setting_from_the_table(cli):
     assert lines[0].split() == ["KEY", "VALUE", "MEANING"]
     assert [line.split()[0] for line in lines[1:]] == [s.name for s in queuectl.SETTINGS]
     for line, s in zip(lines[1:], queuectl.SETTINGS):
-        assert line.endswith(s.help) and (line.split()[1] == shown(s.default) or s.default == "")
+        assert line.endswith(s.help) and line.split()[1] == shown(s)
     help_text = ok(cli("config", "set", "--help")).out
     for s in queuectl.SETTINGS:
-        assert s.help in help_text and "(default %s)" % (shown(s.default) or "none") in help_text, s.name
+        assert s.help in help_text and "(default %s)" % shown(s) in help_text, s.name
 
 
 def test_the_readmes_configuration_listing_is_the_table():
@@ -371,7 +382,7 @@ def test_the_readmes_configuration_listing_is_the_table():
         else:
             rows.append(re.split(r"\s{2,}", line.strip()))
     assert [(r[0], r[1] if len(r) == 3 else "", r[-1]) for r in rows] == [
-        (s.name, shown(s.default), s.help) for s in queuectl.SETTINGS]
+        (s.name, shown(s), s.help) for s in queuectl.SETTINGS]
 
 
 def test_config_show_get_set(cli, db):

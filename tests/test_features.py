@@ -610,7 +610,7 @@ def test_purge_older_than_keeps_recent_jobs_and_statistics(run, db):
 
 def test_retention_setting_purges_old_jobs_automatically(run, db, workers):
     r = run("config", "set", "retention", "1d")
-    assert r.rc == 0 and r.out == "retention = 86400\n"
+    assert r.rc == 0 and r.out == "retention = 1d\n"
     _finished_jobs(run, db)
     stats = _statistics(db)
     workers.start(1)  # a supervisor's housekeeping applies the retention
