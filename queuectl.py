@@ -1215,6 +1215,12 @@ class Store:
         Conflict when another unfinished job holds its unique key."""
         raise NotImplementedError
 
+    def restart(self, job_id, now):
+        """Queue a finished job (completed, cancelled or dead) again, as pueue's restart does: pending
+        now, with its whole retry budget, its history kept (its next run is numbered on).  NotFound;
+        Conflict when it has not finished, or another unfinished job holds its unique key."""
+        raise NotImplementedError
+
     def delete_jobs(self, state=None):
         """Delete jobs of ``state`` (all but processing ones when None) and their
         attempts; running jobs are never deleted (Conflict).  Jobs that waited for a
@@ -1289,6 +1295,12 @@ class Store:
     def claim_webhooks(self, now, limit, lease):
         """Take up to ``limit`` due webhook deliveries (dicts with id, url, payload and
         attempts, oldest first) for ``lease`` seconds: no other sender gets them meanwhile."""
+        raise NotImplementedError
+
+    def job_webhooks(self, job_id):
+        """How the webhook deliveries of a job went, oldest first: dicts with url, state ("pending",
+        "failing": it will be tried again, "delivered" or "failed": given up), attempts, last_error,
+        next_at (None unless it will be tried), delivered_at and created_at."""
         raise NotImplementedError
 
     def webhook_result(self, delivery_id, now, error=None, next_at=None):
@@ -1449,6 +1461,7 @@ DEPENDENCY_DELETED = "dependency %s was deleted"
 CANCELLED_BY_USER = "cancelled by a user"
 ALREADY_FINISHED = "job %s is already %s"
 NOT_DEAD = "job %s is %s, not dead: only jobs in the dead letter queue can be retried"
+NOT_FINISHED = "job %s is %s: only a completed, cancelled or dead job can be restarted"
 RETRY_KEY_HELD = "job %s cannot be retried: another active job holds its unique key"
 RUNNING_NOT_CLEARED = "running jobs cannot be cleared; stop the workers first"
 ONLY_FINISHED_PURGED = "only finished jobs can be purged (%s), not %s"
@@ -1490,6 +1503,19 @@ def initial_state(job, states):
         if dep_state != "completed":
             state = "waiting"
     return state
+
+
+def webhook_status(row):
+    """A stored webhook delivery as ``Store.job_webhooks`` returns it (delivered_at -1: given up)."""
+    d = dict(row)
+    given_up = d["delivered_at"] == -1
+    d["state"] = ("failed" if given_up else "delivered" if d["delivered_at"] is not None else
+                  "failing" if d["attempts"] else "pending")
+    if given_up:
+        d["delivered_at"] = None
+    if d["state"] in ("delivered", "failed"):
+        d["next_at"] = None
+    return {k: d[k] for k in ("url", "state", "attempts", "last_error", "next_at", "delivered_at", "created_at")}
 
 
 def webhook_deliveries(row, stored_url):
@@ -1751,7 +1777,7 @@ class StoreRules(Store):
         if row is not None:
             urls, payload = webhook_deliveries(row, self._stored_webhook_url(row))
             for url in urls:
-                self._insert_webhook(url, payload, at)
+                self._insert_webhook(job_id, url, payload, at)
         released = 0
         for dep in self._take_dependents(job_id) if dependents is None else dependents:
             if state == "completed":
@@ -1789,9 +1815,15 @@ class StoreRules(Store):
         return rescued
 
     def retry_dead(self, job_id, now, reset_attempts=False):
+        return self._requeue(job_id, now, reset_attempts, ("dead",), NOT_DEAD)
+
+    def restart(self, job_id, now):
+        return self._requeue(job_id, now, True, FINAL_STATES, NOT_FINISHED)
+
+    def _requeue(self, job_id, now, reset_attempts, states, not_in_states):
         with self._transaction():
             try:
-                if self._retry(job_id, self._time(now), reset_attempts):
+                if self._retry(job_id, self._time(now), reset_attempts, states):
                     self._wake(1)
                     return True
             except KeyHeld:
@@ -1799,7 +1831,7 @@ class StoreRules(Store):
             state = self._state(job_id)
         if state is None:
             raise NotFound(NO_SUCH_JOB % short_json(job_id))
-        raise Conflict(NOT_DEAD % (job_id, state))
+        raise Conflict(not_in_states % (job_id, state))
 
     def retry_all_dead(self, now, reset_attempts=False):
         retried = skipped = 0
@@ -1944,8 +1976,8 @@ class StoreRules(Store):
         """The ``webhook-url`` setting as stored (JSON text), or None (``row``: the job's row)."""
         raise NotImplementedError
 
-    def _insert_webhook(self, url, payload, at):
-        """Queue a webhook delivery, due at once."""
+    def _insert_webhook(self, job_id, url, payload, at):
+        """Queue a webhook delivery for job ``job_id``, due at once."""
         raise NotImplementedError
 
     def _take_dependents(self, job_id):
@@ -1982,9 +2014,10 @@ class StoreRules(Store):
     def _delete_worker(self, worker_id):
         raise NotImplementedError
 
-    def _retry(self, job_id, at, reset_attempts):
-        """Move a dead job back to pending; True if it was dead.  KeyHeld, with nothing changed,
-        when an unfinished job holds its unique key."""
+    def _retry(self, job_id, at, reset_attempts, states=("dead",)):
+        """Move a job in ``states`` (dead, or any finished state for a restart) back to pending;
+        True if it was in one.  KeyHeld, with nothing changed, when an unfinished job holds its
+        unique key."""
         raise NotImplementedError
 
     def _dead_ids(self):
@@ -2225,6 +2258,12 @@ SCHEMA = [
         PRIMARY KEY (minute, queue, bucket)
     ) WITHOUT ROWID;
     """,
+    # 5: a webhook delivery names its job, so `get` can show how its deliveries went
+    """
+    ALTER TABLE webhooks ADD COLUMN job_id TEXT;
+    UPDATE webhooks SET job_id = json_extract(payload, '$.job.id');
+    CREATE INDEX webhooks_job ON webhooks(job_id);
+    """,
 ]
 
 JOB_COLUMNS = (
@@ -2286,7 +2325,10 @@ WHERE id = :id AND state IN ('pending', 'failed', 'waiting')
 SQL_REQUEST_CANCEL = "UPDATE jobs SET cancel_requested = 1 WHERE id = :id AND state = 'processing'"
 SQL_CANCEL_REQUESTED = "SELECT cancel_requested FROM jobs WHERE id = :id AND runs = :n"
 SQL_WEBHOOK_INSERT = """
-INSERT INTO webhooks (url, payload, next_at, created_at) VALUES (:url, :payload, :now, :now)
+INSERT INTO webhooks (job_id, url, payload, next_at, created_at) VALUES (:job_id, :url, :payload, :now, :now)
+"""
+SQL_JOB_WEBHOOKS = """
+SELECT url, attempts, next_at, last_error, created_at, delivered_at FROM webhooks WHERE job_id = :id ORDER BY id
 """
 SQL_WEBHOOKS_DUE = """
 SELECT id, url, payload, attempts FROM webhooks
@@ -2389,10 +2431,10 @@ SQL_LIST_STATE = (
 )
 SQL_COUNTS = "SELECT state, n FROM job_counts"
 SQL_RETRY_DEAD = """
-UPDATE jobs SET state = 'pending', run_at = :now, updated_at = :now, finished_at = NULL,
+UPDATE jobs SET state = 'pending', run_at = :now, updated_at = :now, finished_at = NULL, cancel_requested = 0,
        attempts = CASE WHEN :reset THEN 0 ELSE MAX(attempts, max_retries) END,
        rescues = CASE WHEN :reset THEN 0 ELSE rescues END
-WHERE id = :id AND state = 'dead'
+WHERE id = :id AND state IN (SELECT value FROM json_each(:states))
 """
 SQL_WAITING_ON_STATES = """
 SELECT DISTINCT d.job_id FROM job_deps d JOIN jobs p ON p.id = d.depends_on
@@ -3338,8 +3380,11 @@ class SqliteStore(StoreRules):
         found = self.conn.execute(SQL_WEBHOOK_URL).fetchone()
         return found[0] if found else None
 
-    def _insert_webhook(self, url, payload, at):
-        self.conn.execute(SQL_WEBHOOK_INSERT, {"url": url, "payload": payload, "now": at})
+    def _insert_webhook(self, job_id, url, payload, at):
+        self.conn.execute(SQL_WEBHOOK_INSERT, {"job_id": job_id, "url": url, "payload": payload, "now": at})
+
+    def job_webhooks(self, job_id):
+        return [webhook_status(r) for r in self._read(SQL_JOB_WEBHOOKS, {"id": job_id})]
 
     def _take_dependents(self, job_id):
         dependents = [r[0] for r in self.conn.execute(SQL_DEPENDENTS_WAITING, {"id": job_id})]
@@ -3382,10 +3427,10 @@ class SqliteStore(StoreRules):
     def _delete_worker(self, worker_id):
         self.conn.execute(SQL_WORKER_DELETE, {"worker": worker_id})
 
-    def _retry(self, job_id, at, reset_attempts):
+    def _retry(self, job_id, at, reset_attempts, states=("dead",)):
         try:
-            return self.conn.execute(SQL_RETRY_DEAD, {"id": job_id, "now": at,
-                                                      "reset": bool(reset_attempts)}).rowcount == 1
+            return self.conn.execute(SQL_RETRY_DEAD, {"id": job_id, "now": at, "reset": bool(reset_attempts),
+                                                      "states": json.dumps(list(states))}).rowcount == 1
         except sqlite3.IntegrityError:  # its unique key is held by an active job
             raise KeyHeld() from None
 
@@ -4515,6 +4560,13 @@ class Supervisor:
                     store.rescue(time.time(), HOST, pid_alive, kill_lost_group)
 
 
+def _delivery_job(delivery):
+    try:
+        return json.loads(delivery["payload"])["job"]["id"]
+    except (ValueError, KeyError, TypeError):
+        return "?"
+
+
 def _no_redirects():
     import urllib.request
 
@@ -4561,10 +4613,13 @@ class WebhookSender:
                     if error is None:
                         self.store.webhook_result(delivery["id"], now)
                     elif attempt >= self.MAX_ATTEMPTS:
-                        log.warning("webhook %s: giving up after %d attempts: %s", redact_url(delivery["url"]),
-                                    attempt, error)
+                        log.warning("webhook of job %s to %s: giving up after %d attempts: %s",
+                                    _delivery_job(delivery), redact_url(delivery["url"]), attempt, error)
                         self.store.webhook_result(delivery["id"], now, error=error)
                     else:
+                        log.warning("webhook of job %s to %s failed (attempt %d of %d): %s; next try in %gs",
+                                    _delivery_job(delivery), redact_url(delivery["url"]), attempt, self.MAX_ATTEMPTS,
+                                    error, 2.0 ** attempt)
                         self.store.webhook_result(delivery["id"], now, error=error, next_at=now + 2.0 ** attempt)
         self.store.close()
         return 0
@@ -6124,8 +6179,11 @@ in the JSON.  Durations take s/m/h/d/w suffixes (90, 90s, 15m, 2h).""")
     ls = add("list", "list jobs, most recently updated last", """\
   queuectl list
   queuectl list --state pending
+  queuectl list -s pending,failed --queue reports
   queuectl list -s dead -l 10 --json""")
-    ls.add_argument("-s", "--state", type=_state_arg, metavar="STATE", help="one of: " + ", ".join(STATES))
+    ls.add_argument("-s", "--state", type=_states_arg, action="extend", metavar="STATE[,STATE...]",
+                    help="only these states (repeatable): " + ", ".join(STATES))
+    ls.add_argument("--queue", metavar="NAME", help="only this queue's jobs")
     ls.add_argument("-l", "--limit", type=_limit_arg, default=100, metavar="N", help="at most N jobs (default 100)")
     utc_flag(ls)
     json_flag(ls)
@@ -6257,6 +6315,15 @@ q or Ctrl-C leaves.  Needs a terminal of 80x24 or more.""")
     tp.add_argument("-s", "--state", choices=TOP_FILTERS, default="all", metavar="FILTER",
                     help="the jobs list's first filter: " + ", ".join(TOP_FILTERS) + " (default all)")
     tp.add_argument("--once", action="store_true", help="print one frame as plain text and exit")
+
+    rs = add("restart", "queue finished jobs (completed, cancelled or dead) again, keeping their history", """\
+  queuectl restart build-42
+  queuectl rerun nightly-1 nightly-2      # the same
+
+Each job goes back to pending with its whole retry budget; its runs so far
+stay in `get`, and the next one is numbered on.  Pending, waiting and running
+jobs are refused (cancel a running one first).""", aliases=["rerun"])
+    rs.add_argument("job_ids", nargs="+", metavar="ID")
 
     cn = add("cancel", "cancel jobs: waiting ones at once, running ones by killing their process tree", """\
   queuectl cancel backup-42
@@ -6406,6 +6473,11 @@ def _interval_arg(text):
 _port_arg = _int_arg(0, 65535, "a port number")
 _limit_arg = _int_arg(1, 1000000)
 _positive_int = _int_arg(1, 2 ** 31)
+
+
+def _states_arg(text):
+    """-s STATE[,STATE...] (repeatable: the lists add up)."""
+    return [_state_arg(t.strip()) for t in text.split(",") if t.strip()] or [_state_arg(text)]
 
 
 def _state_arg(text):
@@ -6746,16 +6818,45 @@ def cmd_status(args, store):
 
 
 def cmd_list(args, store, state=None):
-    state = state or args.state
-    jobs = store.list_jobs(state=state, limit=args.limit)
+    states = [state] if state else getattr(args, "state", None) or []
+    queue = getattr(args, "queue", None)
+    if queue is not None:
+        queue = validate_name(queue, "queue")
+        known = known_queues(store)
+        if queue not in known:
+            raise NotFound("no queue named %s (known: %s)" % (short_json(queue), ", ".join(sorted(known))))
+    jobs, cut = select_jobs(store, states, queue, args.limit)
+    if cut:
+        sys.stderr.write("queuectl: note: looked at the newest %d jobs only: queue %s may have older ones "
+                         "(there is no index by queue)\n" % (LIST_QUEUE_SCAN, queue))
     if args.json:
         print_json([j.to_dict() for j in jobs])
         return EXIT_OK
     if not jobs:
-        sys.stdout.write("no %sjobs\n" % (state + " " if state else ""))
+        sys.stdout.write("no %sjobs%s\n" % ("".join(s + " " for s in states[:1]) if len(states) == 1 else "",
+                                           " in queue %s" % queue if queue else ""))
         return EXIT_OK
     job_table(jobs, wants_utc(args))
     return EXIT_OK
+
+
+LIST_QUEUE_SCAN = 100000  # jobs `list --queue` looks at, newest first, before it gives up
+
+
+def select_jobs(store, states, queue, limit):
+    """The ``limit`` most recently updated jobs of these states (all when none) and queue, oldest
+    first, and whether the look at one queue stopped short (``Store.queue_page``).  Each state is
+    read on its own index and the pages merged: the cost follows ``limit``, not the number of jobs."""
+    pages, cut = [], False
+    for state in states or [None]:
+        if queue is None:
+            pages.append(store.list_jobs(state=state, limit=limit))
+        else:
+            jobs, _, short = store.queue_page(queue, state=state, limit=limit, scan=LIST_QUEUE_SCAN)
+            pages.append(jobs)
+            cut = cut or short
+    newest = sorted((j for page in pages for j in page), key=lambda j: (j.updated_at, j.seq))[-limit:]
+    return newest, cut
 
 
 def _get_job(store, job_id):
@@ -6773,6 +6874,8 @@ def cmd_get(args, store):
         doc = job.to_dict()
         seconds, origin = timeout_of(job, cfg)
         doc["effective_timeout"], doc["timeout_from"] = seconds, origin
+        doc["webhook_deliveries"] = [dict(d, next_at=rfc3339(d["next_at"]), delivered_at=rfc3339(d["delivered_at"]),
+                                          created_at=rfc3339(d["created_at"])) for d in store.job_webhooks(job.id)]
         doc["attempt_history"] = [a.to_dict() for a in attempts]
         print_json(doc)
         return EXIT_OK
@@ -6811,9 +6914,16 @@ def cmd_get(args, store):
     width = max(len(k) for k, _ in fields)
     for k, v in fields:
         sys.stdout.write("%s  %s\n" % (k.ljust(width), v if k == "state" else safe_text(v)))
+    utc = wants_utc(args)
+    deliveries = store.job_webhooks(job.id)
+    if deliveries:
+        sys.stdout.write("\nwebhook deliveries:\n")
+        table(["URL", "STATE", "TRIES", "NEXT TRY", "ERROR"], [
+            [redact_url(d["url"]), d["state"], str(d["attempts"]),
+             when(d["next_at"], now, utc) if d["next_at"] is not None else "-", d["last_error"] or ""]
+            for d in deliveries], fit=("URL", "ERROR"))
     if attempts:
         sys.stdout.write("\nruns:\n")
-        utc = wants_utc(args)
         table(["RUN", "STARTED", "DURATION", "OUTCOME", "EXIT", "WORKER", "ERROR"], [
             [str(a.n), when(a.started_at, now, utc), human_duration(a.duration), a.outcome or "running",
              "-" if a.exit_code is None else str(a.exit_code), a.worker_id or "-",
@@ -6911,17 +7021,30 @@ def dlq_retry(args, store):
         if skipped:
             sys.stdout.write("%d stayed dead: another unfinished job holds their unique key\n" % skipped)
         return EXIT_OK
+    return for_each_job(args.job_ids, lambda job_id: store.retry_dead(job_id, time.time(),
+                                                                       reset_attempts=args.reset_attempts),
+                        "job %s moved back to pending" + how)
+
+
+def for_each_job(job_ids, action, done):
+    """``action(id)`` for each id, reported one line each (``done % id``, or the error on stderr);
+    the exit code of the first failure."""
     code = EXIT_OK
-    for job_id in args.job_ids:
+    for job_id in job_ids:
         try:
             validate_id(job_id)
-            store.retry_dead(job_id, time.time(), reset_attempts=args.reset_attempts)
+            action(job_id)
         except (InvalidInput, NotFound, Conflict) as e:
             sys.stderr.write("queuectl: error: %s\n" % e)
             code = code or e.exit_code
             continue
-        sys.stdout.write("job %s moved back to pending%s\n" % (job_id, how))
+        sys.stdout.write(done % job_id + "\n")
     return code
+
+
+def cmd_restart(args, store):
+    return for_each_job(args.job_ids, lambda job_id: store.restart(job_id, time.time()),
+                        "job %s queued again, with its whole retry budget (its history is kept)")
 
 
 def cmd_config(args, store):
@@ -7210,7 +7333,7 @@ def _completion_tree(parser):
                 if action.choices:
                     for o in action.option_strings:
                         choices[o] = [str(c) for c in action.choices]
-                elif action.type is _state_arg:
+                elif action.type in (_state_arg, _states_arg):
                     for o in action.option_strings:
                         choices[o] = list(STATES)
                 elif action.metavar in ("PATH", "DIR"):
@@ -7410,6 +7533,7 @@ COMMANDS = {
     "logs": cmd_logs, "dlq": cmd_dlq, "config": cmd_config, "clear": cmd_clear, "cancel": cmd_cancel,
     "wait": cmd_wait, "purge": cmd_purge, "queue": cmd_queue, "schedule": cmd_schedule,
     "dashboard": cmd_dashboard, "up": cmd_up, "stats": cmd_stats, "metrics": cmd_metrics, "top": cmd_top,
+    "restart": cmd_restart, "rerun": cmd_restart,
 }
 
 

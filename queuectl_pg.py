@@ -323,6 +323,12 @@ PG_SCHEMA = [
     CREATE TRIGGER attempts_totals AFTER UPDATE OF outcome ON {s}.attempts
         FOR EACH ROW WHEN (OLD.outcome IS NULL AND NEW.outcome IS NOT NULL) EXECUTE FUNCTION {s}.attempts_totals();
     """.replace("{bucket}", _BUCKET),
+    # 2: a webhook delivery names its job (`get` shows how its deliveries went)
+    """
+    ALTER TABLE {s}.webhooks ADD COLUMN job_id text;
+    UPDATE {s}.webhooks SET job_id = payload::json -> 'job' ->> 'id';
+    CREATE INDEX webhooks_job ON {s}.webhooks (job_id);
+    """,
 ]
 
 SQL_MIGRATIONS_TABLE = """
@@ -599,11 +605,11 @@ SQL_LIST_STATE = (
 SQL_RETRY_DEAD = """
 WITH c AS MATERIALIZED (SELECT {clock} AS now)
 UPDATE {s}.jobs j
-SET state = 'pending', run_at = c.now, updated_at = c.now, finished_at = NULL,
+SET state = 'pending', run_at = c.now, updated_at = c.now, finished_at = NULL, cancel_requested = 0,
     attempts = CASE WHEN %(reset)s THEN 0 ELSE greatest(j.attempts, j.max_retries) END,
     rescues = CASE WHEN %(reset)s THEN 0 ELSE j.rescues END
 FROM c
-WHERE j.id = %(id)s AND j.state = 'dead'
+WHERE j.id = %(id)s AND j.state = ANY(%(states)s::text[])
 RETURNING j.id
 """
 SQL_DEAD_IDS = "SELECT id FROM {s}.jobs WHERE state = 'dead' ORDER BY updated_at, seq"
@@ -667,7 +673,11 @@ SQL_REQUEST_CANCEL = "UPDATE {s}.jobs SET cancel_requested = 1 WHERE id = %(id)s
 SQL_CANCEL_REQUESTED = "SELECT cancel_requested FROM {s}.jobs WHERE id = %(id)s AND runs = %(n)s"
 SQL_GLOBAL_WEBHOOK = "SELECT value FROM {s}.config WHERE key = 'webhook-url'"
 SQL_WEBHOOK_INSERT = """
-INSERT INTO {s}.webhooks (url, payload, next_at, created_at) VALUES (%(url)s, %(payload)s, %(at)s, %(at)s)
+INSERT INTO {s}.webhooks (job_id, url, payload, next_at, created_at)
+VALUES (%(job_id)s, %(url)s, %(payload)s, %(at)s, %(at)s)
+"""
+SQL_JOB_WEBHOOKS = """
+SELECT url, attempts, next_at, last_error, created_at, delivered_at FROM {s}.webhooks WHERE job_id = %(id)s ORDER BY id
 """
 SQL_WEBHOOK_ANY_DUE = """
 SELECT 1 FROM {s}.webhooks WHERE delivered_at IS NULL AND next_at <= {clock} LIMIT 1
@@ -1461,8 +1471,11 @@ class PostgresStore(StoreRules):
         found = self._cur.execute(self.sql.GLOBAL_WEBHOOK).fetchone()
         return found["value"] if found else None
 
-    def _insert_webhook(self, url, payload, at):
-        self._cur.execute(self.sql.WEBHOOK_INSERT, {"url": url, "payload": payload, "at": at})
+    def _insert_webhook(self, job_id, url, payload, at):
+        self._cur.execute(self.sql.WEBHOOK_INSERT, {"job_id": job_id, "url": url, "payload": payload, "at": at})
+
+    def job_webhooks(self, job_id):
+        return [queuectl.webhook_status(r) for r in self._all(self.sql.JOB_WEBHOOKS, {"id": job_id})]
 
     def _take_dependents(self, job_id):
         """In a statement of its own: its snapshot, taken after the job's row was locked, has every
@@ -1507,10 +1520,10 @@ class PostgresStore(StoreRules):
     def _delete_worker(self, worker_id):
         self._cur.execute(self.sql.WORKER_DELETE, {"worker": worker_id})
 
-    def _retry(self, job_id, at, reset_attempts):
+    def _retry(self, job_id, at, reset_attempts, states=("dead",)):
         try:
             with self._cur.connection.transaction():  # a savepoint
-                p = {"now": at, "id": job_id, "reset": bool(reset_attempts)}
+                p = {"now": at, "id": job_id, "reset": bool(reset_attempts), "states": list(states)}
                 return self._cur.execute(self.sql.RETRY_DEAD, p).rowcount == 1
         except psycopg.errors.UniqueViolation:
             raise KeyHeld() from None

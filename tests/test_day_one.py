@@ -290,3 +290,74 @@ def test_completion_scripts_come_from_the_parser(run, tmp_path):
             path = tmp_path / ("completion." + shell)
             path.write_text(text)
             assert subprocess.run(check + [str(path)], capture_output=True, timeout=30).returncode == 0
+
+
+# --- 7. re-run a finished job (pueue's restart) -------------------------------------------------------
+
+
+def test_restart_queues_finished_jobs_again_keeping_their_history(run, db):
+    assert run("enqueue", "--id", "once", "--", "echo run $QUEUECTL_ATTEMPT").rc == 0
+    assert run("enqueue", "--id", "later", "--delay", "1h", "--", "true").rc == 0
+    assert run("worker", "start", "--burst").rc == 0
+    r = run("restart", "once", "later", "nosuch")
+    assert r.rc == 4  # the first failure's code: `later` has not run (a conflict)
+    assert r.out == "job once queued again, with its whole retry budget (its history is kept)\n"
+    assert "job later is pending: only a completed, cancelled or dead job can be restarted" in r.err
+    assert 'no job with id "nosuch"' in r.err
+    assert run("worker", "start", "--burst").rc == 0
+    assert run("logs", "once").out == "run 2\n" and run("logs", "once", "--run", "1").out == "run 1\n"
+    assert run("rerun", "once").rc == 0 and state_of(db, "once") == "pending"
+
+
+# --- 9. failed webhook deliveries are visible ---------------------------------------------------------
+
+
+def test_a_failing_webhook_shows_in_get_and_in_the_workers_log(run, db, workers):
+    import http.server
+    import threading
+
+    class Refuse(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            self.send_response(500)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Refuse)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = "http://hook:s3cret@127.0.0.1:%d/hook" % server.server_address[1]
+        assert run("enqueue", "--id", "hooked", "--webhook", url, "--", "true").rc == 0
+        workers.start(1)
+        wait_state(db, "hooked", "completed")
+        wait_until(lambda: " failing " in run("get", "hooked").out, 30, message="no failed delivery shown")
+        out = run("get", "hooked").out
+        assert re.search(r"^http://hook:\*\*\*@127\.0\.0\.1:\d+/hook +failing +1 +\S+ +HTTP 500$", out, re.M), out
+        [d] = json.loads(run("get", "hooked", "--json").out)["webhook_deliveries"]
+        assert (d["state"], d["attempts"], d["last_error"]) == ("failing", 1, "HTTP 500") and d["next_at"]
+        wait_until(lambda: "webhook of job hooked to http://hook:***@127.0.0.1" in workers.log(), 10)
+        assert "failed (attempt 1 of 8): HTTP 500; next try in 2s" in workers.log()
+        assert "s3cret" not in workers.log()
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_list_takes_several_states_and_a_queue(run, db):
+    for i in range(3):
+        assert run("enqueue", "--id", "r%d" % i, "-q", "reports", "--", "true").rc == 0
+    assert run("enqueue", "--id", "bad", "-r", "0", "--", "false").rc == 0
+    assert run("enqueue", "--id", "later", "--delay", "1h", "--", "true").rc == 0
+    assert run("worker", "start", "--burst").rc == 0
+    ids = lambda *args: [j["id"] for j in json.loads(run("list", "--json", *args).out)]  # noqa: E731
+    assert ids("-s", "dead,completed") == ["r0", "r1", "r2", "bad"]
+    assert ids("-s", "dead", "-s", "pending") == ["later", "bad"]  # (oldest update first)
+    assert ids("--queue", "reports", "-s", "completed") == ["r0", "r1", "r2"]
+    assert ids("--queue", "reports", "-s", "dead") == []
+    assert ids("--queue", "default") == ["later", "bad"]
+    assert ids("-s", "completed", "-l", "2") == ["r1", "r2"]  # the newest two, oldest first
+    r = run("list", "--queue", "reprots")
+    assert r.rc == 3 and "no queue named \"reprots\" (known: default, reports)" in r.err

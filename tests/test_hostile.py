@@ -263,6 +263,9 @@ ROWS = [
     Bad("completion-unknown-shell", ["completion", "tcsh"], 2),
     Bad("completion-no-shell", ["completion"], 2),
     Bad("top-not-a-terminal", ["top"], 2),
+    Bad("restart-pending", ["restart", "p1"], 4, words=("p1",)),
+    Bad("restart-unknown", ["rerun", "nosuch"], 3),
+    Bad("restart-no-id", ["restart"], 2),
     # --- global -------------------------------------------------------------------------------------------------
     Bad("unknown-command", ["frobnicate"], 2),
     Bad("no-command", [], 2),

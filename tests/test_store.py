@@ -587,6 +587,61 @@ class StoreContract:
         with pytest.raises(NotFound):
             store.retry_dead("nope", NOW)
 
+    # --- restart (pueue's restart: a finished job queued again, its history kept) ------------
+
+    @pytest.mark.parametrize("end", ["completed", "dead", "cancelled"])
+    def test_restart_queues_a_finished_job_again_with_its_whole_budget(self, store, end):
+        self.enqueue_one(store, id="j", max_retries=1)
+        if end == "completed":
+            self.run(store, "j")
+            now = NOW + 10
+        elif end == "dead":
+            _, now = self.runs_until_dead(store, "j", NOW)
+        else:
+            self.claim(store)
+            assert store.cancel("j", NOW + 1) == "requested"  # running: its flag set, then it ends cancelled
+            assert store.finish("j", 1, "w1", "cancelled", NOW + 2, "cancelled", -15, "cancelled")
+            now = NOW + 10
+        before = len(store.attempts("j"))
+        assert store.restart("j", now + 5) is True
+        job = store.get("j")
+        assert (job.state, job.attempts, job.run_at, job.finished_at) == ("pending", 0, now + 5, None)
+        assert job.cancel_requested == 0  # (or its next run would be killed at once)
+        assert self.claim(store, now=now + 4.9) is None
+        again = self.claim(store, now=now + 5)
+        assert again.id == "j" and again.runs == before + 1
+        assert store.cancel_requested("j", again.runs) is False
+        assert [a.n for a in store.attempts("j")] == list(range(1, before + 2))  # the history is kept
+        self.fail(store, again, now + 6)
+        assert store.get("j").state == "failed"  # a retry is left: the budget was renewed
+
+    @pytest.mark.parametrize("state", ["pending", "processing", "failed", "waiting"])
+    def test_restart_of_an_unfinished_job_is_a_conflict(self, store, state):
+        self.enqueue_one(store, id="a")
+        self.enqueue_one(store, id="j", after=["a"] if state == "waiting" else None)
+        if state in ("processing", "failed"):
+            self.claim(store)  # takes a (enqueued first)
+            job = self.claim(store)
+            assert job.id == "j"
+            if state == "failed":
+                store.finish("j", 1, "w1", "failed", NOW + 1, "failed", 1, retry_at=NOW + 30)
+        assert store.get("j").state == state
+        before = snapshot(store, "j")
+        with pytest.raises(Conflict) as info:
+            store.restart("j", NOW + 10)
+        assert "is %s" % state in str(info.value)
+        assert snapshot(store, "j") == before
+        with pytest.raises(NotFound):
+            store.restart("nope", NOW)
+
+    def test_restart_keeps_unique_keys_unique(self, store):
+        self.enqueue_one(store, id="old", unique_key="k")
+        self.run(store, "old")
+        self.enqueue_one(store, id="new", unique_key="k", now=NOW + 20)
+        with pytest.raises(Conflict):
+            store.restart("old", NOW + 30)
+        assert store.get("old").state == "completed"
+
     # --- delete --------------------------------------------------------------------------
 
     def make_one_of_each(self, store):
@@ -1210,6 +1265,29 @@ class StoreContract:
         store.webhook_result(d["id"], NOW + 201, error="HTTP 404")  # given up: never sent again
         assert store.webhooks_due(NOW + 10 ** 6) is False
 
+    def test_job_webhooks_say_how_each_delivery_went(self, store):
+        store.set_config("webhook-url", "http://hooks.test/all")
+        self.enqueue_one(store, id="a", webhook="http://hooks.test/a")
+        self.enqueue_one(store, id="b")
+        assert store.job_webhooks("a") == []
+        self.run(store, "a", now=NOW + 1)
+        pending = store.job_webhooks("a")
+        assert [(d["url"], d["state"], d["attempts"]) for d in pending] == [
+            ("http://hooks.test/a", "pending", 0), ("http://hooks.test/all", "pending", 0)]
+        first, second = store.claim_webhooks(NOW + 2, 10, 30.0)
+        store.webhook_result(first["id"], NOW + 3)
+        store.webhook_result(second["id"], NOW + 3, error="HTTP 500", next_at=NOW + 5)
+        delivered, failing = store.job_webhooks("a")
+        assert (delivered["state"], delivered["delivered_at"], delivered["next_at"]) == ("delivered", NOW + 3, None)
+        assert (failing["state"], failing["attempts"], failing["last_error"], failing["next_at"]) == (
+            "failing", 1, "HTTP 500", NOW + 5)
+        (again,) = store.claim_webhooks(NOW + 5, 10, 30.0)
+        store.webhook_result(again["id"], NOW + 6, error="HTTP 404")  # given up
+        failed = store.job_webhooks("a")[1]
+        assert (failed["state"], failed["attempts"], failed["next_at"], failed["delivered_at"]) == (
+            "failed", 2, None, None)
+        assert store.job_webhooks("b") == []  # another job's deliveries are its own
+
     def test_claim_webhooks_takes_at_most_limit_oldest_first(self, store):
         for i in range(5):
             self.enqueue_one(store, id="j%d" % i, webhook="http://hooks.test/%d" % i)
@@ -1729,3 +1807,25 @@ def test_rescue_worker_status_and_the_dashboard_judge_a_worker_by_the_same_rule(
     assert [v["state"] for v in queuectl.worker_views(store, later)] == ["gone"]
     store.rescue(later, queuectl.HOST, always_alive, Recorder())
     assert store.workers() == []
+
+
+def test_migration_names_the_job_of_every_stored_webhook_delivery(tmp_path):
+    """Deliveries stored before they named their job get it from their payload (SQLite; the
+    PostgreSQL migration does the same in tests/test_store_pg.py)."""
+    number = next(i for i, s in enumerate(queuectl.SCHEMA) if "webhooks_job" in s)
+    path = tmp_path / "old.db"
+    conn = sqlite3.connect(str(path), isolation_level=None)
+    for script in queuectl.SCHEMA[:number]:
+        for statement in queuectl._split_sql(script):
+            conn.execute(statement)
+    conn.execute("PRAGMA user_version = %d" % number)
+    payload = json.dumps({"event": "job.completed", "job": {"id": "old"}})
+    conn.execute("INSERT INTO webhooks (url, payload, attempts, next_at, created_at, delivered_at, last_error) "
+                  "VALUES ('http://hooks.test/x', ?, 3, 0, 0, -1, 'HTTP 500')", (payload,))
+    conn.close()
+    store = queuectl.SqliteStore(str(path))
+    try:
+        [d] = store.job_webhooks("old")
+        assert (d["url"], d["state"], d["attempts"], d["last_error"]) == ("http://hooks.test/x", "failed", 3, "HTTP 500")
+    finally:
+        store.close()

@@ -14,6 +14,7 @@ Without a server these tests fail: they are never skipped.
 
 import select
 import sys
+import json
 import threading
 import time
 
@@ -355,6 +356,27 @@ def test_the_schema_is_created_and_migrated_once(pg_url):
     finally:
         for s in opened:
             s.close()
+
+
+def test_migration_names_the_job_of_every_stored_webhook_delivery(pg_url):
+    """A schema at version 1 (deliveries without their job) migrates, taking the job from the payload."""
+    import psycopg
+
+    conninfo, schema = queuectl_pg.parse_url(pg_url)
+    with psycopg.connect(conninfo, autocommit=True) as conn:
+        conn.execute('CREATE SCHEMA "%s"' % schema)
+        conn.execute(queuectl_pg.SQL_MIGRATIONS_TABLE.replace("{s}", '"%s"' % schema))
+        conn.execute(queuectl_pg.PG_SCHEMA[0].replace("{s}", '"%s"' % schema))
+        conn.execute(queuectl_pg.SQL_RECORD_MIGRATION.replace("{s}", '"%s"' % schema), {"v": 1})
+        conn.execute('INSERT INTO "%s".webhooks (url, payload, attempts, next_at, created_at, delivered_at) '
+                     "VALUES ('http://hooks.test/x', %%s, 1, 0, 0, 5)" % schema,
+                     (json.dumps({"event": "job.completed", "job": {"id": "old"}}),))
+    store = queuectl_pg.PostgresStore(pg_url)
+    try:
+        [d] = store.job_webhooks("old")
+        assert (d["url"], d["state"], d["attempts"], d["delivered_at"]) == ("http://hooks.test/x", "delivered", 1, 5)
+    finally:
+        store.close()
 
 
 def test_default_schema_and_schema_in_the_url(pg_url):
