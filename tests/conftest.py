@@ -229,6 +229,17 @@ def run(db, tmp_path):
     return call
 
 
+def sqlite_at_version(path, number):
+    """A new SQLite database of schema version ``number`` (an older queuectl's), open for the test
+    to fill in before a store migrates it."""
+    conn = sqlite3.connect(str(path), isolation_level=None)
+    for script in queuectl.SCHEMA[:number]:
+        for statement in queuectl._split_sql(script):
+            conn.execute(statement)
+    conn.execute("PRAGMA user_version = %d" % number)
+    return conn
+
+
 def db_rows(db, sql, params=()):
     """Rows (tuples) of ``sql`` read straight from the database: an SQLite file, or the schema of a
     postgresql:// URL.  ``?`` placeholders work for both."""

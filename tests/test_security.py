@@ -30,7 +30,7 @@ import pytest
 import queuectl
 from conftest import ROOT, db_rows, pids_of_database, program, program_env, wait_until
 from queuectl_web import server as web
-from test_web import Client, login_cookie, raw_exchange
+from test_web import Client, login_cookie, raw_exchange, serve  # noqa: F401 (serve: a fixture)
 
 OTHER = "nobody"
 #: The other account's Python: the system's, which it can run (the test's own may live under /root).
@@ -53,11 +53,16 @@ def other_python(code, *args, env=None):
     return as_other([OTHER_PYTHON, "-I", "-c", code] + list(args), env=env)
 
 
+def directory_in_tmp(name, mode):
+    path = Path(tempfile.mkdtemp(prefix="queuectl-%s-" % name, dir="/tmp"))
+    path.chmod(mode)
+    return path
+
+
 @pytest.fixture
 def shared_dir():
     """A directory every account may write to, like /tmp (mode 1777); removed afterwards."""
-    path = Path(tempfile.mkdtemp(prefix="queuectl-shared-", dir="/tmp"))
-    path.chmod(0o1777)
+    path = directory_in_tmp("shared", 0o1777)
     yield path
     shutil.rmtree(path, ignore_errors=True)
 
@@ -65,8 +70,7 @@ def shared_dir():
 @pytest.fixture
 def open_dir():
     """A directory of the owner's that other accounts can enter (0755, like a home directory)."""
-    path = Path(tempfile.mkdtemp(prefix="queuectl-open-", dir="/tmp"))
-    path.chmod(0o755)
+    path = directory_in_tmp("open", 0o755)
     yield path
     shutil.rmtree(path, ignore_errors=True)
 
@@ -223,11 +227,11 @@ def test_a_chosen_token_from_a_private_file(open_dir, dashboards, tmp_path):
 # --- 2. secrets in jobs are masked in the API and the page -------------------------------------
 
 
-def test_env_values_and_url_credentials_are_masked(db, run, serve_in_process):
+def test_env_values_and_url_credentials_are_masked(db, run, serve):
     hook = "https://hookuser:hookpass@hooks.example.com/services/T0/B0/XXSECRETXX?sig=s1g"
     assert run("enqueue", json.dumps({"id": "s", "command": "true", "env": {"API_KEY": "k3y", "DB_PW": "pw0rd"},
                                       "webhook": hook})).rc == 0
-    srv, client = serve_in_process()
+    srv, client = serve()
     for path in ("/api/jobs/s", "/api/jobs", "/api/status"):
         body = client.get(path).text
         for secret in ("k3y", "pw0rd", "hookpass", "XXSECRETXX", "s1g", "hookuser"):
@@ -247,22 +251,6 @@ def test_env_values_and_url_credentials_are_masked(db, run, serve_in_process):
 ])
 def test_mask_url(url, shown):
     assert web.mask_url(url) == shown
-
-
-@pytest.fixture
-def serve_in_process(db):
-    servers = []
-
-    def start(**options):
-        options.setdefault("port", 0)
-        srv = web.make_server(str(db), **options)
-        srv.start()
-        servers.append(srv)
-        return srv, Client(srv.server_address[1], srv.token)
-
-    yield start
-    for srv in servers:
-        srv.stop()
 
 
 # --- 3. private files, whatever the umask ------------------------------------------------------
@@ -522,9 +510,9 @@ def test_a_header_flood_costs_the_dashboard_almost_no_memory(tmp_path, dashboard
     assert client.get("/api/status").status == 200  # and it still serves
 
 
-def test_a_trickling_client_is_cut_at_the_deadline(serve_in_process, monkeypatch):
+def test_a_trickling_client_is_cut_at_the_deadline(serve, monkeypatch):
     monkeypatch.setattr(web.Handler, "head_timeout", 1.0)
-    srv, client = serve_in_process()
+    srv, client = serve()
     request = b"GET /api/status HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: " + b"a" * 200
     with socket.create_connection(("127.0.0.1", srv.server_address[1]), timeout=10) as s:
         started = time.monotonic()
@@ -553,9 +541,9 @@ def test_a_trickling_client_is_cut_at_the_deadline(serve_in_process, monkeypatch
     assert client.get("/api/status").status == 200
 
 
-def test_connections_are_capped_event_streams_included(serve_in_process, monkeypatch):
+def test_connections_are_capped_event_streams_included(serve, monkeypatch):
     monkeypatch.setattr(web, "MAX_CONNECTIONS", 4)
-    srv, client = serve_in_process()
+    srv, client = serve()
     port = srv.server_address[1]
     held = []
     try:
@@ -594,17 +582,17 @@ def test_connections_are_capped_event_streams_included(serve_in_process, monkeyp
     "/api/jobs?cursor=" + base64.urlsafe_b64encode(b"[" * 400 + b"]" * 400).decode(),
     "/api/jobs?q=j&cursor=" + base64.urlsafe_b64encode(json.dumps(["i", "x" * 300]).encode()).decode(),
 ])
-def test_bad_query_values_are_400(db, run, serve_in_process, caplog, path):
+def test_bad_query_values_are_400(db, run, serve, caplog, path):
     assert run("enqueue", "--id", "j", "--", "true").rc == 0
-    srv, client = serve_in_process()
+    srv, client = serve()
     with caplog.at_level(logging.ERROR, logger="queuectl"):
         r = client.get(path)
     assert r.status == 400, (r.status, r.text)
     assert "internal error" not in caplog.text
 
 
-def test_deeply_nested_json_body_is_400(db, serve_in_process, caplog):
-    srv, client = serve_in_process()
+def test_deeply_nested_json_body_is_400(db, serve, caplog):
+    srv, client = serve()
     with caplog.at_level(logging.ERROR, logger="queuectl"):
         r = client.request("POST", "/api/jobs", body=b"[" * 100000 + b"]" * 100000,
                            headers={"Content-Type": "application/json"})
@@ -668,8 +656,8 @@ def test_webhooks_follow_no_redirect_and_send_userinfo_as_basic_auth(tmp_path, r
         sender.store.close()
 
 
-def test_token_never_reaches_the_log(serve_in_process, caplog):
-    srv, client = serve_in_process()
+def test_token_never_reaches_the_log(serve, caplog):
+    srv, client = serve()
     with caplog.at_level(logging.DEBUG, logger="queuectl.web"):
         assert client.get("/?token=" + srv.token, auth=False).status == 303
         assert client.get("/?a=1&token=wrong-" + srv.token, auth=False).status == 401
@@ -677,8 +665,8 @@ def test_token_never_reaches_the_log(serve_in_process, caplog):
     assert srv.token not in caplog.text
 
 
-def test_head_of_the_event_stream_has_no_body(serve_in_process):
-    srv, client = serve_in_process()
+def test_head_of_the_event_stream_has_no_body(serve):
+    srv, client = serve()
     started = time.monotonic()
     answer = raw_exchange(srv.server_address[1], b"HEAD /api/events HTTP/1.1\r\nHost: 127.0.0.1\r\n"
                                                   b"Authorization: Bearer %s\r\n\r\n" % srv.token.encode())

@@ -24,7 +24,7 @@ import time
 import pytest
 
 import queuectl
-from conftest import db_rows
+from conftest import db_rows, sqlite_at_version
 from queuectl import Conflict, DatabaseError, JobState, NotFound
 
 NOW = 1_700_000_000.0
@@ -1814,11 +1814,7 @@ def test_migration_names_the_job_of_every_stored_webhook_delivery(tmp_path):
     PostgreSQL migration does the same in tests/test_store_pg.py)."""
     number = next(i for i, s in enumerate(queuectl.SCHEMA) if "webhooks_job" in s)
     path = tmp_path / "old.db"
-    conn = sqlite3.connect(str(path), isolation_level=None)
-    for script in queuectl.SCHEMA[:number]:
-        for statement in queuectl._split_sql(script):
-            conn.execute(statement)
-    conn.execute("PRAGMA user_version = %d" % number)
+    conn = sqlite_at_version(path, number)
     payload = json.dumps({"event": "job.completed", "job": {"id": "old"}})
     conn.execute("INSERT INTO webhooks (url, payload, attempts, next_at, created_at, delivered_at, last_error) "
                   "VALUES ('http://hooks.test/x', ?, 3, 0, 0, -1, 'HTTP 500')", (payload,))

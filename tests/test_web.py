@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 import queuectl
-from conftest import db_rows, program, wait_until
+from conftest import db_rows, program, sqlite_at_version, wait_until
 from conftest import program_env as program_env
 from queuectl_web import server as web
 
@@ -198,11 +198,7 @@ def test_dashboard_queries_are_served_by_an_index(store, name, params):
 def test_migration_backfills_totals_from_existing_attempts(tmp_path):
     number = next(i for i, s in enumerate(queuectl.SCHEMA) if "attempt_totals" in s)
     path = tmp_path / "old.db"
-    conn = sqlite3.connect(str(path), isolation_level=None)
-    for script in queuectl.SCHEMA[:number]:
-        for statement in queuectl._split_sql(script):
-            conn.execute(statement)
-    conn.execute("PRAGMA user_version = %d" % number)
+    conn = sqlite_at_version(path, number)
     conn.execute("INSERT INTO jobs (id, command, state, priority, max_retries, run_at, created_at, updated_at) "
                  "VALUES ('old', 'true', 'completed', 2, 3, 0, 0, 0)")
     conn.execute("INSERT INTO attempts (job_id, n, started_at, ended_at, outcome) VALUES ('old', 1, 10, 12.5, 'completed')")
