@@ -5193,8 +5193,8 @@ _TOP_HELP = [
     ("", "5 dead  6 scheduled  7 waiting  8 completed  9 cancelled"),
     ("Enter", "open the selected job"),
     ("Job view", None),
-    ("Left Right [ ]", "an earlier or a later attempt"),
-    ("Up Down PgUp PgDn", "scroll the attempt's output"),
+    ("Left Right [ ]", "an earlier or a later run"),
+    ("Up Down PgUp PgDn", "scroll the run's output"),
     ("End f", "follow the output live again"),
     ("Esc Backspace", "back to the list"),
     ("Actions: each asks for y first", None),
@@ -5317,8 +5317,8 @@ def _top_jobs_pane(snap, view, width, rows):
     id_width = max([6] + [_cells(_clean(j.id)) for j in visible])
     id_width = min(id_width, 12 if width < 120 else 24)
     when = "RUNS" if snap.filter == "scheduled" else "UPDATED"
-    heads = ["ID", "STATE", "PRI", "TRIES", when] + (["QUEUE"] if wide else []) + ["COMMAND"]
-    widths = [id_width, 10, 4, 5, 10] + ([12] if wide else []) + [None]
+    heads = ["ID", "STATE", "PRI", "ATTEMPTS", when] + (["QUEUE"] if wide else []) + ["COMMAND"]
+    widths = [id_width, 10, 4, 8, 10] + ([12] if wide else []) + [None]
     lines.append(_fit_line([(" ", "")] + _row([(h, "") for h in heads], widths, "colhead"), width, fill="colhead"))
     for i, job in enumerate(visible):
         when = job.run_at if snap.filter == "scheduled" else job.updated_at
@@ -5386,7 +5386,7 @@ def _top_job_view(snap, view, width, height):
     fields = [("priority", job.priority_name), ("queue", queue),
               ("attempts", "%d of %d" % (job.attempts, job.max_retries + 1)),
               ("runs", "%d (lost %d)" % (job.runs, job.rescues)),
-              ("timeout", ("%gs" % job.timeout) if job.timeout else "job-timeout"),
+              ("timeout", "job-timeout" if job.timeout is None else "%gs" % job.timeout if job.timeout else "none"),
               ("created", ago(job.created_at, now)), ("updated", ago(job.updated_at, now))]
     if job.state in ("pending", "failed"):
         fields.append(("next run" if job.state == "failed" else "run at", "due" if job.run_at <= now
@@ -5416,7 +5416,7 @@ def _top_job_view(snap, view, width, height):
         lines.append(_fit_line([(" last error ", "label"), (_clean(job.last_error), "error")], width))
     attempts = snap.attempts or []
     chosen = snap.attempt.n if snap.attempt is not None else None
-    lines.append(_fit_line([(" ATTEMPTS", "head"), ("  %d  (Left/Right: choose)" % len(attempts) if attempts else
+    lines.append(_fit_line([(" RUNS", "head"), ("  %d  (Left/Right: choose)" % len(attempts) if attempts else
                                                     "  none yet", "label")], width))
     rows_left = height - len(lines) - 2  # the output's title and one line of it
     if attempts:
@@ -5450,7 +5450,7 @@ def _top_job_view(snap, view, width, height):
         state = "scrolled back %d lines (End: follow)" % scroll
     else:
         state = "following live" if live else "end of output"
-    title = [(" OUTPUT", "head"), ("  attempt %d  %s bytes  %s" % (a.n, _top_number(a.output_bytes), state), "label")]
+    title = [(" OUTPUT", "head"), ("  run %d  %s bytes  %s" % (a.n, _top_number(a.output_bytes), state), "label")]
     lines.append(_fit_line(title, width))
     start = max(0, len(out) - room - scroll)
     lines += [[(" " + text, "")] for text in out[start:start + room]]
@@ -5472,7 +5472,7 @@ def _top_help(width):
 def _top_hints(view, width):
     """The status line's key reminders: as many as fit, "? help" and "q quit" always."""
     if view.mode == "job":
-        keys = [("Esc", "back"), ("[ ]", "attempt"), ("Up/Down", "scroll"), ("End", "follow"), ("r", "retry"),
+        keys = [("Esc", "back"), ("[ ]", "run"), ("Up/Down", "scroll"), ("End", "follow"), ("r", "retry"),
                 ("c", "cancel")]
     else:
         keys = [("Enter", "open"), ("1-9", "filter"), ("r", "retry"), ("c", "cancel"), ("e", "again"),

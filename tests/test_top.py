@@ -382,14 +382,14 @@ def test_the_job_view_reads_the_job_and_switches_attempts(store, db):
     assert app.key("enter") is True
     app.refresh(force=True)
     screen = screen_of(app)
-    assert " JOB j  completed" in screen and "OUTPUT  attempt 2" in screen and "\n two" in screen
+    assert " JOB j  completed" in screen and "OUTPUT  run 2" in screen and "\n two" in screen
     assert app.key("left") is True
     app.refresh(force=True)
     screen = screen_of(app)
-    assert "OUTPUT  attempt 1" in screen and "\n one" in screen
+    assert "OUTPUT  run 1" in screen and "\n one" in screen
     app.key("right")
     app.refresh(force=True)
-    assert app.view.attempt is None and "OUTPUT  attempt 2" in screen_of(app)
+    assert app.view.attempt is None and "OUTPUT  run 2" in screen_of(app)
     assert app.key("esc") is True
     app.refresh(force=True)
     assert app.view.mode == "list" and "\n>j " in screen_of(app)
@@ -620,7 +620,7 @@ def test_live_top_follows_the_queue_and_acts_on_jobs(pane, run, workers, db):
     assert db_rows(db, "SELECT runs FROM jobs WHERE id = 'doomed'") == [(1,)]
     pane.keys("y")
     wait_until(lambda: db_rows(db, "SELECT runs, state FROM jobs WHERE id = 'doomed'") == [(2, "dead")], 20)
-    pane.wait_for("ATTEMPTS  2")
+    pane.wait_for("RUNS  2")
 
     # Back to the list; the running job: cancel it, and its worker kills it.
     pane.keys("Escape")
