@@ -746,6 +746,306 @@ class StoreContract:
         assert store.attempt("j").n == 2
         assert store.attempt("j", 3) is None
 
+    # --- the per-queue claim path: paused or limited queues, workers serving some queues ----
+
+    # A paused queue (or a limit, or a worker's --queue list) sends every claim through one
+    # lookup per queue; the pick across queues must keep the global order: priority, then
+    # due time, then enqueue order.
+
+    def per_queue_path(self, store):
+        store.set_queue("held", paused=True)  # any paused queue: the store picks queue by queue
+
+    @pytest.mark.parametrize("how", ["paused queue", "limited queue", "worker queues"])
+    def test_per_queue_claims_keep_priority_across_queues(self, store, how):
+        queues = None
+        if how == "paused queue":
+            self.per_queue_path(store)
+        elif how == "limited queue":
+            store.set_queue("c", max_running=5)
+        else:
+            queues = ["a", "b", "c"]
+        # per queue the best is: a -> low, b -> high, c -> medium; earlier run_at for the worse ones
+        self.enqueue_one(store, NOW - 30, id="a-low", queue="a", priority="low")
+        self.enqueue_one(store, NOW - 20, id="c-med", queue="c", priority="medium")
+        self.enqueue_one(store, NOW - 10, id="b-high", queue="b", priority="high")
+        self.enqueue_one(store, NOW - 40, id="c-low", queue="c", priority="low")
+        order = [getattr(store.claim("w1", HOST, NOW, LEASE, queues=queues), "id", None) for _ in range(5)]
+        assert order == ["b-high", "c-med", "c-low", "a-low", None]
+
+    @pytest.mark.parametrize("queues", [None, ["a", "b"]])
+    def test_per_queue_claims_are_fifo_across_queues_within_a_priority(self, store, queues):
+        self.per_queue_path(store)
+        self.enqueue_one(store, NOW - 1, id="b-second", queue="b")
+        self.enqueue_one(store, NOW - 3, id="a-first", queue="a")
+        self.enqueue_one(store, NOW - 2, id="a-third", queue="a")
+        self.enqueue_one(store, NOW - 1, id="a-fourth", queue="a")  # same run_at as b-second, enqueued later
+        order = [store.claim("w1", HOST, NOW, LEASE, queues=queues).id for _ in range(4)]
+        assert order == ["a-first", "a-third", "b-second", "a-fourth"]
+
+    @pytest.mark.parametrize("queues", [None, ["a"]])
+    def test_per_queue_claims_take_a_job_due_exactly_now_and_none_due_later(self, store, queues):
+        self.per_queue_path(store)
+        self.enqueue_one(store, id="soon", queue="a", delay=10)
+        assert store.claim("w1", HOST, NOW + 9.999, LEASE, queues=queues) is None
+        job = store.claim("w1", HOST, NOW + 10, LEASE, queues=queues)
+        assert job is not None and job.id == "soon"
+
+    def test_a_paused_queue_is_never_claimed_from_and_resumes(self, store):
+        store.set_queue("a", paused=True)
+        self.enqueue_one(store, id="a1", queue="a", priority="high")
+        self.enqueue_one(store, id="d1", priority="low")
+        assert self.claim_id(store) == "d1"
+        assert self.claim(store) is None
+        assert store.get("a1").state == "pending"
+        store.set_queue("a", paused=False)
+        assert self.claim_id(store) == "a1"
+
+    def test_a_worker_serving_some_queues_takes_only_from_them(self, store):
+        self.enqueue_one(store, id="x-high", queue="x", priority="high")
+        self.enqueue_one(store, id="a-low", queue="a", priority="low")
+        self.enqueue_one(store, id="d-high", priority="high")
+        assert store.claim("w1", HOST, NOW, LEASE, queues=["a"]).id == "a-low"
+        assert store.claim("w1", HOST, NOW, LEASE, queues=["a"]) is None
+        assert store.claim("w1", HOST, NOW, LEASE, queues=["nothing-here"]) is None
+        assert store.claim("w2", HOST, NOW, LEASE, queues=["default", "x"]).id == "x-high"
+
+    @pytest.mark.parametrize("queues", [None, ["a", "b"]])
+    def test_a_queue_limit_holds_and_frees_up_as_jobs_end(self, store, queues):
+        store.set_queue("a", max_running=2)
+        for n in range(4):
+            self.enqueue_one(store, id="a%d" % n, queue="a", priority="high")
+        self.enqueue_one(store, id="b-low", queue="b", priority="low")
+
+        def claim():
+            job = store.claim("w1", HOST, NOW, LEASE, queues=queues)
+            return job and job.id
+
+        assert [claim(), claim()] == ["a0", "a1"]
+        assert claim() == "b-low"  # a is full: its high-priority jobs wait
+        assert claim() is None
+        assert store.finish("a0", 1, "w1", "completed", NOW + 1, "completed", 0)
+        assert claim() == "a2"
+        assert claim() is None
+        store.set_queue("a", max_running=None)  # no limit any more
+        assert claim() == "a3"
+
+    def test_queues_lists_limits_pauses_and_counts(self, store):
+        store.set_queue("a", max_running=3)
+        store.set_queue("b", paused=True)
+        self.enqueue_one(store, id="a1", queue="a")
+        self.enqueue_one(store, id="a2", queue="a")
+        self.claim(store)
+        got = {q["name"]: (q["max_running"], q["paused"], q["counts"]) for q in store.queues()}
+        assert got == {"a": (3, False, {"pending": 1, "processing": 1}), "b": (None, True, {})}
+        store.set_queue("a", paused=True)  # max_running left as it is
+        store.set_queue("b", max_running=1, paused=False)
+        got = {q["name"]: (q["max_running"], q["paused"]) for q in store.queues()}
+        assert got == {"a": (3, True), "b": (1, False)}
+
+    # --- unique keys -------------------------------------------------------------------------
+
+    @pytest.mark.parametrize("holder", ["pending", "processing", "failed", "waiting"])
+    def test_a_unique_key_held_by_an_active_job_returns_that_job(self, store, holder):
+        if holder == "waiting":
+            self.enqueue_one(store, id="dep")
+            self.enqueue_one(store, id="first", unique_key="k", after=["dep"])
+        else:
+            self.enqueue_one(store, id="first", unique_key="k")
+        if holder in ("processing", "failed"):
+            job = self.claim(store)
+            if holder == "failed":
+                assert store.finish("first", job.runs, "w1", "failed", NOW + 1, "failed", 1, retry_at=NOW + 50)
+        assert store.get("first").state == holder
+        existing = []
+        ids = store.enqueue([spec(id="second", unique_key="k"), spec(id="other", unique_key="k2")], NOW + 2,
+                            existing=existing)
+        assert ids == ["first", "other"] and existing == ["first"]
+        assert store.get("second") is None
+
+    @pytest.mark.parametrize("end", ["completed", "dead", "cancelled"])
+    def test_a_unique_key_is_free_again_once_its_job_ended(self, store, end):
+        self.enqueue_one(store, id="first", unique_key="k")
+        if end == "cancelled":
+            assert store.cancel("first", NOW + 1) == "cancelled"
+        else:
+            job = self.claim(store)
+            assert store.finish("first", job.runs, "w1", end, NOW + 1, "completed" if end == "completed" else "failed",
+                                0 if end == "completed" else 1)
+        existing = []
+        assert store.enqueue([spec(id="second", unique_key="k")], NOW + 2, existing=existing) == ["second"]
+        assert existing == []
+        assert self.enqueue_one(store, NOW + 3, id="third", unique_key="k") == "second"
+
+    def test_one_unique_key_twice_in_a_batch_makes_one_job(self, store, raw_counts):
+        existing = []
+        ids = store.enqueue([spec(id="a", unique_key="k"), spec(id="b"), spec(id="c", unique_key="k")], NOW,
+                            existing=existing)
+        assert ids == ["a", "b", "a"] and existing == ["a"]
+        assert store.get("c") is None
+        self.assert_counts(store, raw_counts, {"pending": 2})
+
+    def test_a_dead_job_whose_unique_key_was_taken_meanwhile_cannot_be_retried(self, store):
+        self.enqueue_one(store, id="old", unique_key="k", max_retries=0)
+        job = self.claim(store)
+        self.fail(store, job, NOW + 1)
+        assert store.get("old").state == "dead"
+        assert self.enqueue_one(store, NOW + 2, id="new", unique_key="k") == "new"
+        with pytest.raises(Conflict):
+            store.retry_dead("old", NOW + 3)
+        assert store.get("old").state == "dead"
+        assert store.retry_all_dead(NOW + 3) == (0, 1)
+        assert store.get("old").state == "dead"
+
+    def test_retry_all_dead(self, store):
+        for job_id in ("d1", "d2"):
+            self.enqueue_one(store, id=job_id, max_retries=0)
+            job = self.claim(store)
+            self.fail(store, job, NOW + 1)
+        self.enqueue_one(store, id="p")
+        assert store.retry_all_dead(NOW + 5) == (2, 0)
+        assert {j: store.get(j).state for j in ("d1", "d2", "p")} == {"d1": "pending", "d2": "pending", "p": "pending"}
+        assert store.get("d1").run_at == NOW + 5
+        assert store.retry_all_dead(NOW + 6) == (0, 0)
+
+    # --- dependencies and cancel ---------------------------------------------------------------
+
+    def test_a_job_waits_for_all_its_dependencies(self, store):
+        self.enqueue_one(store, id="a")
+        self.enqueue_one(store, id="b")
+        self.enqueue_one(store, id="c", after=["a", "b"])
+        assert store.get("c").state == "waiting"
+        assert store.get("c").after == ["a", "b"]
+        assert self.claim_id(store) == "a"
+        assert store.finish("a", 1, "w1", "completed", NOW + 1, "completed", 0)
+        assert store.get("c").state == "waiting"  # b has not completed yet
+        assert self.claim_id(store, now=NOW + 1) == "b"
+        assert store.finish("b", 1, "w1", "completed", NOW + 2, "completed", 0)
+        assert store.get("c").state == "pending"
+        assert self.claim_id(store, now=NOW + 2) == "c"
+
+    def test_a_dependency_that_failed_once_keeps_its_dependents_waiting(self, store):
+        self.enqueue_one(store, id="a")
+        self.enqueue_one(store, id="c", after=["a"])
+        job = self.claim(store)
+        assert store.finish("a", job.runs, "w1", "failed", NOW + 1, "failed", 1, retry_at=NOW + 2)
+        assert store.get("c").state == "waiting"
+
+    def test_a_dependency_that_completed_before_the_enqueue_is_no_wait(self, store):
+        self.enqueue_one(store, id="a")
+        self.claim(store)
+        assert store.finish("a", 1, "w1", "completed", NOW + 1, "completed", 0)
+        self.enqueue_one(store, NOW + 2, id="c", after=["a"])
+        assert store.get("c").state == "pending"
+        self.enqueue_one(store, NOW + 2, id="b")
+        self.enqueue_one(store, NOW + 2, id="d", after=["a", "b"])  # a completed, b not: waits for b only
+        assert store.get("d").state == "waiting"
+        assert self.claim_id(store, now=NOW + 3) == "c"
+        assert self.claim_id(store, now=NOW + 3) == "b"
+        assert store.finish("b", 1, "w1", "completed", NOW + 4, "completed", 0)
+        assert store.get("d").state == "pending"
+
+    def test_dependencies_inside_one_batch(self, store):
+        ids = store.enqueue([spec(id="child", after=["parent"]), spec(id="parent")], NOW)
+        assert ids == ["child", "parent"]
+        assert (store.get("parent").state, store.get("child").state) == ("pending", "waiting")
+
+    def test_a_dependency_that_does_not_exist_or_ended_badly_is_refused(self, store, raw_counts):
+        with pytest.raises(queuectl.NotFound):
+            store.enqueue([spec(id="x"), spec(id="c", after=["nope"])], NOW)
+        self.enqueue_one(store, id="gone")
+        store.cancel("gone", NOW)
+        with pytest.raises(Conflict) as info:
+            store.enqueue([spec(id="c", after=["gone"])], NOW)
+        assert "cancelled" in str(info.value)
+        assert store.get("x") is None and store.get("c") is None
+        self.assert_counts(store, raw_counts, {"cancelled": 1})
+
+    @pytest.mark.parametrize("how", ["cancelled", "dead"])
+    def test_a_dependency_that_ends_badly_cancels_its_dependents_down_the_chain(self, store, how):
+        self.enqueue_one(store, id="a", max_retries=0)
+        self.enqueue_one(store, id="b", after=["a"])
+        self.enqueue_one(store, id="c", after=["b"])
+        self.enqueue_one(store, id="side")
+        self.enqueue_one(store, id="d", after=["side", "a"])
+        if how == "cancelled":
+            assert store.cancel("a", NOW + 1) == "cancelled"
+        else:
+            job = self.claim(store)
+            assert job.id == "a"
+            assert self.fail(store, job, NOW + 1)[0] is JobState.DEAD
+        for job_id, dep in (("b", "a"), ("c", "b"), ("d", "a")):
+            job = store.get(job_id)
+            assert job.state == "cancelled", job_id
+            assert "dependency %s" % dep in job.last_error and job.finished_at is not None
+        assert store.get("side").state == "pending"
+        assert self.claim_id(store, now=NOW + 2) == "side"
+        assert self.claim(store, now=NOW + 2) is None
+
+    def test_a_completed_dependency_never_cancels(self, store):
+        self.enqueue_one(store, id="a")
+        self.enqueue_one(store, id="b", after=["a"])
+        self.claim(store)
+        store.finish("a", 1, "w1", "completed", NOW + 1, "completed", 0)
+        assert store.get("b").state == "pending"
+        assert store.get("b").last_error is None
+
+    def test_cancel_of_a_waiting_pending_or_failed_job(self, store):
+        self.enqueue_one(store, id="p")
+        self.enqueue_one(store, id="w", after=["p"])
+        assert store.cancel("w", NOW + 1) == "cancelled"
+        assert store.get("p").state == "pending"  # cancelling a dependent leaves its dependency be
+        self.enqueue_one(store, id="f")
+        assert self.claim_id(store) == "p"
+        assert self.claim_id(store) == "f"
+        assert store.finish("f", 1, "w1", "failed", NOW + 2, "failed", 1, retry_at=NOW + 10)
+        assert store.cancel("f", NOW + 3) == "cancelled"
+        job = store.get("f")
+        assert (job.state, job.finished_at, job.last_error) == ("cancelled", NOW + 3, "cancelled by a user")
+        assert self.claim(store, now=NOW + 100) is None
+
+    def test_cancel_of_a_running_job_is_a_request_for_its_worker(self, store):
+        self.enqueue_one(store, id="r")
+        self.enqueue_one(store, id="after-r", after=["r"])
+        job = self.claim(store)
+        assert store.cancel_requested("r", 1) is False
+        assert store.cancel("r", NOW + 1) == "requested"
+        assert store.get("r").state == "processing"
+        assert store.cancel_requested("r", 1) is True
+        assert store.cancel_requested("r", 2) is False  # another run is not asked
+        assert store.finish("r", job.runs, "w1", "cancelled", NOW + 2, "cancelled", error="cancelled")
+        assert store.get("r").state == "cancelled"
+        assert store.get("after-r").state == "cancelled"
+
+    def test_cancel_of_an_unknown_or_finished_job(self, store):
+        with pytest.raises(NotFound):
+            store.cancel("nope", NOW)
+        self.enqueue_one(store, id="c")
+        self.claim(store)
+        store.finish("c", 1, "w1", "completed", NOW + 1, "completed", 0)
+        with pytest.raises(Conflict) as info:
+            store.cancel("c", NOW + 2)
+        assert "completed" in str(info.value)
+        assert store.get("c").state == "completed"
+
+    def test_deleting_a_dependency_cancels_its_dependents(self, store):
+        self.enqueue_one(store, id="a", max_retries=0)
+        self.enqueue_one(store, id="x")
+        self.enqueue_one(store, id="b", after=["x"])
+        job = self.claim(store)
+        assert job.id == "a"
+        self.fail(store, job, NOW + 1)  # a is dead; b waits on x
+        assert store.delete_jobs("pending") == 1  # x
+        job = store.get("b")
+        assert job.state == "cancelled" and "x" in job.last_error
+        assert store.get("a").state == "dead"
+
+    def test_states_of(self, store):
+        self.enqueue_one(store, id="a")
+        self.enqueue_one(store, id="b")
+        job = self.claim(store)
+        store.finish(job.id, 1, "w1", "failed", NOW + 1, "failed", 7, retry_at=NOW + 9)
+        assert store.states_of(["a", "b", "nope"]) == {"a": ("failed", 7), "b": ("pending", None)}
+
 
 ###############################################################################
 # SqliteStore
