@@ -93,10 +93,12 @@ def in_area(qualname, area):
 
 
 def equivalent_reason(mutant, equivalents):
-    """The reason of the equivalence entry matching this mutant, or None."""
+    """The reason of the equivalence entry matching this mutant, or None.  An entry matches the
+    mutants of its operator (a regular expression) on a line reading ``code`` in ``function``;
+    with ``nth``, only the nth (from 0) of them on that line (left to right)."""
     for e in equivalents:
         if (e["function"] == mutant["function"] and re.fullmatch(e["operator"], mutant["operator"])
-                and e["code"].strip() == mutant["code"]):
+                and e["code"].strip() == mutant["code"] and e.get("nth", mutant["nth"]) == mutant["nth"]):
             e["_matched"] = e.get("_matched", 0) + 1
             return e["reason"]
     return None
@@ -163,9 +165,7 @@ def init_session(directory, module, source):
     """``cosmic-ray init`` of a module (10 s for queuectl.py), shared by the areas of a run."""
     key = (module, source)
     if key not in _INIT:
-        path = os.path.join(WORK, "init-%d.sqlite" % len(_INIT))
-        if os.path.exists(path):
-            os.unlink(path)
+        path = os.path.join(WORK, "init-%d-%d.sqlite" % (os.getpid(), len(_INIT)))
         config = os.path.join(directory, "cosmic-ray.toml")
         with open(config, "w") as f:
             f.write(cosmic_config(None, None, module, "true", 60))
@@ -193,8 +193,8 @@ def prepare(cfg, name, jobs):
     shutil.copy(init_session(first, module, source), session)
     conn = sqlite3.connect(session)
     rows = conn.execute("SELECT job_id, operator_name, occurrence, start_pos_row, start_pos_col, end_pos_row "
-                        "FROM mutation_specs ORDER BY start_pos_row, start_pos_col, operator_name").fetchall()
-    keep, drop, mutants = [], [], []
+                        "FROM mutation_specs ORDER BY start_pos_row, start_pos_col, operator_name, occurrence").fetchall()
+    keep, drop, mutants, seen = [], [], [], {}
     for job_id, op, occ, line, col, end_line in rows:
         qualname = innermost(defs, line)
         if not in_area(qualname, area) or any(p.search(op) for p in exclude_ops):
@@ -202,6 +202,8 @@ def prepare(cfg, name, jobs):
             continue
         m = {"job_id": job_id, "operator": op, "line": line, "col": col, "function": qualname,
              "code": lines[line - 1].strip()}
+        same = (qualname, op, line)
+        m["nth"] = seen[same] = seen.get(same, -1) + 1  # rows come left to right
         m["equivalent"] = equivalent_reason(m, equivalents)
         mutants.append(m)
         keep.append(job_id)
@@ -286,7 +288,7 @@ def results(dirs):
         conn = sqlite3.connect(os.path.join(d, "session.sqlite"))
         for job_id, worker, test, output, diff in conn.execute(
                 "SELECT job_id, worker_outcome, test_outcome, output, diff FROM work_results"):
-            out[job_id] = (test, worker, output, diff)
+            out[job_id] = ((test or "").lower(), (worker or "").lower(), output, diff)
         conn.close()
     return out
 
@@ -315,7 +317,7 @@ def report(name, mutants, res, seconds, out):
         name, len(mutants), len(equivalent), len(killed), len(survived),
         ", %d not run" % len(other) if other else "", ratio, "%dm%02ds" % divmod(int(seconds), 60)))
     for m in survived:
-        out("  survived: %s:%d %s %s" % (m["module"], m["line"], m["function"], m["operator"]))
+        out("  survived: %s:%d %s %s (nth %d)" % (m["module"], m["line"], m["function"], m["operator"], m["nth"]))
         for line in short_diff(m["diff"]):
             out("      " + line[0] + " " + line[1:].strip())
     for m in other:
@@ -333,6 +335,7 @@ def main(argv=None):
                         help="areas to run (default: every area): %s" % ", ".join(cfg["areas"]))
     parser.add_argument("-j", "--jobs", type=int, default=2, help="parallel cosmic-ray processes per area (default 2)")
     parser.add_argument("--list", action="store_true", help="list the areas and their mutant counts, run nothing")
+    parser.add_argument("--report", action="store_true", help="print the report of the last run of these areas again")
     args = parser.parse_args(argv)
     unknown = [a for a in args.areas if a not in cfg["areas"]]
     if unknown:
@@ -353,9 +356,16 @@ def main(argv=None):
     for name in areas:
         area = cfg["areas"][name]
         t0 = time.monotonic()
+        if args.report:
+            with open(os.path.join(WORK, "%s.json" % name)) as f:
+                last = json.load(f)
+            summaries.append(report(name, last["mutants"], results(last["dirs"]), 0, out))
+            continue
         dirs, mutants = prepare(cfg, name, 1 if args.list else args.jobs)
         for m in mutants:
             m["module"] = area["module"]
+        with open(os.path.join(WORK, "%s.json" % name), "w") as f:
+            json.dump({"dirs": dirs, "mutants": mutants}, f)
         todo = sum(1 for m in mutants if not m["equivalent"])
         if args.list:
             out("%-10s %-28s %4d mutants (%d equivalent) tests: %s" % (
@@ -367,6 +377,8 @@ def main(argv=None):
             name, todo, len(mutants) - todo, took, len(dirs)), flush=True)
         execute(cfg, name, dirs, timeout)
         summaries.append(report(name, mutants, results(dirs), time.monotonic() - t0, out))
+    for path in _INIT.values():
+        os.unlink(path)
     stale = [e for e in cfg.get("equivalent", []) if not e.get("_matched") and
              any(e["function"] and in_area(e["function"], cfg["areas"][a]) for a in areas)]
     for e in stale:

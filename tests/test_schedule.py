@@ -349,6 +349,17 @@ def test_a_taken_job_id_gets_a_suffix(store):
     add(store, "s")
     (job_id,) = fire(store, at(2031, 5, 14, 12, 5))
     assert job_id.startswith("s.20310514T1205Z.") and store.get(job_id).schedule == "s"
+    suffix = job_id[len("s.20310514T1205Z."):]
+    assert len(suffix) == 4 and queuectl.ID_RE.fullmatch(suffix)
+
+
+def test_a_schedule_without_a_cwd_runs_its_jobs_in_the_root_directory(store, tmp_path, monkeypatch):
+    """Not in the directory of whichever supervisor happens to fire it."""
+    monkeypatch.chdir(tmp_path)
+    store.add_schedule("nocwd", "*/5 * * * *", "UTC", {"command": "pwd"}, "once", "allow",
+                       Cron.parse("*/5 * * * *").next_after(NOW), NOW)
+    (job_id,) = fire(store, at(2031, 5, 14, 12, 5))
+    assert store.get(job_id).cwd == "/"
 
 
 def test_schedules_in_a_time_zone_advance_in_it(store):
