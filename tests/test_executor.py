@@ -11,13 +11,12 @@ processes of a job by that marker too, never through the code under test.
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
 
 import queuectl
-from conftest import MARK_VAR, marked_processes, wait_until
+from conftest import marked_processes, wait_until
 
 
 def make_job(command, job_id="job1", runs=1, env=None, cwd=None):
@@ -154,8 +153,11 @@ def test_output_is_capped_to_the_end_and_counted_whole(process_mark):
 
 
 def test_output_written_after_the_process_exits_by_a_grandchild_is_not_waited_for_forever(process_mark):
-    result, took, _ = run("(sleep 0.3; echo late) & echo early")
-    assert result.outcome == "completed" and result.output.startswith("early\n")
+    """The job's own process decides when it ended: a background child still holding the output
+    pipe is not waited for (it is the job's business; a timeout would kill it)."""
+    result, took, _ = run("(sleep 5; echo late) & echo early")
+    assert result.outcome == "completed" and result.output == "early\n"
+    assert took < 4
 
 
 def test_output_is_seen_while_the_job_runs(process_mark):

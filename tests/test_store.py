@@ -134,7 +134,7 @@ class StoreContract:
         self.enqueue_one(store, id="a")
         with pytest.raises(Conflict) as info:
             store.enqueue([spec(id="b"), spec(), spec(id="a"), spec(id="c")], NOW + 1)
-        assert "a" in str(info.value)
+        assert str(info.value) == 'a job with id "a" already exists'
         assert store.get("b") is None and store.get("c") is None
         assert [j.id for j in store.list_jobs()] == ["a"]
         self.assert_counts(store, raw_counts, {"pending": 1})
@@ -382,7 +382,7 @@ class StoreContract:
         self.claim(store)
         assert store.release("j", 1, "w1", NOW + 3, "stopped by a forced worker stop") is True
         job = store.get("j")
-        assert (job.state, job.attempts, job.worker_id, job.lease_until) == ("pending", 0, None, None)
+        assert (job.state, job.attempts, job.rescues, job.worker_id, job.lease_until) == ("pending", 0, 1, None, None)
         attempt = store.attempt("j", 1)
         assert (attempt.outcome, attempt.ended_at) == ("stopped", NOW + 3)
         again = self.claim(store, now=NOW + 3)
@@ -842,6 +842,29 @@ class StoreContract:
         got = {q["name"]: (q["max_running"], q["paused"]) for q in store.queues()}
         assert got == {"a": (3, True), "b": (1, False)}
 
+    def test_per_queue_claims_break_ties_by_enqueue_order(self, store):
+        """Same priority and due time in two queues: the job enqueued first goes first, whichever
+        queue the worker looks at first."""
+        self.enqueue_one(store, id="b-first", queue="b", priority="low")
+        self.enqueue_one(store, id="a-second", queue="a", priority="low")
+        order = [store.claim("w1", HOST, NOW, LEASE, queues=["a", "b"]).id for _ in range(2)]
+        assert order == ["b-first", "a-second"]
+
+    def test_a_lowered_queue_limit_applies_to_new_claims(self, store):
+        store.set_queue("a", max_running=3)
+        for n in range(5):
+            self.enqueue_one(store, id="a%d" % n, queue="a")
+        assert [self.claim_id(store) for _ in range(3)] == ["a0", "a1", "a2"]
+        store.set_queue("a", max_running=1)  # 3 running, over the new limit: nothing new starts
+        assert self.claim(store) is None
+        for n in range(3):
+            assert store.finish("a%d" % n, 1, "w1", "completed", NOW + 1, "completed", 0)
+            assert self.claim(store, now=NOW + 1) is None if n < 2 else self.claim_id(store, now=NOW + 1) == "a3"
+
+    def test_a_bulk_enqueue_registers_its_queues(self, store):
+        store.enqueue([spec(queue="q2"), spec(queue="q3"), spec(queue="q2")], NOW)
+        assert {q["name"]: q["counts"] for q in store.queues()} == {"q2": {"pending": 2}, "q3": {"pending": 1}}
+
     # --- unique keys -------------------------------------------------------------------------
 
     @pytest.mark.parametrize("holder", ["pending", "processing", "failed", "waiting"])
@@ -906,6 +929,116 @@ class StoreContract:
         assert {j: store.get(j).state for j in ("d1", "d2", "p")} == {"d1": "pending", "d2": "pending", "p": "pending"}
         assert store.get("d1").run_at == NOW + 5
         assert store.retry_all_dead(NOW + 6) == (0, 0)
+
+    def test_retry_all_dead_gives_each_one_more_run_unless_reset(self, store):
+        for job_id in ("d1", "d2"):
+            self.enqueue_one(store, id=job_id, max_retries=1)
+            _, now = self.runs_until_dead(store, job_id, NOW)
+        assert store.retry_all_dead(NOW + 100) == (2, 0)
+        assert self.runs_until_dead(store, "d1", NOW + 100)[0] == 1
+        assert self.runs_until_dead(store, "d2", NOW + 100)[0] == 1
+        assert store.retry_all_dead(NOW + 200, reset_attempts=True) == (2, 0)
+        assert (store.get("d1").attempts, store.get("d2").attempts) == (0, 0)  # the full budget again
+
+    # --- statistics and purge --------------------------------------------------------------
+
+    def test_statistics_of_finished_and_lost_runs(self, store):
+        minute = int(NOW // 60)  # NOW - 20 .. NOW + 40
+        self.enqueue_one(store, NOW - 2, id="a", queue="q")
+        assert store.claim("w1", HOST, NOW, LEASE).id == "a"  # waited 2 s
+        assert store.finish("a", 1, "w1", "completed", NOW + 5, "completed", 0)  # ran 5 s
+        self.enqueue_one(store, NOW, id="b", queue="q")
+        assert store.claim("w1", HOST, NOW + 10, LEASE).id == "b"  # waited 10 s
+        assert store.finish("b", 1, "w1", "failed", NOW + 10.5, "failed", 1, retry_at=NOW + 1000)
+        self.enqueue_one(store, NOW, id="c", queue="r")
+        assert store.claim("w1", HOST, NOW + 20, LEASE).id == "c"
+        assert store.rescue(NOW + 20 + LEASE + 1, HOST, always_alive, Recorder()) == ["c"]
+        rows, hist = store.stats_by_queue(minute, minute)
+        got = {(r["queue"], r["outcome"]): (r["count"], r["run_sum"], r["wait_sum"]) for r in rows}
+        assert got == {("q", "completed"): (1, 5.0, 2.0), ("q", "failed"): (1, 0.5, 10.0), ("r", "lost"): (1, 0.0, 0.0)}
+        assert hist == {"q": {queuectl.run_time_bucket(5.0): 1, queuectl.run_time_bucket(0.5): 1}}
+        assert store.stats_by_queue(minute + 1, minute + 10) == ([], {})
+        per_minute = {(r["minute"], r["outcome"]): r["count"] for r in store.stats_minutes(minute - 5, minute + 5)}
+        assert per_minute == {(minute, "completed"): 1, (minute, "failed"): 1, (minute, "lost"): 1}
+
+    def test_purge_deletes_old_finished_jobs_in_batches_and_keeps_statistics(self, store, raw_counts):
+        minute = int(NOW // 60)
+        for n in range(5):
+            self.enqueue_one(store, id="old%d" % n)
+            assert self.claim_id(store) == "old%d" % n
+            assert store.finish("old%d" % n, 1, "w1", "completed", NOW + 1, "completed", 0)
+        self.enqueue_one(store, id="cancelled")
+        store.cancel("cancelled", NOW + 1)
+        self.enqueue_one(store, id="recent")
+        self.claim(store, now=NOW + 2)
+        store.finish("recent", 1, "w1", "completed", NOW + 30, "completed", 0)
+        self.enqueue_one(store, id="dead", max_retries=0)
+        self.fail(store, self.claim(store, now=NOW + 2), NOW + 3)
+        stats = store.stats_by_queue(minute, minute)
+        assert store.purge(("completed", "cancelled"), NOW + 10, batch=2) == 6
+        assert sorted(j.id for j in store.list_jobs()) == ["dead", "recent"]
+        assert store.attempts("old0") == []
+        assert store.stats_by_queue(minute, minute) == stats
+        self.assert_counts(store, raw_counts, {"completed": 1, "dead": 1})
+        assert store.purge(("completed",), NOW + 31) == 1  # the default batch
+        assert store.purge(("completed", "cancelled"), NOW + 1000) == 0
+        with pytest.raises(queuectl.InvalidInput):
+            store.purge(("pending",), NOW + 1000)
+        assert store.get("dead").state == "dead"
+
+    def test_list_jobs_shows_the_newest_100_by_default(self, store):
+        store.enqueue([spec(now=NOW + n, id="j%03d" % n) for n in range(101)], NOW)
+        jobs = store.list_jobs()
+        assert len(jobs) == 100 and jobs[0].id == "j001" and jobs[-1].id == "j100"
+
+    def test_finish_without_output_records_none(self, store):
+        self.enqueue_one(store, id="j")
+        self.claim(store)
+        assert store.finish("j", 1, "w1", "completed", NOW + 1, "completed", 0)
+        attempt = store.attempt("j", 1)
+        assert (attempt.output, attempt.output_bytes) == ("", 0)
+
+    @pytest.mark.parametrize("state", ["pending", "processing"])
+    def test_a_run_cannot_be_finished_into_a_non_final_state(self, store, state):
+        self.enqueue_one(store, id="j")
+        self.claim(store)
+        with pytest.raises(ValueError):
+            store.finish("j", 1, "w1", state, NOW + 1, "completed", 0)
+        assert store.get("j").state == "processing"
+
+    def test_attempts_leave_the_output_out_unless_asked(self, store):
+        self.enqueue_one(store, id="j")
+        self.claim(store)
+        store.finish("j", 1, "w1", "completed", NOW + 1, "completed", 0, output="hello\n", output_bytes=6)
+        (plain,) = store.attempts("j")
+        (full,) = store.attempts("j", with_output=True)
+        assert (plain.output, plain.output_bytes, full.output, full.output_bytes) == ("", 6, "hello\n", 6)
+
+    def test_a_heartbeat_without_a_job_marks_the_worker_alive(self, store):
+        store.register_worker(worker_record("w1", now=NOW))
+        assert store.heartbeat("w1", now=NOW + 7) is True
+        (w,) = store.workers()
+        assert w["heartbeat_at"] == NOW + 7
+
+    @pytest.mark.parametrize("lease, silent_for, dead", [(15.0, 59, False), (15.0, 61, True), (30.0, 119, False),
+                                                          (30.0, 121, True)])
+    def test_a_worker_on_another_host_is_dead_after_4_leases_of_silence_at_least_a_minute(
+            self, store, lease, silent_for, dead):
+        store.set_config("lease-seconds", lease)
+        store.register_worker(worker_record("remote", host=OTHER_HOST, pid=111, now=NOW))
+        self.enqueue_one(store, id="j")
+        store.claim("remote", OTHER_HOST, NOW, 10 ** 6)  # its lease is far from expired
+        never_alive = Recorder(lambda pid, started: False)
+        assert store.rescue(NOW + silent_for, HOST, never_alive, Recorder()) == (["j"] if dead else [])
+        assert [w["id"] for w in store.workers()] == ([] if dead else ["remote"])
+        assert never_alive.calls == []  # its pid means nothing on this host
+
+    def test_a_local_worker_is_judged_by_its_pid_not_its_silence(self, store):
+        store.register_worker(worker_record("local", pid=111, now=NOW - 10 ** 5))
+        self.enqueue_one(store, id="j")
+        store.claim("local", HOST, NOW, 10 ** 6)
+        assert store.rescue(NOW + 10 ** 4, HOST, always_alive, Recorder()) == []
+        assert [w["id"] for w in store.workers()] == ["local"]
 
     # --- dependencies and cancel ---------------------------------------------------------------
 
@@ -1038,6 +1171,35 @@ class StoreContract:
         job = store.get("b")
         assert job.state == "cancelled" and "x" in job.last_error
         assert store.get("a").state == "dead"
+
+    def test_a_dependency_error_names_the_job_and_the_dependency(self, store):
+        with pytest.raises(NotFound) as info:
+            store.enqueue([spec(id="c", after=["nope"])], NOW)
+        assert str(info.value) == 'job c depends on "nope", which does not exist'
+        with pytest.raises(NotFound) as info:
+            store.enqueue([spec(after=["nope"])], NOW)
+        assert str(info.value) == 'job to enqueue depends on "nope", which does not exist'
+        self.enqueue_one(store, id="gone")
+        store.cancel("gone", NOW)
+        with pytest.raises(Conflict) as info:
+            store.enqueue([spec(after=["gone"])], NOW)
+        assert str(info.value) == "job to enqueue depends on gone, which is cancelled"
+
+    def test_a_lost_run_back_in_the_queue_keeps_its_dependents_waiting(self, store):
+        self.enqueue_one(store, id="a")
+        self.enqueue_one(store, id="b", after=["a"])
+        self.claim(store, now=NOW)
+        assert store.rescue(NOW + LEASE + 1, HOST, always_alive, Recorder()) == ["a"]
+        assert (store.get("a").state, store.get("b").state) == ("pending", "waiting")
+
+    def test_a_run_lost_too_often_goes_dead_and_cancels_its_dependents(self, store):
+        store.set_config("max-rescues", 0)
+        self.enqueue_one(store, id="a")
+        self.enqueue_one(store, id="b", after=["a"])
+        self.claim(store, now=NOW)
+        assert store.rescue(NOW + LEASE + 1, HOST, always_alive, Recorder()) == ["a"]
+        assert (store.get("a").state, store.get("b").state) == ("dead", "cancelled")
+        assert "dependency a ended dead" in store.get("b").last_error
 
     def test_states_of(self, store):
         self.enqueue_one(store, id="a")

@@ -9,14 +9,15 @@ driven tick by tick with the time passed in.
 
 import os
 import signal
+import threading
 import time
 
 import pytest
 
 import queuectl
-from conftest import marked_processes, wait_until
-from queuectl import DatabaseBusy, DatabaseGone, JobState
-from test_store import HOST, spec
+from conftest import MARK_VAR, marked_processes, wait_until
+from queuectl import DatabaseBusy, DatabaseGone
+from test_store import spec
 
 NOW = 1_700_000_000.0
 
@@ -191,16 +192,13 @@ def test_a_cancelled_run_ends_cancelled(store, make_worker, tmp_path):
     w = make_worker()
     store.set_config("kill-grace", 0.1)
 
-    import threading
-
     def cancel_when_running():
         wait_until(gate.exists, 10)
-        store2 = queuectl.SqliteStore(str(store.path))
+        other = queuectl.SqliteStore(str(store.path))  # as `queuectl cancel` does, from another connection
         try:
-            assert store2.cancel(job_id, time.time()) == "requested"
+            assert other.cancel(job_id, time.time()) == "requested"  # the busy worker looks every second
         finally:
-            store2.close()
-        queuectl.wake_workers(store2 if False else store, 1)  # (the worker is busy: it checks every second)
+            other.close()
 
     t = threading.Thread(target=cancel_when_running)
     t.start()
@@ -212,7 +210,7 @@ def test_a_cancelled_run_ends_cancelled(store, make_worker, tmp_path):
     j = job(store, job_id)
     assert (j.state, j.last_error) == ("cancelled", "cancelled by a user; process group killed")
     assert store.attempt(job_id, 1).outcome == "cancelled"
-    wait_until(lambda: not [p for p in marked_processes(os.environ["QUEUECTL_TEST_MARK"])], 5)
+    wait_until(lambda: marked_processes(os.environ[MARK_VAR]) == [], 5)  # the sleep was killed
 
 
 def test_a_cold_stop_puts_the_job_back_without_using_a_retry(store, make_worker, tmp_path):
@@ -220,8 +218,6 @@ def test_a_cold_stop_puts_the_job_back_without_using_a_retry(store, make_worker,
     job_id = enqueue(store, command="touch %s; sleep 30" % gate, max_retries=0)
     store.set_config("kill-grace", 0.1)
     w = make_worker()
-
-    import threading
 
     def stop_when_running():
         wait_until(gate.exists, 10)
@@ -245,8 +241,6 @@ def test_a_run_whose_lease_was_lost_is_discarded(store, make_worker, tmp_path):
     store.set_config("kill-grace", 0.1)
     store.set_config("lease-seconds", 1.5)  # heartbeats every 0.5 s
     w = make_worker()
-
-    import threading
 
     def steal_when_running():
         wait_until(gate.exists, 10)
