@@ -25,6 +25,7 @@ import ast
 import json
 import os
 import re
+import shlex
 import shutil
 import sqlite3
 import subprocess
@@ -121,8 +122,9 @@ def make_copy(dest):
 
 
 def test_command(area, basetemp):
-    return " ".join([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "--basetemp=" + basetemp,
-                     "-o", "addopts="] + area["tests"] + area.get("pytest-args", []))
+    return " ".join(shlex.quote(a) for a in [
+        sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "--basetemp=" + basetemp,
+        "-o", "addopts="] + area["tests"] + area.get("pytest-args", []))
 
 
 def cosmic_config(cfg, area, module, command, timeout):
@@ -247,7 +249,7 @@ def baseline(cfg, name, directory):
     tmp = scratch_tmp(name + "-baseline")
     command = test_command(area, tmp)
     start = time.monotonic()
-    proc = subprocess.run(command.split(), cwd=directory, env=clean_env(), stdout=subprocess.PIPE,
+    proc = subprocess.run(shlex.split(command), cwd=directory, env=clean_env(), stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT)
     took = time.monotonic() - start
     shutil.rmtree(tmp, ignore_errors=True)

@@ -325,8 +325,13 @@ def test_group_alive_and_kill_group(process_mark):
     wait_until(lambda: marked_processes(process_mark) == [], 10)
     proc.wait()
     assert queuectl.group_alive(proc.pid) is False
-    # once its last zombie is reaped (the orphaned sleep by init), there is nobody to signal
-    wait_until(lambda: queuectl.kill_group(proc.pid, signal.SIGKILL) is False, 10)
+
+
+def test_kill_group_of_an_empty_group_says_so(process_mark):
+    proc = spawn("true")
+    proc.wait()
+    assert queuectl.kill_group(proc.pid, signal.SIGKILL) is False
+    assert queuectl.group_alive(proc.pid) is False
 
 
 def test_a_group_of_zombies_only_is_not_alive(process_mark):
@@ -453,3 +458,31 @@ def test_a_lost_run_without_a_pid_or_a_worker_is_left_alone(process_mark, lost_r
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_a_job_inherits_no_descriptor_of_its_worker(process_mark):
+    """Not even one the worker left inheritable: only stdin, stdout and stderr (the stream the
+    worker reads) are the job's."""
+    fd = os.open("/dev/null", os.O_RDONLY)
+    try:
+        os.set_inheritable(fd, True)
+        result, _, _ = run("ls /proc/$$/fd")
+    finally:
+        os.close(fd)
+    assert result.outcome == "completed"
+    assert sorted(int(n) for n in result.output.split()) == [0, 1, 2]
+
+
+def test_a_command_the_system_refuses_to_start_is_an_error_with_the_reason(process_mark):
+    """A single environment string over the kernel's limit (128 KiB): exec fails with E2BIG."""
+    result, _, events = run("true", env={"BIG": "x" * 200_000})
+    assert result.outcome == "error"
+    assert result.error == "cannot start: Argument list too long"
+    assert events.pids == []
+
+
+def test_a_lost_run_without_a_pid_is_looked_for_during_the_sweep_time_only(process_mark, lost_runs):
+    before = time.monotonic()
+    queuectl.kill_lost_group(None, time.time(), ("jT", 1, "wT"))
+    (until,) = lost_runs.values()
+    assert before + queuectl.LOST_RUN_SWEEP <= until <= time.monotonic() + queuectl.LOST_RUN_SWEEP
