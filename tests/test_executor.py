@@ -311,12 +311,6 @@ def test_a_zombie_is_not_alive(process_mark):
         proc.wait()
 
 
-def test_pid_alive_for_a_process_of_another_user():
-    """kill(pid, 0) is refused for another user's process (as a non-root worker sees the
-    processes of others): still alive.  pid 1 always exists."""
-    assert queuectl.pid_alive(1) is True
-
-
 def test_group_alive_and_kill_group(process_mark):
     proc = spawn("sh", "-c", "sleep 30 & sleep 30")
     wait_until(lambda: len(marked_processes(process_mark)) == 3, 10)
@@ -486,3 +480,51 @@ def test_a_lost_run_without_a_pid_is_looked_for_during_the_sweep_time_only(proce
     queuectl.kill_lost_group(None, time.time(), ("jT", 1, "wT"))
     (until,) = lost_runs.values()
     assert before + queuectl.LOST_RUN_SWEEP <= until <= time.monotonic() + queuectl.LOST_RUN_SWEEP
+
+
+def test_a_timeout_is_noticed_on_time_however_seldom_the_worker_ticks(process_mark):
+    events = Events(interval=10)
+    result, took, _ = run("sleep 30", timeout=0.3, events=events)
+    assert result.outcome == "timeout"
+    assert took < 3
+
+
+def test_the_grace_is_for_the_whole_group_not_just_its_leader(process_mark, tmp_path):
+    """The leader dies at SIGTERM at once; a background member cleans up for a moment on its
+    SIGTERM: the SIGKILL waits for it (up to the grace), it does not come when the leader is gone."""
+    done = tmp_path / "cleaned"
+    command = ("(trap 'sleep 0.3; echo yes > %s; exit 0' TERM; while :; do sleep 0.05; done) & sleep 30" % done)
+    result, took, _ = run(command, timeout=0.3, grace=10)
+    assert result.outcome == "timeout"
+    assert done.read_text() == "yes\n"
+    assert took < 5
+
+
+def test_without_proc_a_pid_that_answers_is_alive(process_mark, monkeypatch):
+    """No /proc (another Unix): the zombie check cannot look, and kill(pid, 0) decides."""
+    def no_proc(path, *a, **kw):
+        raise FileNotFoundError(path)
+
+    monkeypatch.setattr(queuectl, "open", no_proc, raising=False)
+    assert queuectl.pid_alive(os.getpid()) is True
+
+
+def test_a_process_of_another_user_is_alive_but_cannot_be_killed(monkeypatch):
+    """kill() answers EPERM for another user's process: it exists (a worker of another
+    account is alive), and its group cannot be signalled (kill_group says so)."""
+    def eperm(*args):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(queuectl.os, "kill", eperm)
+    monkeypatch.setattr(queuectl.os, "killpg", eperm)
+    assert queuectl.pid_alive(1) is True
+    assert queuectl.kill_group(1, signal.SIGKILL) is False
+
+
+def test_output_memory_stays_bounded_with_large_reads():
+    buf = queuectl.OutputBuffer(1024)
+    for _ in range(100):
+        buf.write(b"y" * 65536)  # what one read of the pipe may return
+    assert buf.size <= 2 * 1024 + 65536
+    assert buf.total == 100 * 65536
+    assert buf.text().endswith("y" * 1024)

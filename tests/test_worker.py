@@ -285,12 +285,34 @@ def test_a_step_rescues_the_jobs_of_dead_workers_every_housekeeping_interval(sto
     w._rescued_at = NOW - 1  # rescued a second ago: not yet again
     assert w.step(NOW) is False
     assert job(store, job_id).state == "processing"
-    w._rescued_at = NOW - queuectl.HOUSEKEEPING_INTERVAL
+    w._rescued_at = NOW - queuectl.HOUSEKEEPING_INTERVAL - 0.5
     assert w.step(NOW) is True  # rescued, then claimed and run by this worker
     settle(w)
     j = job(store, job_id)
     assert (j.state, j.rescues, j.runs) == ("completed", 1, 2)
     assert "dead-worker" not in [r["id"] for r in store.workers()]
+
+
+def test_housekeeping_comes_every_interval_not_more_often(store, make_worker, monkeypatch):
+    rescues = []
+    w = make_worker()
+    real = w.store.rescue
+    monkeypatch.setattr(w.store, "rescue", lambda now, *a: rescues.append(now) or real(now, *a))
+    interval = queuectl.HOUSEKEEPING_INTERVAL
+    for t in (0, 0.5, interval - 0.01, interval, interval + 0.5, 3 * interval):
+        w.step(NOW + t)
+    assert rescues == [NOW, NOW + interval, NOW + 3 * interval]
+
+
+def test_the_start_of_a_run_is_logged_with_the_command_on_one_short_line(store, make_worker, caplog):
+    enqueue(store, id="logged", command="echo " + "x" * 100 + " \\\n  tail")
+    w = make_worker()
+    with caplog.at_level("INFO", logger="queuectl"):
+        assert w.step(NOW)
+    (line,) = [r.getMessage() for r in caplog.records if "started" in r.getMessage()]
+    shown = line.split("started: ", 1)[1]
+    assert line.startswith("job logged attempt 1 started: echo xxx")
+    assert len(shown) == 80 and shown.endswith("…") and "\n" not in shown
 
 
 def test_a_step_beats_the_workers_heart_every_third_of_a_lease(store, make_worker):
@@ -557,6 +579,16 @@ def test_the_monitor_renews_the_lease_every_third_of_it():
     assert names(store).count("heartbeat") == 1
     m.tick(NOW + 2.0, buf)
     assert names(store).count("heartbeat") == 2
+
+
+def test_the_first_heartbeat_comes_a_third_of_a_short_lease_after_the_start():
+    m, _, store = monitor(lease=1.5)
+    m.on_start(1)
+    buf = queuectl.OutputBuffer(1024)
+    assert m.tick(NOW + 0.4, buf) is None
+    assert "heartbeat" not in names(store)
+    m.tick(NOW + 0.5, buf)
+    assert names(store).count("heartbeat") == 1
 
 
 def test_the_monitor_publishes_new_output_at_most_every_second():
