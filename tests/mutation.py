@@ -27,6 +27,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -95,10 +96,11 @@ def in_area(qualname, area):
 
 def equivalent_reason(mutant, equivalents):
     """The reason of the equivalence entry matching this mutant, or None.  An entry matches the
-    mutants of its operator (a regular expression) on a line reading ``code`` in ``function``;
+    mutants of its operator (a regular expression) on a line reading ``code`` in ``function`` (or,
+    for a class, in any of its methods);
     with ``nth``, only the nth (from 0) of them on that line (left to right)."""
     for e in equivalents:
-        if (e["function"] == mutant["function"] and re.fullmatch(e["operator"], mutant["operator"])
+        if (in_area(mutant["function"], {"include": [e["function"]]}) and re.fullmatch(e["operator"], mutant["operator"])
                 and e["code"].strip() == mutant["code"] and e.get("nth", mutant["nth"]) == mutant["nth"]):
             e["_matched"] = e.get("_matched", 0) + 1
             return e["reason"]
@@ -272,10 +274,16 @@ def execute(cfg, name, dirs, timeout):
                                         "session.sqlite"], cwd=d, env=clean_env(), stdout=log,
                                        stderr=subprocess.STDOUT), tmp, log))
     failed = False
-    for proc, tmp, log in procs:
-        failed |= proc.wait() != 0
-        log.close()
-        shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        for proc, tmp, log in procs:
+            failed |= proc.wait() != 0
+    finally:  # interrupted (Ctrl-C, SIGTERM): stop the shards too
+        for proc, tmp, log in procs:
+            if proc.poll() is None:
+                proc.terminate()
+                proc.wait()
+            log.close()
+            shutil.rmtree(tmp, ignore_errors=True)
     if failed:
         raise SystemExit("mutation: cosmic-ray exec failed for the %s area (see %s/*/exec.log)" % (name, WORK))
 
@@ -329,6 +337,7 @@ def report(name, mutants, res, seconds, out):
 
 
 def main(argv=None):
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))  # runs the cleanups
     cfg = load_config()
     parser = argparse.ArgumentParser(prog="./build.sh mutate", description=(
         "Mutation testing with cosmic-ray over the areas of tests/mutation.toml; prints the kill "
@@ -374,7 +383,7 @@ def main(argv=None):
                 name, area["module"], len(mutants), len(mutants) - todo, " ".join(area["tests"])))
             continue
         took = baseline(cfg, name, dirs[0])
-        timeout = max(30.0, 5 * took + 10)
+        timeout = max(20.0, 3 * took + 10)
         print("-- %s: %d mutants to run (%d equivalent), tests take %.1fs unmutated, %d process(es)" % (
             name, todo, len(mutants) - todo, took, len(dirs)), flush=True)
         execute(cfg, name, dirs, timeout)

@@ -452,6 +452,17 @@ class StoreContract:
         assert store.get("k").state == "processing"
         assert [w["id"] for w in store.workers()] == ["w2"]
 
+    def test_a_dead_workers_jobs_are_all_rescued_even_one_whose_lease_also_expired(self, store):
+        store.register_worker(worker_record("w1", pid=111))
+        self.enqueue_one(store, id="j")
+        self.enqueue_one(store, id="k")
+        store.claim("w1", HOST, NOW, 1.0)  # j: a short lease, expired by the rescue
+        store.claim("w1", HOST, NOW, 1000.0)  # k: a long one
+        dead = Recorder(lambda pid, started: False)
+        assert sorted(store.rescue(NOW + 5, HOST, dead, Recorder())) == ["j", "k"]
+        assert (store.get("j").rescues, store.get("k").rescues) == (1, 1)  # once each
+        assert [a.outcome for a in store.attempts("j")] == ["lost"]
+
     def test_workers_on_other_hosts_are_judged_by_heartbeat_not_pid(self, store):
         store.register_worker(worker_record("remote", host=OTHER_HOST, pid=111))
         self.enqueue_one(store, id="j")
@@ -607,6 +618,15 @@ class StoreContract:
         for gone in ["c", "f", "d"]:
             assert store.attempts(gone) == []
         self.assert_counts(store, raw_counts, {"processing": 1})
+
+    def test_delete_all_takes_waiting_and_cancelled_jobs_too(self, store, raw_counts):
+        self.enqueue_one(store, id="dep")
+        self.enqueue_one(store, id="w", after=["dep"])
+        self.enqueue_one(store, id="c")
+        store.cancel("c", NOW)
+        assert store.delete_jobs() == 3
+        assert self.states(store) == {}
+        self.assert_counts(store, raw_counts, {})
 
     def test_delete_of_processing_jobs_is_refused(self, store):
         expected = self.make_one_of_each(store)

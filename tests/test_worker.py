@@ -330,6 +330,11 @@ def test_a_step_beats_the_workers_heart_every_third_of_a_lease(store, make_worke
     for t in (0, 5, 9.9, 10, 15, 20.5):
         w.step(NOW + t)
     assert beats == [NOW, NOW + 10, NOW + 20.5]
+    store.set_config("lease-seconds", 1.5)
+    del beats[:]
+    for t in (30, 30.3, 30.5):
+        w.step(NOW + t)
+    assert beats == [NOW + 30, NOW + 30.5]
 
 
 def test_a_busy_database_makes_a_step_a_quiet_one(store, make_worker, monkeypatch):
@@ -589,6 +594,10 @@ def test_the_first_heartbeat_comes_a_third_of_a_short_lease_after_the_start():
     assert "heartbeat" not in names(store)
     m.tick(NOW + 0.5, buf)
     assert names(store).count("heartbeat") == 1
+    m.tick(NOW + 0.9, buf)  # the next one a third of the lease later again
+    assert names(store).count("heartbeat") == 1
+    m.tick(NOW + 1.0, buf)
+    assert names(store).count("heartbeat") == 2
 
 
 def test_the_monitor_publishes_new_output_at_most_every_second():
