@@ -862,12 +862,13 @@ class StoreContract:
         got = {q["name"]: (q["max_running"], q["paused"]) for q in store.queues()}
         assert got == {"a": (3, True), "b": (1, False)}
 
-    def test_per_queue_claims_break_ties_by_enqueue_order(self, store):
+    @pytest.mark.parametrize("queues", [["a", "b"], ["b", "a"]])
+    def test_per_queue_claims_break_ties_by_enqueue_order(self, store, queues):
         """Same priority and due time in two queues: the job enqueued first goes first, whichever
         queue the worker looks at first."""
         self.enqueue_one(store, id="b-first", queue="b", priority="low")
         self.enqueue_one(store, id="a-second", queue="a", priority="low")
-        order = [store.claim("w1", HOST, NOW, LEASE, queues=["a", "b"]).id for _ in range(2)]
+        order = [store.claim("w1", HOST, NOW, LEASE, queues=queues).id for _ in range(2)]
         assert order == ["b-first", "a-second"]
 
     def test_a_lowered_queue_limit_applies_to_new_claims(self, store):
@@ -964,8 +965,8 @@ class StoreContract:
 
     def test_statistics_of_finished_and_lost_runs(self, store):
         minute = int(NOW // 60)  # NOW - 20 .. NOW + 40
-        self.enqueue_one(store, NOW - 2, id="a", queue="q")
-        assert store.claim("w1", HOST, NOW, LEASE).id == "a"  # waited 2 s
+        self.enqueue_one(store, NOW - 0.5, id="a", queue="q")
+        assert store.claim("w1", HOST, NOW, LEASE).id == "a"  # waited 0.5 s
         assert store.finish("a", 1, "w1", "completed", NOW + 5, "completed", 0)  # ran 5 s
         self.enqueue_one(store, NOW, id="b", queue="q")
         assert store.claim("w1", HOST, NOW + 10, LEASE).id == "b"  # waited 10 s
@@ -975,7 +976,7 @@ class StoreContract:
         assert store.rescue(NOW + 20 + LEASE + 1, HOST, always_alive, Recorder()) == ["c"]
         rows, hist = store.stats_by_queue(minute, minute)
         got = {(r["queue"], r["outcome"]): (r["count"], r["run_sum"], r["wait_sum"]) for r in rows}
-        assert got == {("q", "completed"): (1, 5.0, 2.0), ("q", "failed"): (1, 0.5, 10.0), ("r", "lost"): (1, 0.0, 0.0)}
+        assert got == {("q", "completed"): (1, 5.0, 0.5), ("q", "failed"): (1, 0.5, 10.0), ("r", "lost"): (1, 0.0, 0.0)}
         assert hist == {"q": {queuectl.run_time_bucket(5.0): 1, queuectl.run_time_bucket(0.5): 1}}
         assert store.stats_by_queue(minute + 1, minute + 10) == ([], {})
         per_minute = {(r["minute"], r["outcome"]): r["count"] for r in store.stats_minutes(minute - 5, minute + 5)}
@@ -1040,14 +1041,17 @@ class StoreContract:
         (w,) = store.workers()
         assert w["heartbeat_at"] == NOW + 7
 
-    @pytest.mark.parametrize("lease, silent_for, dead", [(15.0, 59, False), (15.0, 61, True), (30.0, 119, False),
-                                                          (30.0, 121, True)])
+    @pytest.mark.parametrize("lease, silent_for, dead", [
+        (15.0, 59, False), (15.0, 61, True), (30.0, 119, False), (30.0, 121, True),
+        (10.0, 59.5, False), (10.0, 60.5, True),  # 4 leases are 40 s: a minute at least
+    ])
+    @pytest.mark.parametrize("remote", [OTHER_HOST, "host-0"])  # (names after and before ours)
     def test_a_worker_on_another_host_is_dead_after_4_leases_of_silence_at_least_a_minute(
-            self, store, lease, silent_for, dead):
+            self, store, lease, silent_for, dead, remote):
         store.set_config("lease-seconds", lease)
-        store.register_worker(worker_record("remote", host=OTHER_HOST, pid=111, now=NOW))
+        store.register_worker(worker_record("remote", host=remote, pid=111, now=NOW))
         self.enqueue_one(store, id="j")
-        store.claim("remote", OTHER_HOST, NOW, 10 ** 6)  # its lease is far from expired
+        store.claim("remote", remote, NOW, 10 ** 6)  # its lease is far from expired
         never_alive = Recorder(lambda pid, started: False)
         assert store.rescue(NOW + silent_for, HOST, never_alive, Recorder()) == (["j"] if dead else [])
         assert [w["id"] for w in store.workers()] == ([] if dead else ["remote"])
