@@ -68,6 +68,8 @@ def definitions(source):
                 first = min([child.lineno] + [d.lineno for d in child.decorator_list])
                 out.append((name, first, child.end_lineno))
                 walk(child, name + ".")
+            else:  # a def inside a with, if, loop...
+                walk(child, prefix)
 
     walk(ast.parse(source), "")
     return out

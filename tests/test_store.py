@@ -347,6 +347,8 @@ class StoreContract:
         self.claim(store)
         assert store.finish_and_claim(self.finished("a"), self.claim_args()) == (True, None)
         assert store.get("a").state == "completed"
+        attempt = store.attempt("a", 1)
+        assert (attempt.output, attempt.output_bytes) == ("", 0)  # a result without output
         (worker,) = store.workers()
         assert (worker["state"], worker["job_id"]) == ("idle", None)
 
@@ -1044,6 +1046,7 @@ class StoreContract:
     @pytest.mark.parametrize("lease, silent_for, dead", [
         (15.0, 59, False), (15.0, 61, True), (30.0, 119, False), (30.0, 121, True),
         (10.0, 59.5, False), (10.0, 60.5, True),  # 4 leases are 40 s: a minute at least
+        (15.0, 60, False),  # silent for exactly the limit: not yet
     ])
     @pytest.mark.parametrize("remote", [OTHER_HOST, "host-0"])  # (names after and before ours)
     def test_a_worker_on_another_host_is_dead_after_4_leases_of_silence_at_least_a_minute(
