@@ -528,3 +528,74 @@ def test_output_memory_stays_bounded_with_large_reads():
     assert buf.size <= 2 * 1024 + 65536
     assert buf.total == 100 * 65536
     assert buf.text().endswith("y" * 1024)
+
+
+def test_describe_exit_of_minus_one_is_sighup():
+    assert queuectl.describe_exit(-1) == "killed by SIGHUP"
+
+
+def test_running_jobs_leaks_no_descriptor_in_the_worker(process_mark):
+    def open_fds():
+        return len(os.listdir("/proc/self/fd"))
+
+    run("true")  # (anything opened once, lazily)
+    before = open_fds()
+    for _ in range(10):
+        run("echo x")
+    assert open_fds() == before
+
+
+def test_the_end_of_the_job_is_seen_at_once_though_a_child_holds_its_output(process_mark):
+    """The exit is watched (pidfd), not only the output pipe, which a background child keeps
+    open; a worker that ticks seldom still records the end at once."""
+    result, took, _ = run("(sleep 3; echo late) & echo early", events=Events(interval=10))
+    assert result.outcome == "completed" and result.output == "early\n"
+    assert took < 2
+
+
+class FakeRead:
+    def __init__(self, *answers):
+        self.answers = list(answers)
+
+    def __call__(self, fd, n):
+        answer = self.answers.pop(0)
+        if isinstance(answer, BaseException):
+            raise answer
+        return answer
+
+
+@pytest.mark.parametrize("answers, open_after, kept", [
+    ([b"ab", b"c", BlockingIOError()], True, b"abc"),  # all there is for now
+    ([b"ab", b""], False, b"ab"),  # the end of the stream
+    ([b"ab", OSError(5, "Input/output error")], False, b"ab"),  # a broken pipe: the end too
+])
+def test_drain_reads_what_is_there_and_says_whether_the_stream_goes_on(monkeypatch, answers, open_after, kept):
+    monkeypatch.setattr(queuectl.os, "read", FakeRead(*answers))
+    buf = queuectl.OutputBuffer(1024)
+    assert queuectl._drain(99, buf) is open_after
+    assert b"".join(buf.chunks) == kept
+
+
+def test_without_proc_a_group_that_answers_is_alive(process_mark, monkeypatch):
+    proc = spawn("sleep", "30")
+    try:
+        monkeypatch.setattr(queuectl.os.path, "isdir", lambda path: False)
+        assert queuectl.group_alive(proc.pid) is True
+    finally:
+        monkeypatch.undo()
+        proc.kill()
+        proc.wait()
+
+
+def test_process_start_times_are_precise_to_the_clock_tick(process_mark):
+    first = spawn("sleep", "30")
+    t0 = time.monotonic()
+    wait_until(lambda: time.monotonic() - t0 >= 0.25, 5, interval=0.005)
+    second = spawn("sleep", "30")
+    try:
+        gap = queuectl.process_started_at(second.pid) - queuectl.process_started_at(first.pid)
+        assert 0.2 <= gap <= 0.6
+    finally:
+        for p in (first, second):
+            p.kill()
+            p.wait()
