@@ -181,7 +181,7 @@ def init_session(directory, module, source):
     return _INIT[key]
 
 
-def prepare(cfg, name, jobs):
+def prepare(cfg, name, jobs, only=None):
     """Copy, init and filter the shards of one area; returns their directories and
     the area's mutant list (dicts)."""
     area = cfg["areas"][name]
@@ -203,7 +203,8 @@ def prepare(cfg, name, jobs):
     keep, drop, mutants, seen = [], [], [], {}
     for job_id, op, occ, line, col, end_line in rows:
         qualname = innermost(defs, line)
-        if not in_area(qualname, area) or any(p.search(op) for p in exclude_ops):
+        if (not in_area(qualname, area) or any(p.search(op) for p in exclude_ops)
+                or (only and not in_area(qualname, {"include": only}))):
             drop.append(job_id)
             continue
         m = {"job_id": job_id, "operator": op, "line": line, "col": col, "function": qualname,
@@ -349,6 +350,8 @@ def main(argv=None):
     parser.add_argument("-j", "--jobs", type=int, default=2, help="parallel cosmic-ray processes per area (default 2)")
     parser.add_argument("--list", action="store_true", help="list the areas and their mutant counts, run nothing")
     parser.add_argument("--report", action="store_true", help="print the report of the last run of these areas again")
+    parser.add_argument("--only", action="append", metavar="NAME",
+                        help="only the mutants in this function, class or method (e.g. SqliteStore._pick); repeatable")
     args = parser.parse_args(argv)
     unknown = [a for a in args.areas if a not in cfg["areas"]]
     if unknown:
@@ -374,7 +377,7 @@ def main(argv=None):
                 last = json.load(f)
             summaries.append(report(name, last["mutants"], results(last["dirs"]), 0, out))
             continue
-        dirs, mutants = prepare(cfg, name, 1 if args.list else args.jobs)
+        dirs, mutants = prepare(cfg, name, 1 if args.list else args.jobs, args.only)
         for m in mutants:
             m["module"] = area["module"]
         with open(os.path.join(WORK, "%s.json" % name), "w") as f:
@@ -392,8 +395,8 @@ def main(argv=None):
         summaries.append(report(name, mutants, results(dirs), time.monotonic() - t0, out))
     for path in _INIT.values():
         os.unlink(path)
-    stale = [e for e in cfg.get("equivalent", []) if not e.get("_matched") and
-             any(e["function"] and in_area(e["function"], cfg["areas"][a]) for a in areas)]
+    stale = [e for e in cfg.get("equivalent", []) if not e.get("_matched") and not args.only and not args.report
+             and any(in_area(e["function"], cfg["areas"][a]) for a in areas)]
     for e in stale:
         out("  stale equivalent entry (matches no mutant; the code changed?): %s %s %r" % (
             e["function"], e["operator"], e["code"]))

@@ -370,7 +370,9 @@ def test_recording_a_result_retries_through_a_busy_database(store, make_worker, 
         return real(**kw)
 
     monkeypatch.setattr(w.store, "finish", finish)
+    start = time.monotonic()
     assert w.record_result() is True
+    assert time.monotonic() - start < 1.0  # tried again within milliseconds, not seconds
     assert len(calls) == 3 and job(store, job_id).state == "completed"
     assert w.record_result() is False  # nothing left to record
 
@@ -404,11 +406,15 @@ def test_a_burst_worker_runs_everything_due_then_stops(store, make_worker, signa
     assert job(store, later).state == "pending"
     assert store.workers() == []  # unregistered on the way out
     assert w.jobs_done == 3
+    assert w._sock.fileno() == -1  # its wake-up socket closed
 
 
-def test_a_worker_whose_supervisor_is_gone_stops(store, make_worker, signals_restored):
+@pytest.mark.parametrize("other", [1, -1])
+def test_a_worker_whose_supervisor_is_gone_stops(store, make_worker, signals_restored, other):
+    """Its parent is not the supervisor that started it any more (that one died: it was
+    re-parented)."""
     job_id = enqueue(store, time.time(), command="true")
-    w = make_worker(supervisor_pid=os.getppid() + 1 if os.getppid() != 1 else 2)
+    w = make_worker(supervisor_pid=os.getppid() + other)
     assert w.run() == 0
     assert job(store, job_id).state == "pending"  # never claimed
     assert store.workers() == []
@@ -431,6 +437,34 @@ def test_a_stop_signal_ends_the_loop_and_the_last_result_is_recorded(store, make
     assert w.stop_level == 1 and len(steps) == 1
     assert job(store, first).state == "completed"
     assert store.workers() == []
+
+
+def test_a_result_that_cannot_be_recorded_at_the_stop_is_left_for_a_rescue(store, make_worker, signals_restored,
+                                                                           monkeypatch, caplog):
+    """The database stays locked past the lease while the worker stops: it logs that and stops
+    cleanly (the run stays processing, and a rescue runs it again)."""
+    job_id = enqueue(store, time.time(), command="true")
+    store.set_config("lease-seconds", 0.05)  # (below what `config set` allows: a quick give-up)
+    w = make_worker()
+    real_step = w.step
+
+    def step(now=None):
+        done = real_step(now)  # runs the job; its result waits for the next claim...
+        w.stop_level = 1  # ...which never comes: a stop
+        return done
+
+    def busy(**kw):
+        raise DatabaseBusy("database is locked")
+
+    w.step = step
+    monkeypatch.setattr(w.store, "finish", busy)
+    start = time.monotonic()
+    with caplog.at_level("WARNING", logger="queuectl"):
+        assert w.run() == 0
+    assert time.monotonic() - start < 5
+    assert job(store, job_id).state == "processing"
+    assert store.workers() == []
+    assert any("could not record the last result" in r.getMessage() for r in caplog.records)
 
 
 def test_signals_set_stop_levels(make_worker):
