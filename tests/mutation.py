@@ -99,11 +99,15 @@ def in_area(qualname, area):
 def equivalent_reason(mutant, equivalents):
     """The reason of the equivalence entry matching this mutant, or None.  An entry matches the
     mutants of its operator (a regular expression) on a line reading ``code`` in ``function`` (or,
-    for a class, in any of its methods);
+    for a class, in any of its methods); with ``which``, only the which-th (from 0) such line of
+    the function (for a line like ``break`` that appears more than once);
     with ``nth``, only the nth (from 0) of them on that line (left to right)."""
     for e in equivalents:
         if (in_area(mutant["function"], {"include": [e["function"]]}) and re.fullmatch(e["operator"], mutant["operator"])
                 and e["code"].strip() == mutant["code"] and e.get("nth", mutant["nth"]) == mutant["nth"]):
+            seen = e["_seen"] = e.get("_seen", -1) + 1  # (mutants come in source order)
+            if e.get("which", seen) != seen:
+                continue
             e["_matched"] = e.get("_matched", 0) + 1
             return e["reason"]
     return None
