@@ -476,6 +476,9 @@ def test_signals_set_stop_levels(make_worker):
     w2 = make_worker()
     w2._on_signal(signal.SIGQUIT, None)
     assert w2.stop_level == 2
+    w3 = make_worker()
+    w3._on_signal(signal.SIGINT, None)  # Ctrl-C: graceful first, like SIGTERM
+    assert w3.stop_level == 1
 
 
 def test_register_records_the_worker_with_its_wake_address(store, make_worker):
@@ -681,6 +684,8 @@ def test_a_cold_stop_is_seen_at_the_next_tick():
     assert m.tick(NOW + 0.1, queuectl.OutputBuffer(1024)) is None
     worker.stop_level = 2
     assert m.tick(NOW + 0.2, queuectl.OutputBuffer(1024)) == "stopped"
+    worker.stop_level = 3  # a third signal came before the tick
+    assert m.tick(NOW + 0.3, queuectl.OutputBuffer(1024)) == "stopped"
 
 
 def test_a_cancel_is_looked_for_every_second_or_when_woken():
