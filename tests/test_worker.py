@@ -468,17 +468,41 @@ def test_a_result_that_cannot_be_recorded_at_the_stop_is_left_for_a_rescue(store
 
 
 def test_signals_set_stop_levels(make_worker):
+    """(Python hands a handler the signal's number, a plain int.)"""
     w = make_worker()
-    w._on_signal(signal.SIGTERM, None)
+    w._on_signal(int(signal.SIGTERM), None)
     assert w.stop_level == 1
-    w._on_signal(signal.SIGINT, None)
+    w._on_signal(int(signal.SIGINT), None)
     assert w.stop_level == 2
     w2 = make_worker()
-    w2._on_signal(signal.SIGQUIT, None)
+    w2._on_signal(int(signal.SIGQUIT), None)  # a cold stop at once
     assert w2.stop_level == 2
     w3 = make_worker()
-    w3._on_signal(signal.SIGINT, None)  # Ctrl-C: graceful first, like SIGTERM
+    w3._on_signal(int(signal.SIGINT), None)  # Ctrl-C: graceful first, like SIGTERM
     assert w3.stop_level == 1
+
+
+def test_a_worker_under_its_own_supervisor_keeps_working(store, make_worker, signals_restored):
+    job_id = enqueue(store, time.time(), command="true")
+    w = make_worker(supervisor_pid=os.getppid(), burst=True)  # (the parent: as if it had forked us)
+    assert w.run() == 0
+    assert job(store, job_id).state == "completed"
+
+
+def test_a_wake_address_in_use_means_no_wake_socket(store, make_worker):
+    """Another process holds the address (a worker id reused): the worker polls instead."""
+    import socket
+
+    w = make_worker()
+    taken = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    try:
+        taken.bind("\0" + queuectl.wake_address(w.db_path, w.id))
+        w.register()
+    finally:
+        taken.close()
+    (rec,) = store.workers()
+    assert rec["wake"] is None and w._sock is None
+    assert w.wake_fds() == [w._wake_r]
 
 
 def test_register_records_the_worker_with_its_wake_address(store, make_worker):
