@@ -331,11 +331,14 @@ def test_kill_group_of_an_empty_group_says_so(process_mark):
 def test_a_group_of_zombies_only_is_not_alive(process_mark):
     proc = spawn("true")
     wait_until(lambda: not alive(proc.pid), 10)
+    other = spawn("sleep", "30")  # a live group started later (a higher pid) is someone else's
     try:
         assert queuectl.kill_group(proc.pid, 0) is True  # the zombie is still a member...
         assert queuectl.group_alive(proc.pid) is False  # ...but nothing runs
     finally:
         proc.wait()
+        other.kill()
+        other.wait()
 
 
 def test_group_alive_sees_a_live_member_after_its_leader_exited(process_mark):
