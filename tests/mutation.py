@@ -105,8 +105,7 @@ def equivalent_reason(mutant, equivalents):
     for e in equivalents:
         if (in_area(mutant["function"], {"include": [e["function"]]}) and re.fullmatch(e["operator"], mutant["operator"])
                 and e["code"].strip() == mutant["code"] and e.get("nth", mutant["nth"]) == mutant["nth"]):
-            seen = e["_seen"] = e.get("_seen", -1) + 1  # (mutants come in source order)
-            if e.get("which", seen) != seen:
+            if e.get("which", mutant["which"]) != mutant["which"]:
                 continue
             e["_matched"] = e.get("_matched", 0) + 1
             return e["reason"]
@@ -215,6 +214,8 @@ def prepare(cfg, name, jobs, only=None):
              "code": lines[line - 1].strip()}
         same = (qualname, op, line)
         m["nth"] = seen[same] = seen.get(same, -1) + 1  # rows come left to right
+        twin = (qualname, op, m["code"], m["nth"])  # the same code on several lines: top to bottom
+        m["which"] = seen[twin] = seen.get(twin, -1) + 1
         m["equivalent"] = equivalent_reason(m, equivalents)
         mutants.append(m)
         keep.append(job_id)
