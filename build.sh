@@ -6,6 +6,7 @@
 #                                     the e2e tests on dist/queuectl.pyz, and
 #                                     the e2e tests on PostgreSQL
 #   ./build.sh bench [--full]         run bench/run.py
+#   ./build.sh mutate [AREA...]       mutation testing (cosmic-ray, tests/mutation.toml)
 #   ./build.sh clean                  remove build/ and dist/
 #   ./build.sh --help                 show this help
 #
@@ -63,6 +64,17 @@ Commands:
                           postgresql://postgres@127.0.0.1:5432/test). Extra
                           args go to every pytest run. Fails if any run fails.
   bench [--full]          Run bench/run.py with .venv's Python.
+  mutate [-j N] [AREA...] Mutation testing with cosmic-ray (installed into
+                          .venv only) over the areas of tests/mutation.toml:
+                          policy, store, executor, worker (queuectl.py) and
+                          server (queuectl_web/server.py's security checks).
+                          Each mutant runs against its area's fast tests in a
+                          copy under build/mutate/ (the sources are never
+                          touched). Prints per area the mutants, equivalent,
+                          killed, survived, the kill ratio and every survivor;
+                          also in build/mutate/report.txt. -j N: processes per
+                          area (default 2). --list: the areas and their sizes.
+                          Help: ./build.sh mutate --help.
   clean                   Remove build/ and dist/.
   -h, --help              Show this help.
 
@@ -281,6 +293,16 @@ run_tests() {
     fi
 }
 
+# Mutation testing: cosmic-ray is a test tool, never a runtime dependency.
+COSMIC_RAY_SPEC="cosmic-ray==8.7.0"
+
+run_mutate() {
+    [ -f tests/mutation.py ] || die "tests/mutation.py not found"
+    ensure_venv
+    pip_ensure pytest 'pytest>=7' cosmic_ray "$COSMIC_RAY_SPEC"
+    env -u QUEUECTL_CMD -u QUEUECTL_TEST_BACKEND "$VPY" tests/mutation.py "$@"
+}
+
 run_bench() {
     [ -f bench/run.py ] || die "bench/run.py not found: no benchmark to run"
     ensure_venv
@@ -294,6 +316,7 @@ case "$cmd" in
     --with-postgres) [ $# -eq 0 ] || die "unexpected arguments: $* (see --help)"; build 1 ;;
     test)            run_tests "$@" ;;
     bench)           run_bench "$@" ;;
+    mutate)          run_mutate "$@" ;;
     clean)           rm -rf "$ROOT/build" "$ROOT/dist"; echo "removed build/ and dist/" ;;
     -h|--help|help)  usage ;;
     *)               usage >&2; echo >&2; die "unknown command: $cmd" ;;

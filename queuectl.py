@@ -1035,13 +1035,15 @@ def short_json(v, n=40):
     return text if len(text) <= n else text[: n - 3] + "..."
 
 
-def _validate_number(setting, text):
-    """A setting's number from ``text``, or InvalidInput that says what it takes."""
+def _validate_number(setting, text, value=None):
+    """A setting's number from ``text`` (or ``value``, already parsed from it), or InvalidInput that
+    says what it takes."""
     kind, lo, hi = setting.kind, setting.lo, setting.hi
-    try:
-        value = text if isinstance(text, int) else int(text) if kind is int else parse_duration(text)
-    except (TypeError, ValueError):
-        value = None
+    if value is None:
+        try:
+            value = int(text) if kind is int else parse_duration(text)
+        except (TypeError, ValueError):
+            value = None
     if value is None or value != value or value < lo or (setting.lo_open and value == lo) or value > hi:
         raise InvalidInput("%s must be %s" % (setting.name if setting is QUEUE_LIMIT else "config " + setting.name,
                                               setting_range(setting))
@@ -1074,12 +1076,11 @@ def validate_config(key, value):
     text = str(value).strip().lower()
     if setting.zero and text in (setting.zero, "none", "0"):
         return k, setting.kind(0)
+    parsed = None
     if setting.unit == "bytes":
-        try:
-            value = parse_size(text)
-        except ValueError:
-            pass  # (_validate_number says what it takes)
-    return k, _validate_number(setting, value)
+        with contextlib.suppress(ValueError):  # (else _validate_number says what it takes)
+            parsed = parse_size(text)
+    return k, _validate_number(setting, value, parsed)
 
 
 ###############################################################################

@@ -6,7 +6,12 @@
   command comes from QUEUECTL_CMD, so the same tests run against
   ``queuectl.py`` and against ``dist/queuectl.pyz``.
 - ``workers``: starts foreground worker supervisors; teardown kills every
-  process they started, by PID.
+  process they started, by PID.  Every process the test starts from then on
+  (supervisors, workers, jobs and whatever the jobs start, detached or not)
+  carries a marker in its environment (``process_mark``), and teardown kills
+  them all by that marker too: whatever state the run was in, nothing is left.
+- ``process_mark``: that marker alone, for tests that start processes without
+  workers; ``marked_processes(mark)`` lists the live ones.
 - ``wait_until(predicate, timeout)``: poll with a deadline instead of sleeping.
 - ``pg_url``: a postgresql:// URL of a fresh, empty schema on the test server
   ($QUEUECTL_TEST_PG, default postgresql://postgres@127.0.0.1:5432/test),
@@ -274,6 +279,64 @@ def wait_state(db, job_id, wanted, timeout=20):
 
 
 
+# --- processes a test started, found by a marker in their environment ---------------------
+
+#: The environment variable that marks every process a test starts (jobs inherit it from their
+#: worker, grandchildren from the job), as the chaos suite does with CHAOS_TAG.
+MARK_VAR = "QUEUECTL_TEST_MARK"
+
+
+def marked_processes(mark):
+    """Pids of the live (non-zombie) processes whose environment carries ``MARK_VAR=mark``."""
+    needle = ("%s=%s" % (MARK_VAR, mark)).encode()
+    me = os.getpid()
+    found = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) == me:
+            continue
+        try:
+            with open("/proc/%s/environ" % name, "rb") as f:
+                if needle not in f.read().split(b"\0"):
+                    continue
+            with open("/proc/%s/stat" % name, "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        if stat[stat.rindex(b")") + 2:][:1] not in (b"Z", b"X"):
+            found.append(int(name))
+    return found
+
+
+def kill_marked(mark, timeout=10.0):
+    """SIGKILL, by PID, every process carrying the marker, until none is left (a process may
+    fork while we look).  Returns the pids killed."""
+    killed = set()
+    deadline = time.monotonic() + timeout
+    while True:
+        pids = marked_processes(mark)
+        if not pids:
+            return killed
+        if time.monotonic() > deadline:
+            raise AssertionError("processes of this test still alive after SIGKILL: %s" % pids)
+        for pid in pids:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+                killed.add(pid)
+        time.sleep(0.01)
+
+
+@pytest.fixture
+def process_mark(monkeypatch):
+    """A marker put in this process's environment, so every process the test starts from now on
+    inherits it; teardown kills every live process that carries it, by PID."""
+    import secrets
+
+    mark = secrets.token_hex(8)
+    monkeypatch.setenv(MARK_VAR, mark)
+    yield mark
+    kill_marked(mark)
+
+
 def pids_of_database(db):
     """Every worker, supervisor and job process recorded in the database."""
     pids = set()
@@ -294,9 +357,10 @@ def job_pgids(db):
 class Workers:
     """Foreground worker supervisors started by a test; all killed by PID at teardown."""
 
-    def __init__(self, db, tmp_path):
+    def __init__(self, db, tmp_path, mark=None):
         self.db = db
         self.tmp_path = tmp_path
+        self.mark = mark  # MARK_VAR of every process started (kill_all kills them all by it)
         self.procs = []
         self.extra_pids = set()
 
@@ -304,8 +368,11 @@ class Workers:
         log = open(self.tmp_path / ("workers-%d.log" % len(self.procs)), "wb")
         argv = program() + ["--db", str(self.db), "worker", "start", "--foreground", "-c", str(count),
                             "--poll-interval", str(poll)] + list(args)
+        env = dict(env or program_env(self.db))
+        if self.mark:
+            env[MARK_VAR] = self.mark
         proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env=env or program_env(self.db), cwd=self.tmp_path, start_new_session=True)
+                                env=env, cwd=self.tmp_path, start_new_session=True)
         log.close()
         self.procs.append(proc)
         wait_until(lambda: len(self.children(proc.pid)) >= count or proc.poll() is not None, 20,
@@ -323,6 +390,9 @@ class Workers:
         return (self.tmp_path / ("workers-%d.log" % index)).read_text(errors="replace")
 
     def kill_all(self):
+        """Kill, by PID, the supervisors, every worker and job recorded in the database, and
+        then every process carrying the test's marker: a job whose pid was not recorded yet,
+        a grandchild that left its process group, a detached supervisor."""
         pids = {p.pid for p in self.procs} | pids_of_database(self.db) | self.extra_pids
         for pid in pids:
             with contextlib.suppress(OSError):
@@ -330,14 +400,16 @@ class Workers:
         for pgid in job_pgids(self.db):
             with contextlib.suppress(OSError):
                 os.killpg(pgid, signal.SIGKILL)
+        if self.mark:
+            kill_marked(self.mark)
         for p in self.procs:
             with contextlib.suppress(Exception):
                 p.wait(timeout=10)
 
 
 @pytest.fixture
-def workers(db, tmp_path):
-    w = Workers(db, tmp_path)
+def workers(db, tmp_path, process_mark):
+    w = Workers(db, tmp_path, mark=process_mark)
     yield w
     w.kill_all()
 

@@ -12,7 +12,8 @@ import time
 
 import pytest
 
-from conftest import db_rows, pid_exists, pids_of_database, program, program_env, state_of, states, wait_state, wait_until
+from conftest import (Workers, db_rows, marked_processes, pid_exists, pids_of_database, program, program_env, state_of,
+                      states, wait_state, wait_until)
 
 pytestmark = pytest.mark.e2e
 
@@ -214,6 +215,23 @@ def test_kill9_of_whole_worker_tree_rescued_by_new_workers(run, db, workers, tmp
     assert not pid_exists(first)
     wait_state(db, "after", "completed")
     assert attempts_of(db, "orphan")[0][1] == "lost"
+
+
+def test_the_workers_fixture_leaves_no_process_behind_even_one_never_recorded(run, db, tmp_path, process_mark):
+    """The fixture's teardown: a job's grandchild that left the job's process group and session
+    (as a process whose pid the worker had not recorded yet is unknown to the database too)
+    survives killing everything the database names; the test's marker finds it."""
+    pidfile = tmp_path / "escaped"
+    run("enqueue", json.dumps({"id": "escape", "command": "setsid sh -c 'echo $$ > %s; exec sleep 300' & sleep 300"
+                               % pidfile}))
+    by_database = Workers(db, tmp_path)  # the old teardown: recorded pids and groups only
+    by_database.start(1)
+    escaped = read_pid(pidfile)
+    wait_until(lambda: db_rows(db, "SELECT pid FROM attempts WHERE job_id = 'escape'")[0][0], 10)
+    by_database.kill_all()
+    assert pid_exists(escaped) and escaped in marked_processes(process_mark)  # left behind
+    Workers(db, tmp_path, mark=process_mark).kill_all()
+    assert marked_processes(process_mark) == [] and not pid_exists(escaped)
 
 
 def test_expired_lease_is_rescued_when_worker_is_frozen(run, db, workers, tmp_path):

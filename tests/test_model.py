@@ -646,3 +646,103 @@ def test_summarize_stats_per_queue():
     assert a["mean_run"] == 2.0 and a["mean_wait"] == 0.1
     assert 1.0 <= a["p95_run"] <= 1.25
     assert out["b"]["success_rate"] is None and out["b"]["cancelled"] == 1
+
+
+###############################################################################
+# config messages (what `queuectl config set` prints)
+###############################################################################
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("max-retries", "three", "config max-retries must be a whole number from 0 to 1000, got \"three\""),
+    ("backoff-base", "abc", "config backoff-base must be a number from 1 to 1000, got \"abc\""),
+    ("max-retries", "1001", "config max-retries must be a whole number from 0 to 1000, got \"1001\""),
+    ("backoff-max", "0", "config backoff-max must be a duration above 0, up to 366d, got \"0\""),
+    ("job-timeout", "-5", "config job-timeout must be a duration from 0 to 366d, or none, got \"-5\""),
+    ("output-limit", "12", "config output-limit must be a size from 1K to 64M, got \"12\""),
+    ("webhook-url", "ftp://x", "config webhook-url must be an http:// or https:// URL, got \"ftp://x\""),
+])
+def test_config_errors_say_what_is_expected(key, value, message):
+    with pytest.raises(InvalidInput) as info:
+        queuectl.validate_config(key, value)
+    assert str(info.value) == message
+
+
+@pytest.mark.parametrize("value, expected", [("", ""), ("none", ""), (" ", ""), ("https://h/x", "https://h/x")])
+def test_webhook_url_config(value, expected):
+    assert queuectl.validate_config("webhook-url", value) == ("webhook-url", expected)
+
+
+def test_a_lower_bound_is_included_unless_said_otherwise():
+    assert queuectl._validate_number(queuectl.Setting("x", int, 1, 1, 100000), "1") == 1
+    with pytest.raises(InvalidInput):
+        queuectl._validate_number(queuectl.Setting("x", int, 2, 1, 100000, lo_open=True), "1")
+
+
+###############################################################################
+# judge_lost_run: what a rescue does with one lost run
+###############################################################################
+
+
+class Kills:
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, *args):
+        self.calls.append(args)
+
+
+def lost_row(**fields):
+    row = {"id": "j", "runs": 2, "worker_id": "w1", "host": "host-b", "pid": 4242, "lease_until": NOW + 5,
+           "rescues": 0}
+    row.update(fields)
+    return row
+
+
+def test_a_lost_local_run_is_killed_by_its_pid():
+    kill = Kills()
+    assert queuectl.judge_lost_run(lost_row(), NOW, "host-b", 5, kill, 123.0) == ("pending", "worker w1 died")
+    assert kill.calls == [(4242, 123.0)]
+
+
+def test_a_lost_local_run_without_a_pid_is_killed_by_its_variables():
+    kill = Kills()
+    queuectl.judge_lost_run(lost_row(pid=None), NOW, "host-b", 5, kill, 123.0)
+    assert kill.calls == [(None, 123.0, ("j", 2, "w1"))]
+    kill = Kills()
+    queuectl.judge_lost_run(lost_row(pid=None, worker_id=None), NOW, "host-b", 5, kill, 123.0)
+    assert kill.calls == []  # nothing to find it by
+
+
+@pytest.mark.parametrize("row_host, here", [("host-a", "host-b"), ("host-c", "host-b"), ("host-b", "host-a")])
+@pytest.mark.parametrize("pid", [4242, None])
+def test_a_run_on_another_host_is_never_killed_from_here(row_host, here, pid):
+    kill = Kills()
+    queuectl.judge_lost_run(lost_row(host=row_host, pid=pid), NOW, here, 5, kill, 123.0)
+    assert kill.calls == []
+
+
+def test_the_same_host_name_is_compared_by_value():
+    kill = Kills()
+    queuectl.judge_lost_run(lost_row(host="".join(["host", "-b"]), pid=None), NOW, "host-b", 5, kill, 1.0)
+    assert kill.calls == [(None, 1.0, ("j", 2, "w1"))]
+
+
+@pytest.mark.parametrize("lease_until, why", [
+    (NOW - 0.001, "lease of worker w1 expired"),
+    (NOW, "worker w1 died"),  # not expired yet: the worker was seen dead
+    (NOW + 10, "worker w1 died"),
+])
+def test_the_reason_says_whether_the_lease_expired_or_the_worker_died(lease_until, why):
+    assert queuectl.judge_lost_run(lost_row(lease_until=lease_until), NOW, "elsewhere", 5, Kills(), 1.0) == (
+        "pending", why)
+
+
+@pytest.mark.parametrize("rescues, max_rescues, expected", [
+    (0, 0, ("dead", "worker w1 died; lost 1 times, moved to the dead letter queue")),
+    (2, 3, ("pending", "worker w1 died")),
+    (3, 3, ("dead", "worker w1 died; lost 4 times, moved to the dead letter queue")),
+    (4, 3, ("dead", "worker w1 died; lost 5 times, moved to the dead letter queue")),
+])
+def test_a_run_lost_once_more_than_max_rescues_goes_dead(rescues, max_rescues, expected):
+    assert queuectl.judge_lost_run(lost_row(rescues=rescues), NOW, "elsewhere", max_rescues, Kills(), 1.0) == expected

@@ -46,9 +46,9 @@ def cli(url, *args, host=None, stdin=None):
 class Machine:
     """Worker supervisors presenting one host identity."""
 
-    def __init__(self, url, tmp_path, host):
+    def __init__(self, url, tmp_path, host, mark=None):
         self.url, self.host = url, host
-        self.workers = Workers(url, tmp_path / host)
+        self.workers = Workers(url, tmp_path / host, mark=mark)  # teardown kills by the test's marker too
         (tmp_path / host).mkdir()
 
     def start(self, count):
@@ -70,11 +70,11 @@ class Machine:
 
 
 @pytest.fixture
-def machines(pg_url, tmp_path):
+def machines(pg_url, tmp_path, process_mark):
     made = {}
 
     def make(host):
-        made[host] = Machine(pg_url, tmp_path, host)
+        made[host] = Machine(pg_url, tmp_path, host, process_mark)
         return made[host]
 
     yield make

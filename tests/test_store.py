@@ -147,7 +147,7 @@ class StoreContract:
         self.enqueue_one(store, id="a")
         with pytest.raises(Conflict) as info:
             store.enqueue([spec(id="b"), spec(), spec(id="a"), spec(id="c")], NOW + 1)
-        assert "a" in str(info.value)
+        assert str(info.value) == 'a job with id "a" already exists'
         assert store.get("b") is None and store.get("c") is None
         assert [j.id for j in store.list_jobs()] == ["a"]
         self.assert_counts(store, raw_counts, {"pending": 1})
@@ -360,6 +360,8 @@ class StoreContract:
         self.claim(store)
         assert store.finish_and_claim(self.finished("a"), self.claim_args()) == (True, None)
         assert store.get("a").state == "completed"
+        attempt = store.attempt("a", 1)
+        assert (attempt.output, attempt.output_bytes) == ("", 0)  # a result without output
         (worker,) = store.workers()
         assert (worker["state"], worker["job_id"]) == ("idle", None)
 
@@ -395,7 +397,7 @@ class StoreContract:
         self.claim(store)
         assert store.release("j", 1, "w1", NOW + 3, "stopped by a forced worker stop") is True
         job = store.get("j")
-        assert (job.state, job.attempts, job.worker_id, job.lease_until) == ("pending", 0, None, None)
+        assert (job.state, job.attempts, job.rescues, job.worker_id, job.lease_until) == ("pending", 0, 1, None, None)
         attempt = store.attempt("j", 1)
         assert (attempt.outcome, attempt.ended_at) == ("stopped", NOW + 3)
         again = self.claim(store, now=NOW + 3)
@@ -464,6 +466,17 @@ class StoreContract:
         assert store.attempt("j", 1).outcome == "lost"
         assert store.get("k").state == "processing"
         assert [w["id"] for w in store.workers()] == ["w2"]
+
+    def test_a_dead_workers_jobs_are_all_rescued_even_one_whose_lease_also_expired(self, store):
+        store.register_worker(worker_record("w1", pid=111))
+        self.enqueue_one(store, id="j")
+        self.enqueue_one(store, id="k")
+        store.claim("w1", HOST, NOW, 1.0)  # j: a short lease, expired by the rescue
+        store.claim("w1", HOST, NOW, 1000.0)  # k: a long one
+        dead = Recorder(lambda pid, started: False)
+        assert sorted(store.rescue(NOW + 5, HOST, dead, Recorder())) == ["j", "k"]
+        assert (store.get("j").rescues, store.get("k").rescues) == (1, 1)  # once each
+        assert [a.outcome for a in store.attempts("j")] == ["lost"]
 
     def test_workers_on_other_hosts_are_judged_by_heartbeat_not_pid(self, store):
         store.register_worker(worker_record("remote", host=OTHER_HOST, pid=111))
@@ -674,6 +687,16 @@ class StoreContract:
         assert [a.n for a in store.attempts("r")] == [1]
         for gone in ["c", "f", "d"]:
             assert store.attempts(gone) == []
+        self.assert_counts(store, raw_counts, {"processing": 1})
+
+    def test_delete_all_takes_waiting_and_cancelled_jobs_too(self, store, raw_counts):
+        self.enqueue_one(store, id="dep")
+        assert self.claim_id(store) == "dep"  # running: kept, so its dependent is deleted as waiting
+        self.enqueue_one(store, id="w", after=["dep"])
+        self.enqueue_one(store, id="c")
+        store.cancel("c", NOW)
+        assert store.delete_jobs() == 2
+        assert self.states(store) == {"dep": "processing"}
         self.assert_counts(store, raw_counts, {"processing": 1})
 
     def test_delete_of_processing_jobs_is_refused(self, store):
@@ -1519,6 +1542,473 @@ class StoreContract:
         assert store.delete_jobs() == 3
         assert [store.attempts(j) for j in ("quick", "slow", "bad")] == [[], [], []]
         assert {(t["queue"], t["outcome"]): t for t in store.attempt_totals()} == before
+
+    # --- the per-queue claim path: paused or limited queues, workers serving some queues ----
+
+    # A paused queue (or a limit, or a worker's --queue list) sends every claim through one
+    # lookup per queue; the pick across queues must keep the global order: priority, then
+    # due time, then enqueue order.
+
+    def per_queue_path(self, store):
+        store.set_queue("held", paused=True)  # any paused queue: the store picks queue by queue
+
+    @pytest.mark.parametrize("how", ["paused queue", "limited queue", "worker queues"])
+    def test_per_queue_claims_keep_priority_across_queues(self, store, how):
+        queues = None
+        if how == "paused queue":
+            self.per_queue_path(store)
+        elif how == "limited queue":
+            store.set_queue("c", max_running=5)
+        else:
+            queues = ["a", "b", "c"]
+        # per queue the best is: a -> low, b -> high, c -> medium; earlier run_at for the worse ones
+        self.enqueue_one(store, NOW - 30, id="a-low", queue="a", priority="low")
+        self.enqueue_one(store, NOW - 20, id="c-med", queue="c", priority="medium")
+        self.enqueue_one(store, NOW - 10, id="b-high", queue="b", priority="high")
+        self.enqueue_one(store, NOW - 40, id="c-low", queue="c", priority="low")
+        order = [getattr(store.claim("w1", HOST, NOW, LEASE, queues=queues), "id", None) for _ in range(5)]
+        assert order == ["b-high", "c-med", "c-low", "a-low", None]
+
+    @pytest.mark.parametrize("queues", [None, ["a", "b"]])
+    def test_per_queue_claims_are_fifo_across_queues_within_a_priority(self, store, queues):
+        self.per_queue_path(store)
+        self.enqueue_one(store, NOW - 1, id="b-second", queue="b")
+        self.enqueue_one(store, NOW - 3, id="a-first", queue="a")
+        self.enqueue_one(store, NOW - 2, id="a-third", queue="a")
+        self.enqueue_one(store, NOW - 1, id="a-fourth", queue="a")  # same run_at as b-second, enqueued later
+        order = [store.claim("w1", HOST, NOW, LEASE, queues=queues).id for _ in range(4)]
+        assert order == ["a-first", "a-third", "b-second", "a-fourth"]
+
+    @pytest.mark.parametrize("queues", [None, ["a"]])
+    def test_per_queue_claims_take_a_job_due_exactly_now_and_none_due_later(self, store, queues):
+        self.per_queue_path(store)
+        self.enqueue_one(store, id="soon", queue="a", delay=10)
+        assert store.claim("w1", HOST, NOW + 9.999, LEASE, queues=queues) is None
+        job = store.claim("w1", HOST, NOW + 10, LEASE, queues=queues)
+        assert job is not None and job.id == "soon"
+
+    def test_a_paused_queue_is_never_claimed_from_and_resumes(self, store):
+        store.set_queue("a", paused=True)
+        self.enqueue_one(store, id="a1", queue="a", priority="high")
+        self.enqueue_one(store, id="d1", priority="low")
+        assert self.claim_id(store) == "d1"
+        assert self.claim(store) is None
+        assert store.get("a1").state == "pending"
+        store.set_queue("a", paused=False)
+        assert self.claim_id(store) == "a1"
+
+    def test_a_worker_serving_some_queues_takes_only_from_them(self, store):
+        self.enqueue_one(store, id="x-high", queue="x", priority="high")
+        self.enqueue_one(store, id="a-low", queue="a", priority="low")
+        self.enqueue_one(store, id="d-high", priority="high")
+        assert store.claim("w1", HOST, NOW, LEASE, queues=["a"]).id == "a-low"
+        assert store.claim("w1", HOST, NOW, LEASE, queues=["a"]) is None
+        assert store.claim("w1", HOST, NOW, LEASE, queues=["nothing-here"]) is None
+        assert store.claim("w2", HOST, NOW, LEASE, queues=["default", "x"]).id == "x-high"
+
+    @pytest.mark.parametrize("queues", [None, ["a", "b"]])
+    def test_a_queue_limit_holds_and_frees_up_as_jobs_end(self, store, queues):
+        store.set_queue("a", max_running=2)
+        for n in range(4):
+            self.enqueue_one(store, id="a%d" % n, queue="a", priority="high")
+        self.enqueue_one(store, id="b-low", queue="b", priority="low")
+
+        def claim():
+            job = store.claim("w1", HOST, NOW, LEASE, queues=queues)
+            return job and job.id
+
+        assert [claim(), claim()] == ["a0", "a1"]
+        assert claim() == "b-low"  # a is full: its high-priority jobs wait
+        assert claim() is None
+        assert store.finish("a0", 1, "w1", "completed", NOW + 1, "completed", 0)
+        assert claim() == "a2"
+        assert claim() is None
+        store.set_queue("a", max_running=None)  # no limit any more
+        assert claim() == "a3"
+
+    def test_queues_lists_limits_pauses_and_counts(self, store):
+        store.set_queue("a", max_running=3)
+        store.set_queue("b", paused=True)
+        self.enqueue_one(store, id="a1", queue="a")
+        self.enqueue_one(store, id="a2", queue="a")
+        self.claim(store)
+        got = {q["name"]: (q["max_running"], q["paused"], q["counts"]) for q in store.queues()}
+        assert got == {"a": (3, False, {"pending": 1, "processing": 1}), "b": (None, True, {})}
+        store.set_queue("a", paused=True)  # max_running left as it is
+        store.set_queue("b", max_running=1, paused=False)
+        got = {q["name"]: (q["max_running"], q["paused"]) for q in store.queues()}
+        assert got == {"a": (3, True), "b": (1, False)}
+
+    @pytest.mark.parametrize("queues", [["a", "b"], ["b", "a"]])
+    def test_per_queue_claims_break_ties_by_enqueue_order(self, store, queues):
+        """Same priority and due time in two queues: the job enqueued first goes first, whichever
+        queue the worker looks at first."""
+        self.enqueue_one(store, id="b-first", queue="b", priority="low")
+        self.enqueue_one(store, id="a-second", queue="a", priority="low")
+        order = [store.claim("w1", HOST, NOW, LEASE, queues=queues).id for _ in range(2)]
+        assert order == ["b-first", "a-second"]
+
+    def test_a_lowered_queue_limit_applies_to_new_claims(self, store):
+        store.set_queue("a", max_running=3)
+        for n in range(5):
+            self.enqueue_one(store, id="a%d" % n, queue="a")
+        assert [self.claim_id(store) for _ in range(3)] == ["a0", "a1", "a2"]
+        store.set_queue("a", max_running=1)  # 3 running, over the new limit: nothing new starts
+        assert self.claim(store) is None
+        for n in range(3):
+            assert store.finish("a%d" % n, 1, "w1", "completed", NOW + 1, "completed", 0)
+            assert self.claim(store, now=NOW + 1) is None if n < 2 else self.claim_id(store, now=NOW + 1) == "a3"
+
+    def test_a_bulk_enqueue_registers_its_queues(self, store):
+        store.enqueue([spec(queue="q2"), spec(queue="q3"), spec(queue="q2")], NOW)
+        assert {q["name"]: q["counts"] for q in store.queues()} == {"q2": {"pending": 2}, "q3": {"pending": 1}}
+
+    # --- unique keys -------------------------------------------------------------------------
+
+    @pytest.mark.parametrize("holder", ["pending", "processing", "failed", "waiting"])
+    def test_a_unique_key_held_by_an_active_job_returns_that_job(self, store, holder):
+        if holder == "waiting":
+            self.enqueue_one(store, id="dep")
+            self.enqueue_one(store, id="first", unique_key="k", after=["dep"])
+        else:
+            self.enqueue_one(store, id="first", unique_key="k")
+        if holder in ("processing", "failed"):
+            job = self.claim(store)
+            if holder == "failed":
+                assert store.finish("first", job.runs, "w1", "failed", NOW + 1, "failed", 1, retry_at=NOW + 50)
+        assert store.get("first").state == holder
+        existing = []
+        ids = store.enqueue([spec(id="second", unique_key="k"), spec(id="other", unique_key="k2")], NOW + 2,
+                            existing=existing)
+        assert ids == ["first", "other"] and existing == ["first"]
+        assert store.get("second") is None
+
+    @pytest.mark.parametrize("end", ["completed", "dead", "cancelled"])
+    def test_a_unique_key_is_free_again_once_its_job_ended(self, store, end):
+        self.enqueue_one(store, id="first", unique_key="k")
+        if end == "cancelled":
+            assert store.cancel("first", NOW + 1) == "cancelled"
+        else:
+            job = self.claim(store)
+            assert store.finish("first", job.runs, "w1", end, NOW + 1, "completed" if end == "completed" else "failed",
+                                0 if end == "completed" else 1)
+        existing = []
+        assert store.enqueue([spec(id="second", unique_key="k")], NOW + 2, existing=existing) == ["second"]
+        assert existing == []
+        assert self.enqueue_one(store, NOW + 3, id="third", unique_key="k") == "second"
+
+    def test_one_unique_key_twice_in_a_batch_makes_one_job(self, store, raw_counts):
+        existing = []
+        ids = store.enqueue([spec(id="a", unique_key="k"), spec(id="b"), spec(id="c", unique_key="k")], NOW,
+                            existing=existing)
+        assert ids == ["a", "b", "a"] and existing == ["a"]
+        assert store.get("c") is None
+        self.assert_counts(store, raw_counts, {"pending": 2})
+
+    def test_a_dead_job_whose_unique_key_was_taken_meanwhile_cannot_be_retried(self, store):
+        self.enqueue_one(store, id="old", unique_key="k", max_retries=0)
+        job = self.claim(store)
+        self.fail(store, job, NOW + 1)
+        assert store.get("old").state == "dead"
+        assert self.enqueue_one(store, NOW + 2, id="new", unique_key="k") == "new"
+        with pytest.raises(Conflict):
+            store.retry_dead("old", NOW + 3)
+        assert store.get("old").state == "dead"
+        assert store.retry_all_dead(NOW + 3) == (0, 1)
+        assert store.get("old").state == "dead"
+
+    def test_retry_all_dead(self, store):
+        for job_id in ("d1", "d2"):
+            self.enqueue_one(store, id=job_id, max_retries=0)
+            job = self.claim(store)
+            self.fail(store, job, NOW + 1)
+        self.enqueue_one(store, id="p")
+        assert store.retry_all_dead(NOW + 5) == (2, 0)
+        assert {j: store.get(j).state for j in ("d1", "d2", "p")} == {"d1": "pending", "d2": "pending", "p": "pending"}
+        assert store.get("d1").run_at == NOW + 5
+        assert store.retry_all_dead(NOW + 6) == (0, 0)
+
+    def test_retry_all_dead_gives_each_one_more_run_unless_reset(self, store):
+        for job_id in ("d1", "d2"):
+            self.enqueue_one(store, id=job_id, max_retries=1)
+            _, now = self.runs_until_dead(store, job_id, NOW)
+        assert store.retry_all_dead(NOW + 100) == (2, 0)
+        assert self.runs_until_dead(store, "d1", NOW + 100)[0] == 1
+        assert self.runs_until_dead(store, "d2", NOW + 100)[0] == 1
+        assert store.retry_all_dead(NOW + 200, reset_attempts=True) == (2, 0)
+        assert (store.get("d1").attempts, store.get("d2").attempts) == (0, 0)  # the full budget again
+
+    # --- statistics and purge --------------------------------------------------------------
+
+    def test_statistics_of_finished_and_lost_runs(self, store):
+        minute = int(NOW // 60)  # NOW - 20 .. NOW + 40
+        self.enqueue_one(store, NOW - 0.5, id="a", queue="q")
+        assert store.claim("w1", HOST, NOW, LEASE).id == "a"  # waited 0.5 s
+        assert store.finish("a", 1, "w1", "completed", NOW + 5, "completed", 0)  # ran 5 s
+        self.enqueue_one(store, NOW, id="b", queue="q")
+        assert store.claim("w1", HOST, NOW + 10, LEASE).id == "b"  # waited 10 s
+        assert store.finish("b", 1, "w1", "failed", NOW + 10.5, "failed", 1, retry_at=NOW + 1000)
+        self.enqueue_one(store, NOW, id="c", queue="r")
+        assert store.claim("w1", HOST, NOW + 20, LEASE).id == "c"
+        assert store.rescue(NOW + 20 + LEASE + 1, HOST, always_alive, Recorder()) == ["c"]
+        rows, hist = store.stats_by_queue(minute, minute)
+        got = {(r["queue"], r["outcome"]): (r["count"], r["run_sum"], r["wait_sum"]) for r in rows}
+        assert got == {("q", "completed"): (1, 5.0, 0.5), ("q", "failed"): (1, 0.5, 10.0), ("r", "lost"): (1, 0.0, 0.0)}
+        assert hist == {"q": {queuectl.run_time_bucket(5.0): 1, queuectl.run_time_bucket(0.5): 1}}
+        assert store.stats_by_queue(minute + 1, minute + 10) == ([], {})
+        per_minute = {(r["minute"], r["outcome"]): r["count"] for r in store.stats_minutes(minute - 5, minute + 5)}
+        assert per_minute == {(minute, "completed"): 1, (minute, "failed"): 1, (minute, "lost"): 1}
+
+    def test_purge_deletes_old_finished_jobs_in_batches_and_keeps_statistics(self, store, raw_counts):
+        minute = int(NOW // 60)
+        for n in range(5):
+            self.enqueue_one(store, id="old%d" % n)
+            assert self.claim_id(store) == "old%d" % n
+            assert store.finish("old%d" % n, 1, "w1", "completed", NOW + 1, "completed", 0)
+        self.enqueue_one(store, id="cancelled")
+        store.cancel("cancelled", NOW + 1)
+        self.enqueue_one(store, id="recent")
+        self.claim(store, now=NOW + 2)
+        store.finish("recent", 1, "w1", "completed", NOW + 30, "completed", 0)
+        self.enqueue_one(store, id="dead", max_retries=0)
+        self.fail(store, self.claim(store, now=NOW + 2), NOW + 3)
+        stats = store.stats_by_queue(minute, minute)
+        assert store.purge(("completed", "cancelled"), NOW + 10, batch=2) == 6
+        assert sorted(j.id for j in store.list_jobs()) == ["dead", "recent"]
+        assert store.attempts("old0") == []
+        assert store.stats_by_queue(minute, minute) == stats
+        self.assert_counts(store, raw_counts, {"completed": 1, "dead": 1})
+        assert store.purge(("completed",), NOW + 31) == 1  # the default batch
+        assert store.purge(("completed", "cancelled"), NOW + 1000) == 0
+        with pytest.raises(queuectl.InvalidInput):
+            store.purge(("pending",), NOW + 1000)
+        assert store.get("dead").state == "dead"
+
+    def test_list_jobs_shows_the_newest_100_by_default(self, store):
+        store.enqueue([spec(now=NOW + n, id="j%03d" % n) for n in range(101)], NOW)
+        jobs = store.list_jobs()
+        assert len(jobs) == 100 and jobs[0].id == "j001" and jobs[-1].id == "j100"
+
+    def test_finish_without_output_records_none(self, store):
+        self.enqueue_one(store, id="j")
+        self.claim(store)
+        assert store.finish("j", 1, "w1", "completed", NOW + 1, "completed", 0)
+        attempt = store.attempt("j", 1)
+        assert (attempt.output, attempt.output_bytes) == ("", 0)
+
+    @pytest.mark.parametrize("state", ["pending", "processing"])
+    def test_a_run_cannot_be_finished_into_a_non_final_state(self, store, state):
+        self.enqueue_one(store, id="j")
+        self.claim(store)
+        with pytest.raises(ValueError):
+            store.finish("j", 1, "w1", state, NOW + 1, "completed", 0)
+        assert store.get("j").state == "processing"
+
+    def test_attempts_leave_the_output_out_unless_asked(self, store):
+        self.enqueue_one(store, id="j")
+        self.claim(store)
+        store.finish("j", 1, "w1", "completed", NOW + 1, "completed", 0, output="hello\n", output_bytes=6)
+        (plain,) = store.attempts("j")
+        (full,) = store.attempts("j", with_output=True)
+        assert (plain.output, plain.output_bytes, full.output, full.output_bytes) == ("", 6, "hello\n", 6)
+
+    def test_a_heartbeat_without_a_job_marks_the_worker_alive(self, store):
+        store.register_worker(worker_record("w1", now=NOW))
+        assert store.heartbeat("w1", now=NOW + 7) is True
+        (w,) = store.workers()
+        assert w["heartbeat_at"] == NOW + 7
+
+    @pytest.mark.parametrize("lease, silent_for, dead", [
+        (15.0, 59, False), (15.0, 61, True), (30.0, 119, False), (30.0, 121, True),
+        (10.0, 59.5, False), (10.0, 60.5, True),  # 4 leases are 40 s: a minute at least
+        (15.0, 60, False),  # silent for exactly the limit: not yet
+    ])
+    @pytest.mark.parametrize("remote", [OTHER_HOST, "host-0"])  # (names after and before ours)
+    def test_a_worker_on_another_host_is_dead_after_4_leases_of_silence_at_least_a_minute(
+            self, store, lease, silent_for, dead, remote):
+        store.set_config("lease-seconds", lease)
+        store.register_worker(worker_record("remote", host=remote, pid=111, now=NOW))
+        self.enqueue_one(store, id="j")
+        store.claim("remote", remote, NOW, 10 ** 6)  # its lease is far from expired
+        never_alive = Recorder(lambda pid, started: False)
+        assert store.rescue(NOW + silent_for, HOST, never_alive, Recorder()) == (["j"] if dead else [])
+        assert [w["id"] for w in store.workers()] == ([] if dead else ["remote"])
+        assert never_alive.calls == []  # its pid means nothing on this host
+
+    def test_a_local_worker_is_judged_by_its_pid_not_its_silence(self, store):
+        store.register_worker(worker_record("local", pid=111, now=NOW - 10 ** 5))
+        self.enqueue_one(store, id="j")
+        store.claim("local", HOST, NOW, 10 ** 6)
+        assert store.rescue(NOW + 10 ** 4, HOST, always_alive, Recorder()) == []
+        assert [w["id"] for w in store.workers()] == ["local"]
+
+    # --- dependencies and cancel ---------------------------------------------------------------
+
+    def test_a_job_waits_for_all_its_dependencies(self, store):
+        self.enqueue_one(store, id="a")
+        self.enqueue_one(store, id="b")
+        self.enqueue_one(store, id="c", after=["a", "b"])
+        assert store.get("c").state == "waiting"
+        assert store.get("c").after == ["a", "b"]
+        assert self.claim_id(store) == "a"
+        assert store.finish("a", 1, "w1", "completed", NOW + 1, "completed", 0)
+        assert store.get("c").state == "waiting"  # b has not completed yet
+        assert self.claim_id(store, now=NOW + 1) == "b"
+        assert store.finish("b", 1, "w1", "completed", NOW + 2, "completed", 0)
+        assert store.get("c").state == "pending"
+        assert self.claim_id(store, now=NOW + 2) == "c"
+
+    def test_a_dependency_that_failed_once_keeps_its_dependents_waiting(self, store):
+        self.enqueue_one(store, id="a")
+        self.enqueue_one(store, id="c", after=["a"])
+        job = self.claim(store)
+        assert store.finish("a", job.runs, "w1", "failed", NOW + 1, "failed", 1, retry_at=NOW + 2)
+        assert store.get("c").state == "waiting"
+
+    def test_a_dependency_that_completed_before_the_enqueue_is_no_wait(self, store):
+        self.enqueue_one(store, id="a")
+        self.claim(store)
+        assert store.finish("a", 1, "w1", "completed", NOW + 1, "completed", 0)
+        self.enqueue_one(store, NOW + 2, id="c", after=["a"])
+        assert store.get("c").state == "pending"
+        self.enqueue_one(store, NOW + 2, id="b")
+        self.enqueue_one(store, NOW + 2, id="d", after=["a", "b"])  # a completed, b not: waits for b only
+        assert store.get("d").state == "waiting"
+        assert self.claim_id(store, now=NOW + 3) == "c"
+        assert self.claim_id(store, now=NOW + 3) == "b"
+        assert store.finish("b", 1, "w1", "completed", NOW + 4, "completed", 0)
+        assert store.get("d").state == "pending"
+
+    def test_dependencies_inside_one_batch(self, store):
+        ids = store.enqueue([spec(id="child", after=["parent"]), spec(id="parent")], NOW)
+        assert ids == ["child", "parent"]
+        assert (store.get("parent").state, store.get("child").state) == ("pending", "waiting")
+
+    def test_a_dependency_that_does_not_exist_or_ended_badly_is_refused(self, store, raw_counts):
+        with pytest.raises(queuectl.NotFound):
+            store.enqueue([spec(id="x"), spec(id="c", after=["nope"])], NOW)
+        self.enqueue_one(store, id="gone")
+        store.cancel("gone", NOW)
+        with pytest.raises(Conflict) as info:
+            store.enqueue([spec(id="c", after=["gone"])], NOW)
+        assert "cancelled" in str(info.value)
+        assert store.get("x") is None and store.get("c") is None
+        self.assert_counts(store, raw_counts, {"cancelled": 1})
+
+    @pytest.mark.parametrize("how", ["cancelled", "dead"])
+    def test_a_dependency_that_ends_badly_cancels_its_dependents_down_the_chain(self, store, how):
+        self.enqueue_one(store, id="a", max_retries=0)
+        self.enqueue_one(store, id="b", after=["a"])
+        self.enqueue_one(store, id="c", after=["b"])
+        self.enqueue_one(store, id="side")
+        self.enqueue_one(store, id="d", after=["side", "a"])
+        if how == "cancelled":
+            assert store.cancel("a", NOW + 1) == "cancelled"
+        else:
+            job = self.claim(store)
+            assert job.id == "a"
+            assert self.fail(store, job, NOW + 1)[0] is JobState.DEAD
+        for job_id, dep in (("b", "a"), ("c", "b"), ("d", "a")):
+            job = store.get(job_id)
+            assert job.state == "cancelled", job_id
+            assert "dependency %s" % dep in job.last_error and job.finished_at is not None
+        assert store.get("side").state == "pending"
+        assert self.claim_id(store, now=NOW + 2) == "side"
+        assert self.claim(store, now=NOW + 2) is None
+
+    def test_a_completed_dependency_never_cancels(self, store):
+        self.enqueue_one(store, id="a")
+        self.enqueue_one(store, id="b", after=["a"])
+        self.claim(store)
+        store.finish("a", 1, "w1", "completed", NOW + 1, "completed", 0)
+        assert store.get("b").state == "pending"
+        assert store.get("b").last_error is None
+
+    def test_cancel_of_a_waiting_pending_or_failed_job(self, store):
+        self.enqueue_one(store, id="p")
+        self.enqueue_one(store, id="w", after=["p"])
+        assert store.cancel("w", NOW + 1) == "cancelled"
+        assert store.get("p").state == "pending"  # cancelling a dependent leaves its dependency be
+        self.enqueue_one(store, id="f")
+        assert self.claim_id(store) == "p"
+        assert self.claim_id(store) == "f"
+        assert store.finish("f", 1, "w1", "failed", NOW + 2, "failed", 1, retry_at=NOW + 10)
+        assert store.cancel("f", NOW + 3) == "cancelled"
+        job = store.get("f")
+        assert (job.state, job.finished_at, job.last_error) == ("cancelled", NOW + 3, "cancelled by a user")
+        assert self.claim(store, now=NOW + 100) is None
+
+    def test_cancel_of_a_running_job_is_a_request_for_its_worker(self, store):
+        self.enqueue_one(store, id="r")
+        self.enqueue_one(store, id="after-r", after=["r"])
+        job = self.claim(store)
+        assert store.cancel_requested("r", 1) is False
+        assert store.cancel("r", NOW + 1) == "requested"
+        assert store.get("r").state == "processing"
+        assert store.cancel_requested("r", 1) is True
+        assert store.cancel_requested("r", 2) is False  # another run is not asked
+        assert store.finish("r", job.runs, "w1", "cancelled", NOW + 2, "cancelled", error="cancelled")
+        assert store.get("r").state == "cancelled"
+        assert store.get("after-r").state == "cancelled"
+
+    def test_cancel_of_an_unknown_or_finished_job(self, store):
+        with pytest.raises(NotFound):
+            store.cancel("nope", NOW)
+        self.enqueue_one(store, id="c")
+        self.claim(store)
+        store.finish("c", 1, "w1", "completed", NOW + 1, "completed", 0)
+        with pytest.raises(Conflict) as info:
+            store.cancel("c", NOW + 2)
+        assert "completed" in str(info.value)
+        assert store.get("c").state == "completed"
+
+    def test_deleting_a_dependency_cancels_its_dependents(self, store):
+        self.enqueue_one(store, id="a", max_retries=0)
+        self.enqueue_one(store, id="x")
+        self.enqueue_one(store, id="b", after=["x"])
+        job = self.claim(store)
+        assert job.id == "a"
+        self.fail(store, job, NOW + 1)  # a is dead; b waits on x
+        assert store.delete_jobs("pending") == 1  # x
+        job = store.get("b")
+        assert job.state == "cancelled" and "x" in job.last_error
+        assert store.get("a").state == "dead"
+
+    def test_a_dependency_error_names_the_job_and_the_dependency(self, store):
+        with pytest.raises(NotFound) as info:
+            store.enqueue([spec(id="c", after=["nope"])], NOW)
+        assert str(info.value) == 'job c depends on "nope", which does not exist'
+        with pytest.raises(NotFound) as info:
+            store.enqueue([spec(after=["nope"])], NOW)
+        assert str(info.value) == 'job to enqueue depends on "nope", which does not exist'
+        self.enqueue_one(store, id="gone")
+        store.cancel("gone", NOW)
+        with pytest.raises(Conflict) as info:
+            store.enqueue([spec(after=["gone"])], NOW)
+        assert str(info.value) == "job to enqueue depends on gone, which is cancelled"
+
+    def test_a_lost_run_back_in_the_queue_keeps_its_dependents_waiting(self, store):
+        self.enqueue_one(store, id="a")
+        self.enqueue_one(store, id="b", after=["a"])
+        self.claim(store, now=NOW)
+        assert store.rescue(NOW + LEASE + 1, HOST, always_alive, Recorder()) == ["a"]
+        assert (store.get("a").state, store.get("b").state) == ("pending", "waiting")
+
+    def test_a_run_lost_too_often_goes_dead_and_cancels_its_dependents(self, store):
+        store.set_config("max-rescues", 0)
+        self.enqueue_one(store, id="a")
+        self.enqueue_one(store, id="b", after=["a"])
+        self.claim(store, now=NOW)
+        assert store.rescue(NOW + LEASE + 1, HOST, always_alive, Recorder()) == ["a"]
+        assert (store.get("a").state, store.get("b").state) == ("dead", "cancelled")
+        assert "dependency a ended dead" in store.get("b").last_error
+
+    def test_states_of(self, store):
+        self.enqueue_one(store, id="a")
+        self.enqueue_one(store, id="b")
+        job = self.claim(store)
+        store.finish(job.id, 1, "w1", "failed", NOW + 1, "failed", 7, retry_at=NOW + 9)
+        assert store.states_of(["a", "b", "nope"]) == {"a": ("failed", 7), "b": ("pending", None)}
 
 
 ###############################################################################
