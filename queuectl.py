@@ -1044,7 +1044,7 @@ def _validate_number(setting, text, value=None):
             value = int(text) if kind is int else parse_duration(text)
         except (TypeError, ValueError):
             value = None
-    if value is None or value != value or value < lo or (setting.lo_open and value == lo) or value > hi:
+    if value is None or value < lo or (setting.lo_open and value == lo) or value > hi:
         raise InvalidInput("%s must be %s" % (setting.name if setting is QUEUE_LIMIT else "config " + setting.name,
                                               setting_range(setting))
                            + ", got %s" % short_json(text))

@@ -429,6 +429,17 @@ def test_every_setting_comes_from_the_one_table_and_its_default_is_valid():
         assert queuectl.validate_config(s.name, str(s.default)) == (s.name, s.default)
 
 
+def test_a_setting_shows_its_value_in_its_unit_and_its_word_for_zero():
+    by = queuectl.SETTINGS_BY_NAME
+    assert by["job-timeout"].show(0) == "none" and by["job-timeout"].show(1) == "1s"
+    assert by["job-timeout"].show(300) == "300s" and by["backoff-base"].show(2.0) == "2"
+    assert by["output-limit"].show(1048576) == "1M" and by["retention"].show(0) == "forever"
+    assert by["kill-grace"].show(0) == "0s"  # 0 is a value where no word says otherwise
+    assert by["max-retries"].show(0) == "0" and by["max-retries"].show(3) == "3"
+    assert by["webhook-url"].show("") == "none"
+    assert by["webhook-url"].show("http://hooks.example/x") == "http://hooks.example/x"
+
+
 @pytest.mark.parametrize("setting", queuectl.SETTINGS[:-1], ids=lambda s: s.name)
 def test_validation_takes_each_settings_range_from_the_table(setting):
     for value in (setting.lo, setting.hi):

@@ -16,6 +16,7 @@ import datetime
 import inspect
 import json
 import os
+import re
 import socket
 import sqlite3
 import threading
@@ -1209,7 +1210,14 @@ class StoreContract:
         store.enqueue([spec(TICK_NOW, id="s.20310514T1205Z")], TICK_NOW)
         self.add_schedule(store, "s")
         (job_id,) = self.fire(store, tick(12, 5))
-        assert job_id.startswith("s.20310514T1205Z.") and store.get(job_id).schedule == "s"
+        assert re.fullmatch(r"s\.20310514T1205Z\.[%s]{4}" % queuectl.ID_ALPHABET, job_id), job_id
+        assert store.get(job_id).schedule == "s"
+
+    def test_a_schedule_without_a_directory_runs_its_jobs_in_the_root(self, store, tmp_path, monkeypatch):
+        monkeypatch.chdir(tmp_path)  # not where the firing process happens to be
+        self.add_schedule(store, "s", cwd=None)
+        (job_id,) = self.fire(store, tick(12, 5))
+        assert store.get(job_id).cwd == "/"
 
     def test_schedules_in_a_time_zone_advance_in_it(self, store):
         tokyo = queuectl.resolve_tz("Asia/Tokyo")  # UTC+9, no DST
