@@ -176,6 +176,118 @@ def metric_lines(text):
     return series
 
 
+# --- the security checks' pure parts, without a server ---------------------------------------
+
+
+@pytest.mark.parametrize("host, loopback", [
+    ("localhost", True), ("127.0.0.1", True), ("127.8.9.10", True), ("::1", True),
+    ("localhost.example", False), ("10.0.0.1", False), ("0.0.0.0", False), ("::", False),
+    ("example.com", False), ("", False), ("LOCALHOST", False),  # split_host lower-cases first
+])
+def test_is_loopback(host, loopback):
+    assert web.is_loopback(host) is loopback
+
+
+@pytest.mark.parametrize("value, host", [
+    ("127.0.0.1:5000", "127.0.0.1"), ("Example.COM", "example.com"), ("example.com.", "example.com"),
+    ("example.com.:80", "example.com"), ("[::1]:5000", "::1"), ("[::1]", "::1"), ("[::1", ""),
+    ("  localhost:1  ", "localhost"), ("::1", "::1"), ("", ""), (None, ""),
+])
+def test_split_host(value, host):
+    assert web.split_host(value) == host
+
+
+@pytest.mark.parametrize("host, ip", [("10.1.2.3", True), ("::1", True), ("example.com", False), ("", False),
+                                      ("10.1.2", False)])
+def test_is_ip(host, ip):
+    assert web._is_ip(host) is ip
+
+
+@pytest.mark.parametrize("url, shown", [
+    ("https://hooks.example/T000/B000/secret", "https://hooks.example/***"),
+    ("https://user:pw@hooks.example:8443/x?token=1", "https://***@hooks.example:8443/***"),
+    ("http://hooks.example", "http://hooks.example/"),
+    ("http://hooks.example/", "http://hooks.example/"),
+    ("http://hooks.example/?k=v", "http://hooks.example/***"),
+    ("http://hooks.example/#frag", "http://hooks.example/***"),
+    ("http://[::1]:8080/hook", "http://[::1]:8080/***"),
+    ("http://hooks.example:99999/", "***"),  # a port out of range: nothing of it is shown
+])
+def test_mask_url_keeps_only_scheme_host_and_port(url, shown):
+    assert web.mask_url(url) == shown
+
+
+def test_a_cursor_comes_back_as_it_was_given_and_anything_else_is_400():
+    job = types.SimpleNamespace(id="a" * queuectl.MAX_ID_LENGTH, updated_at=NOW, seq=7)
+    assert web.decode_cursor(web.encode_cursor(job, True), True) == job.id
+    assert web.decode_cursor(web.encode_cursor(job, False), False) == (NOW, 7)
+    job.seq = 2 ** 63 - 1
+    assert web.decode_cursor(web.encode_cursor(job, False), False) == (NOW, 2 ** 63 - 1)
+    job.updated_at = -(10 ** 12) + 1
+    assert web.decode_cursor(web.encode_cursor(job, False), False)[0] == -(10 ** 12) + 1
+
+    def enc(doc):
+        return base64.urlsafe_b64encode(json.dumps(doc).encode()).decode().rstrip("=")
+
+    bad = [
+        (enc(["t", NOW, 7]), True), (enc(["i", "x"]), False),  # the other kind of page
+        (enc(["i", "a" * (queuectl.MAX_ID_LENGTH + 1)]), True), (enc(["i", 5]), True),
+        (enc(["t", True, 7]), False), (enc(["t", "1", 7]), False), (enc(["t", 1e12, 7]), False),
+        (enc(["t", -1e12, 7]), False), (enc(["t", NOW, 2 ** 63]), False), (enc(["t", NOW, -1]), False),
+        (enc(["t", NOW, 7.0]), False), (enc(["t", NOW]), False), (enc({"t": 1}), False), (enc([]), True),
+        ("!!!", True), ("", False), (enc("[" * 2000), True),
+        ("A" * (web.MAX_CURSOR + 1), True),
+    ]
+    for text, by_id in bad:
+        with pytest.raises(web.HTTPError) as e:
+            web.decode_cursor(text, by_id)
+        assert e.value.status == 400, text
+    long_but_fine = enc(["i", "b" * 10]) + "=" * 0
+    assert len(long_but_fine) <= web.MAX_CURSOR and web.decode_cursor(long_but_fine, True) == "b" * 10
+
+
+def test_query_numbers_are_ascii_digits_within_their_range():
+    assert web.query_int({}, "limit", 50, 1, 500) == 50
+    assert web.query_int({"limit": [""]}, "limit", 50, 1, 500) == 50
+    assert web.query_int({"limit": ["1"], "x": ["9"]}, "limit", 50, 1, 500) == 1
+    assert web.query_int({"limit": ["500", "2"]}, "limit", 50, 1, 500) == 500
+    assert web.query_int({"limit": ["0500"]}, "limit", 50, 1, 500) == 500
+    assert web.query_int({"n": ["9999999999"]}, "n", 0, 0, 10 ** 10) == 9999999999
+    for text in ("0", "501", "-1", "1.5", " 5", "5 ", "\u00b2", "\u0665", "12345678901", "1e2", "0x10"):
+        with pytest.raises(web.HTTPError) as e:
+            web.query_int({"limit": [text]}, "limit", 50, 1, 500)
+        assert e.value.status == 400 and "limit must be a whole number from 1 to 500" in str(e.value.args), text
+
+
+def test_a_request_head_is_read_within_its_byte_budget_and_its_deadline():
+    a, b = socket.socketpair()
+    try:
+        reader = web.BoundedSocketReader(a, idle_timeout=5.0)
+        assert reader.readable()
+        b.sendall(b"x" * 100)
+        reader.expect(10.0, budget=60)
+        buf = bytearray(1000)
+        assert reader.readinto(buf) == 60 and reader.budget == 0  # never past the budget
+        with pytest.raises(web.HeadTooLarge):
+            reader.readinto(buf)
+        reader.done()
+        assert reader.budget is None and reader.deadline is None and a.gettimeout() == 5.0
+        assert reader.readinto(buf) == 40  # no budget once the head is read
+        reader.expect(0.3)
+        started = time.monotonic()
+        with pytest.raises(socket.timeout):
+            reader.readinto(buf)  # nothing comes: the deadline, not the 5 s idle timeout, ends it
+        assert time.monotonic() - started < 2.0
+        with pytest.raises(socket.timeout):
+            reader.readinto(buf)  # past the deadline: at once
+        b.sendall(b"yz")
+        reader.done()
+        assert reader.readinto(buf) == 2 and bytes(buf[:2]) == b"yz"
+    finally:
+        a.close()
+        b.close()
+
+
 # --- SQLite specifics of the dashboard reads (what they return is in test_store.py's contract) ------
 
 
@@ -887,114 +999,3 @@ def test_stalled_clients_do_not_block_others(serve, monkeypatch):
         for s in stalled:
             s.close()
 
-
-# --- the security checks' pure parts, without a server ---------------------------------------
-
-
-@pytest.mark.parametrize("host, loopback", [
-    ("localhost", True), ("127.0.0.1", True), ("127.8.9.10", True), ("::1", True),
-    ("localhost.example", False), ("10.0.0.1", False), ("0.0.0.0", False), ("::", False),
-    ("example.com", False), ("", False), ("LOCALHOST", False),  # split_host lower-cases first
-])
-def test_is_loopback(host, loopback):
-    assert web.is_loopback(host) is loopback
-
-
-@pytest.mark.parametrize("value, host", [
-    ("127.0.0.1:5000", "127.0.0.1"), ("Example.COM", "example.com"), ("example.com.", "example.com"),
-    ("example.com.:80", "example.com"), ("[::1]:5000", "::1"), ("[::1]", "::1"), ("[::1", ""),
-    ("  localhost:1  ", "localhost"), ("::1", "::1"), ("", ""), (None, ""),
-])
-def test_split_host(value, host):
-    assert web.split_host(value) == host
-
-
-@pytest.mark.parametrize("host, ip", [("10.1.2.3", True), ("::1", True), ("example.com", False), ("", False),
-                                      ("10.1.2", False)])
-def test_is_ip(host, ip):
-    assert web._is_ip(host) is ip
-
-
-@pytest.mark.parametrize("url, shown", [
-    ("https://hooks.example/T000/B000/secret", "https://hooks.example/***"),
-    ("https://user:pw@hooks.example:8443/x?token=1", "https://***@hooks.example:8443/***"),
-    ("http://hooks.example", "http://hooks.example/"),
-    ("http://hooks.example/", "http://hooks.example/"),
-    ("http://hooks.example/?k=v", "http://hooks.example/***"),
-    ("http://hooks.example/#frag", "http://hooks.example/***"),
-    ("http://[::1]:8080/hook", "http://[::1]:8080/***"),
-    ("http://hooks.example:99999/", "***"),  # a port out of range: nothing of it is shown
-])
-def test_mask_url_keeps_only_scheme_host_and_port(url, shown):
-    assert web.mask_url(url) == shown
-
-
-def test_a_cursor_comes_back_as_it_was_given_and_anything_else_is_400():
-    job = types.SimpleNamespace(id="a" * queuectl.MAX_ID_LENGTH, updated_at=NOW, seq=7)
-    assert web.decode_cursor(web.encode_cursor(job, True), True) == job.id
-    assert web.decode_cursor(web.encode_cursor(job, False), False) == (NOW, 7)
-    job.seq = 2 ** 63 - 1
-    assert web.decode_cursor(web.encode_cursor(job, False), False) == (NOW, 2 ** 63 - 1)
-    job.updated_at = -(10 ** 12) + 1
-    assert web.decode_cursor(web.encode_cursor(job, False), False)[0] == -(10 ** 12) + 1
-
-    def enc(doc):
-        return base64.urlsafe_b64encode(json.dumps(doc).encode()).decode().rstrip("=")
-
-    bad = [
-        (enc(["t", NOW, 7]), True), (enc(["i", "x"]), False),  # the other kind of page
-        (enc(["i", "a" * (queuectl.MAX_ID_LENGTH + 1)]), True), (enc(["i", 5]), True),
-        (enc(["t", True, 7]), False), (enc(["t", "1", 7]), False), (enc(["t", 1e12, 7]), False),
-        (enc(["t", -1e12, 7]), False), (enc(["t", NOW, 2 ** 63]), False), (enc(["t", NOW, -1]), False),
-        (enc(["t", NOW, 7.0]), False), (enc(["t", NOW]), False), (enc({"t": 1}), False), (enc([]), True),
-        ("!!!", True), ("", False), (enc("[" * 2000), True),
-        ("A" * (web.MAX_CURSOR + 1), True),
-    ]
-    for text, by_id in bad:
-        with pytest.raises(web.HTTPError) as e:
-            web.decode_cursor(text, by_id)
-        assert e.value.status == 400, text
-    long_but_fine = enc(["i", "b" * 10]) + "=" * 0
-    assert len(long_but_fine) <= web.MAX_CURSOR and web.decode_cursor(long_but_fine, True) == "b" * 10
-
-
-def test_query_numbers_are_ascii_digits_within_their_range():
-    assert web.query_int({}, "limit", 50, 1, 500) == 50
-    assert web.query_int({"limit": [""]}, "limit", 50, 1, 500) == 50
-    assert web.query_int({"limit": ["1"], "x": ["9"]}, "limit", 50, 1, 500) == 1
-    assert web.query_int({"limit": ["500", "2"]}, "limit", 50, 1, 500) == 500
-    assert web.query_int({"limit": ["0500"]}, "limit", 50, 1, 500) == 500
-    assert web.query_int({"n": ["9999999999"]}, "n", 0, 0, 10 ** 10) == 9999999999
-    for text in ("0", "501", "-1", "1.5", " 5", "5 ", "\u00b2", "\u0665", "12345678901", "1e2", "0x10"):
-        with pytest.raises(web.HTTPError) as e:
-            web.query_int({"limit": [text]}, "limit", 50, 1, 500)
-        assert e.value.status == 400 and "limit must be a whole number from 1 to 500" in str(e.value.args), text
-
-
-def test_a_request_head_is_read_within_its_byte_budget_and_its_deadline():
-    a, b = socket.socketpair()
-    try:
-        reader = web.BoundedSocketReader(a, idle_timeout=5.0)
-        assert reader.readable()
-        b.sendall(b"x" * 100)
-        reader.expect(10.0, budget=60)
-        buf = bytearray(1000)
-        assert reader.readinto(buf) == 60 and reader.budget == 0  # never past the budget
-        with pytest.raises(web.HeadTooLarge):
-            reader.readinto(buf)
-        reader.done()
-        assert reader.budget is None and reader.deadline is None and a.gettimeout() == 5.0
-        assert reader.readinto(buf) == 40  # no budget once the head is read
-        reader.expect(0.3)
-        started = time.monotonic()
-        with pytest.raises(socket.timeout):
-            reader.readinto(buf)  # nothing comes: the deadline, not the 5 s idle timeout, ends it
-        assert time.monotonic() - started < 2.0
-        with pytest.raises(socket.timeout):
-            reader.readinto(buf)  # past the deadline: at once
-        b.sendall(b"yz")
-        reader.done()
-        assert reader.readinto(buf) == 2 and bytes(buf[:2]) == b"yz"
-    finally:
-        a.close()
-        b.close()
