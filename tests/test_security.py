@@ -243,16 +243,6 @@ def test_env_values_and_url_credentials_are_masked(db, run, serve):
     assert doc["env"] == {"API_KEY": "k3y", "DB_PW": "pw0rd"} and doc["webhook"] == hook
 
 
-@pytest.mark.parametrize("url, shown", [
-    ("https://hooks.example.com/", "https://hooks.example.com/"),
-    ("http://h.example:8080/x?y=1", "http://h.example:8080/***"),
-    ("http://u@[::1]:9/", "http://***@[::1]:9/"),
-    ("http://h.example:99999/", web.MASK),
-])
-def test_mask_url(url, shown):
-    assert web.mask_url(url) == shown
-
-
 # --- 3. private files, whatever the umask ------------------------------------------------------
 
 

@@ -211,6 +211,7 @@ def test_is_ip(host, ip):
     ("http://hooks.example/?k=v", "http://hooks.example/***"),
     ("http://hooks.example/#frag", "http://hooks.example/***"),
     ("http://[::1]:8080/hook", "http://[::1]:8080/***"),
+    ("http://u@[::1]:9/", "http://***@[::1]:9/"),
     ("http://hooks.example:99999/", "***"),  # a port out of range: nothing of it is shown
 ])
 def test_mask_url_keeps_only_scheme_host_and_port(url, shown):
