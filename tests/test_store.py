@@ -700,6 +700,14 @@ class StoreContract:
         assert self.states(store) == {"dep": "processing"}
         self.assert_counts(store, raw_counts, {"processing": 1})
 
+    def test_deleting_a_completed_job_leaves_the_jobs_that_ran_after_it_alone(self, store):
+        self.enqueue_one(store, id="dep")
+        self.run(store, "dep")
+        self.enqueue_one(store, NOW + 2, id="next", after=["dep"])  # its dependency is met: pending
+        assert store.get("next").state == "pending"
+        assert store.delete_jobs("completed") == 1
+        assert self.states(store) == {"next": "pending"}
+
     def test_delete_of_processing_jobs_is_refused(self, store):
         expected = self.make_one_of_each(store)
         with pytest.raises(Conflict):
@@ -852,6 +860,18 @@ class StoreContract:
         store.cancel("last", NOW + 2)  # cancelled: not scheduled any more
         assert [j.id for j in store.scheduled_page(NOW + 150, limit=10)[0]] == ["later-low"]
 
+    def test_scheduled_page_leaves_out_jobs_due_now_and_says_more_only_when_there_is(self, store):
+        store.enqueue([spec(id="due%03d" % i) for i in range(130)], NOW)  # due now, whatever their seq
+        store.enqueue([spec(id="f%d" % i, delay=10 + i) for i in range(3)], NOW)
+        jobs, more = store.scheduled_page(NOW, limit=3)
+        assert [j.id for j in jobs] == ["f0", "f1", "f2"] and not more  # exactly the limit: no more
+        jobs, more = store.scheduled_page(NOW, limit=2)
+        assert [j.id for j in jobs] == ["f0", "f1"] and more
+        jobs, more = store.scheduled_page(NOW, limit=2, after=(jobs[-1].run_at, jobs[-1].seq))
+        assert [j.id for j in jobs] == ["f2"] and not more
+        jobs, more = store.scheduled_page(NOW, limit=50, after=(NOW - 5, 1))  # a cursor before now starts at now
+        assert [j.id for j in jobs] == ["f0", "f1", "f2"] and not more
+
     def test_queue_page_lists_one_queue_newest_first_within_a_bound(self, store):
         for i in range(10):  # r0..r9 in "reports", every third one dead; older than the rest
             self.enqueue_one(store, NOW + i, id="r%d" % i, queue="reports")
@@ -864,6 +884,8 @@ class StoreContract:
         jobs, more, cut = store.queue_page("reports", limit=4, after=(jobs[-1].updated_at, jobs[-1].seq))
         assert [j.id for j in jobs] == ["r1", "r0"] and not more and not cut
         jobs, more, cut = store.queue_page("reports", limit=50)
+        assert len(jobs) == 10 and not more and not cut
+        jobs, more, cut = store.queue_page("reports", limit=10)  # exactly the limit: no more
         assert len(jobs) == 10 and not more and not cut
         # The 25 newest jobs hold only 5 of reports: the look stops there, and says so.
         jobs, more, cut = store.queue_page("reports", limit=50, scan=25)
@@ -1014,6 +1036,13 @@ class StoreContract:
         for i in range(7):
             self.run(store, "c%d" % i)
         assert store.purge(["completed"], NOW + 50, batch=2) == 7
+        assert store.list_jobs() == []
+
+    def test_purge_goes_on_past_a_full_batch_of_any_size(self, store):
+        store.enqueue([spec(id="c%03d" % i) for i in range(301)], NOW)
+        for i in range(301):
+            self.run(store, "c%03d" % i)
+        assert store.purge(["completed"], NOW + 50, batch=300) == 301
         assert store.list_jobs() == []
 
     def test_purge_keeps_the_statistics(self, store):
@@ -1419,6 +1448,11 @@ class StoreContract:
         assert ids == ["k1", "other"] and existing == ["k1"]
         assert store.get("k2") is None
         self.assert_counts(store, raw_counts, {"pending": 2})
+
+    def test_a_held_unique_key_stands_for_its_holder_whatever_the_jobs_dependencies(self, store):
+        self.enqueue_one(store, id="k1", unique_key="K")
+        assert store.enqueue([spec(id="k2", unique_key="K", after=["nosuch"])], NOW + 1) == ["k1"]
+        assert store.get("k2") is None
 
     def test_a_unique_key_twice_in_one_batch_adds_one_job(self, store):
         existing = []
@@ -2159,6 +2193,58 @@ def test_the_sqlite_store_wakes_workers_after_the_commits_that_give_them_work(st
     finally:
         idle.sock.close()
         busy.sock.close()
+
+
+def test_each_change_wakes_as_many_idle_workers_as_jobs_it_made_due(store, db):
+    """Four idle workers: a change that makes n jobs due wakes n of them (not one more, not one
+    fewer); a change that makes none due wakes none."""
+    idle = [WakeSocket(store, db, "idle%d" % i) for i in range(4)]
+
+    def woken():
+        return sum(s.datagrams() for s in idle)
+
+    try:
+        store.set_config("max-rescues", 1)
+        store.enqueue([spec(id="a"), spec(id="b", after=["a"]), spec(id="c", after=["a"]),
+                       spec(id="d", after=["a"]), spec(id="e")], NOW)
+        woken()  # (an enqueue wakes one idle worker per job)
+        assert store.claim("w1", HOST, NOW, LEASE).id == "a"
+        assert store.finish("a", 1, "w1", "completed", NOW + 1, "completed", 0)
+        assert woken() == 3  # b, c and d are released
+        lost = store.claim("w1", HOST, NOW + 2, LEASE).id
+        assert woken() == 0
+        assert store.rescue(NOW + 2 + LEASE + 1, queuectl.HOST, always_alive, Recorder()) == [lost]
+        assert woken() == 1  # back to pending
+        taken = [store.claim(worker, HOST, NOW + 100, LEASE).id for worker in ("w1", "w2", "w3", "w4")]
+        assert sorted(taken) == ["b", "c", "d", "e"] and woken() == 0
+        now = NOW + 100 + LEASE + 1
+        assert sorted(store.rescue(now, queuectl.HOST, always_alive, Recorder())) == sorted(taken)
+        assert [store.get(j).state for j in taken].count("pending") == 3 and store.get(lost).state == "dead"
+        assert woken() == 3  # the jobs lost once are due again; the dead one wakes nobody
+        job = store.claim("w1", HOST, now, LEASE)
+        assert woken() == 0
+        assert store.release(job.id, job.runs, "w1", now + 1, "stopped")
+        assert woken() == 1
+        store.add_schedule("s1", "*/5 * * * *", "UTC", {"command": "true", "cwd": "/"}, "once", "allow",
+                           now + 10, now)
+        store.add_schedule("s2", "*/5 * * * *", "UTC", {"command": "true", "cwd": "/"}, "once", "allow",
+                           now + 10, now)
+        assert store.fire_schedules(now + 5, queuectl.schedule_next_run, store.config()) == []
+        assert woken() == 0
+        assert len(store.fire_schedules(now + 11, queuectl.schedule_next_run, store.config())) == 2
+        assert woken() == 2
+    finally:
+        for s in idle:
+            s.sock.close()
+
+
+def test_rescue_without_a_time_uses_the_clock(store):
+    """``now=None``: the operation's time is the store's clock (what `worker start` passes)."""
+    long_ago = time.time() - 1000
+    store.enqueue([spec(long_ago, id="j")], long_ago)
+    assert store.claim("w1", HOST, long_ago, LEASE).id == "j"
+    assert store.rescue(None, HOST, always_alive, Recorder()) == ["j"]
+    assert store.get("j").state == "pending"
 
 
 def plan(store, sql):
