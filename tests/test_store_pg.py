@@ -553,14 +553,15 @@ def test_data_version_changes_with_every_kind_of_change(pg, pg_url):
         other.close()
 
 
-def test_rescue_hands_kill_the_run_start_on_this_machines_clock(pg, pg_url):
+@pytest.mark.parametrize("skew", [3600.0, -3600.0], ids=["ahead", "behind"])
+def test_rescue_hands_kill_the_run_start_on_this_machines_clock(pg, pg_url, skew):
     pg.enqueue([new_job(id="j"), new_job(id="k")], time.time())
     a = pg.claim("gone", HOST, time.time(), LEASE)
     b = pg.claim("gone", HOST, time.time(), LEASE)
     pg.started(a.id, 1, 4242)  # b died before its pid was recorded
     pg.register_worker(worker_record("gone", pid=999999))
     kill = Recorder()
-    skew = 3600.0  # this machine's clock is an hour ahead of the database's
+    # this machine's clock is an hour ahead of the database's, or behind it
     local_now = time.time() + skew
     assert sorted(pg.rescue(local_now, HOST, lambda pid, started: False, kill)) == ["j", "k"]
     calls = {c[0]: c for c in kill.calls}
