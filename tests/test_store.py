@@ -1235,6 +1235,11 @@ class StoreContract:
         assert self.schedule(store, "s")["next_run"] == tick(12, 10)
         assert self.schedule(store, "s")["last_job"] is None
 
+    def test_a_unique_key_nobody_holds_does_not_stop_a_tick(self, store):
+        self.add_schedule(store, "s", unique_key="K")
+        (job_id,) = self.fire(store, tick(12, 5))
+        assert store.get(job_id).unique_key == "K"
+
     def test_a_taken_job_id_gets_a_suffix(self, store):
         store.enqueue([spec(TICK_NOW, id="s.20310514T1205Z")], TICK_NOW)
         self.add_schedule(store, "s")
@@ -1453,6 +1458,20 @@ class StoreContract:
         self.enqueue_one(store, id="k1", unique_key="K")
         assert store.enqueue([spec(id="k2", unique_key="K", after=["nosuch"])], NOW + 1) == ["k1"]
         assert store.get("k2") is None
+
+    def test_a_unique_key_taken_between_the_look_and_the_insert_names_its_holder(self, store, monkeypatch):
+        """Another process's enqueue commits the key after this one looked it up: the insert
+        finds it taken, and the job stands for that holder (no error)."""
+        self.enqueue_one(store, id="k1", unique_key="K")
+        real, looks = store._holder_of, []
+
+        def late_holder(key):  # the first look comes before the other enqueue's commit
+            looks.append(key)
+            return None if len(looks) == 1 else real(key)
+
+        monkeypatch.setattr(store, "_holder_of", late_holder)
+        assert store.enqueue([spec(NOW + 1, id="k2", unique_key="K")], NOW + 1) == ["k1"]
+        assert looks == ["K", "K"] and store.get("k2") is None
 
     def test_a_unique_key_twice_in_one_batch_adds_one_job(self, store):
         existing = []
@@ -2233,6 +2252,28 @@ def test_each_change_wakes_as_many_idle_workers_as_jobs_it_made_due(store, db):
         assert woken() == 0
         assert len(store.fire_schedules(now + 11, queuectl.schedule_next_run, store.config())) == 2
         assert woken() == 2
+        store.enqueue([spec(now, id="f1"), spec(now, id="f2", run_at=queuectl.rfc3339(now - 60)), spec(now, id="f3", delay=60)], now)
+        assert woken() == 2  # the delayed one is not due yet
+        assert store.retry_dead(lost, now)
+        assert woken() == 1
+        store.enqueue([spec(now, id="x%d" % i, max_retries=0) for i in range(20)], now)
+        woken()
+        for i in range(3):
+            job = store.claim("w%d" % i, HOST, now, LEASE)
+            assert store.finish(job.id, job.runs, "w%d" % i, "dead", now + 1, "failed", 1)
+        assert woken() == 0
+        assert store.retry_all_dead(now + 2) == (3, 0)
+        assert woken() == 3
+        store.set_queue("default", paused=True)
+        store.set_queue("default", paused=False)
+        assert woken() == 4  # every idle worker looks
+        for host, worker in (("0-remote", "r1"), ("~remote", "r2")):  # sorted before and after ours
+            remote = WakeSocket(store, db, worker)
+            idle.append(remote)
+            store.register_worker(worker_record(worker, host=host, wake=remote.address))
+            job = store.claim(worker, host, now, LEASE)
+            assert store.cancel(job.id, now + 3) == "requested"
+        assert woken() == 0  # a worker on another machine cannot be woken from here
     finally:
         for s in idle:
             s.sock.close()
@@ -2243,8 +2284,12 @@ def test_rescue_without_a_time_uses_the_clock(store):
     long_ago = time.time() - 1000
     store.enqueue([spec(long_ago, id="j")], long_ago)
     assert store.claim("w1", HOST, long_ago, LEASE).id == "j"
-    assert store.rescue(None, HOST, always_alive, Recorder()) == ["j"]
+    store.started("j", 1, 4242)
+    started_at = store.attempt("j", 1).started_at
+    kill = Recorder()
+    assert store.rescue(None, HOST, always_alive, kill) == ["j"]
     assert store.get("j").state == "pending"
+    assert [c[:2] for c in kill.calls] == [(4242, started_at)]  # the run's start on this machine's clock
 
 
 def plan(store, sql):
