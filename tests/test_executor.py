@@ -8,6 +8,7 @@ its environment (``process_mark``) and is killed by PID at teardown; the tests f
 processes of a job by that marker too, never through the code under test.
 """
 
+import ctypes
 import os
 import signal
 import subprocess
@@ -339,6 +340,32 @@ def test_a_group_of_zombies_only_is_not_alive(process_mark):
         proc.wait()
         other.kill()
         other.wait()
+
+
+def proc_state(pid):
+    with open("/proc/%d/stat" % pid, "rb") as f:
+        stat = f.read()
+    return stat[stat.rindex(b")") + 2:].split()[0]
+
+
+def test_a_group_stopped_by_a_debugger_is_alive(process_mark):
+    """A job someone attached a debugger to (state 't', tracing stop) still runs: never judged gone."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.ptrace.argtypes = [ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p]
+    ptrace_attach, ptrace_detach = 16, 17
+    proc = spawn("sleep", "30")
+    try:
+        if libc.ptrace(ptrace_attach, proc.pid, None, None) != 0:
+            pytest.fail("ptrace(PTRACE_ATTACH) failed: %s (the test needs root or ptrace_scope 0)"
+                        % os.strerror(ctypes.get_errno()))
+        try:
+            wait_until(lambda: proc_state(proc.pid) == b"t", 10)
+            assert queuectl.group_alive(proc.pid) is True
+        finally:
+            libc.ptrace(ptrace_detach, proc.pid, None, None)
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 def test_group_alive_sees_a_live_member_after_its_leader_exited(process_mark):
