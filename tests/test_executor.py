@@ -361,11 +361,35 @@ def test_a_group_stopped_by_a_debugger_is_alive(process_mark):
         try:
             wait_until(lambda: proc_state(proc.pid) == b"t", 10)
             assert queuectl.group_alive(proc.pid) is True
+            assert queuectl.pid_alive(proc.pid) is True
         finally:
             libc.ptrace(ptrace_detach, proc.pid, None, None)
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_asking_whether_a_group_is_alive_sends_it_no_signal(process_mark, tmp_path):
+    log = tmp_path / "signals"
+    proc = spawn("sh", "-c", 'trap "echo HUP >> %s" HUP; trap "echo USR1 >> %s" USR1; echo ready >> %s; '
+                 'while :; do sleep 0.05; done' % (log, log, log))
+    try:
+        wait_until(lambda: log.exists() and "ready" in log.read_text(), 10)
+        assert queuectl.group_alive(proc.pid) is True
+        proc.send_signal(signal.SIGUSR1)  # after anything group_alive sent: its trap runs last
+        wait_until(lambda: "USR1" in log.read_text(), 10)
+        assert log.read_text().split() == ["ready", "USR1"]
+    finally:
+        queuectl.kill_group(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def test_terminate_notices_at_once_a_group_that_ends_on_sigterm(process_mark):
+    proc = spawn("sleep", "30")
+    started = time.monotonic()
+    queuectl._terminate(proc, grace=30.0)
+    assert time.monotonic() - started < 0.5  # not the 30 s grace, nor a coarse poll of it
+    assert proc.returncode == -signal.SIGTERM
 
 
 def test_group_alive_sees_a_live_member_after_its_leader_exited(process_mark):
