@@ -47,12 +47,14 @@ Design (docs/postgresql.md has the user's view):
 - **Wake-up by LISTEN/NOTIFY.**  An enqueue of due jobs (and a DLQ retry, a
   release, a rescue) sends ``NOTIFY`` in its own transaction, so it is only
   delivered if the jobs are committed; a cancel of a running job sends one
-  with the payload ``cancel`` (busy workers look at their job at once).  A
-  worker LISTENs on a dedicated connection that it opens before its first
-  claim (at registration); ``wait_fds()`` gives the worker that connection's
-  socket to ``select()`` on, and ``consume_notifications()`` drains it.  If
-  that connection breaks, the worker falls back to its poll interval and
-  reconnects (at most every LISTEN_RETRY seconds).
+  with the payload ``cancel`` (busy workers look at their job at once).  The
+  LISTEN connection is a second connection, opened on first use of
+  ``wait_fds()``, which gives its socket to ``select()`` on;
+  ``consume_notifications()`` drains it.  One process per machine listens:
+  the supervisor, which wakes its workers by datagram as an SQLite commit
+  does (``queuectl.Supervisor._wait``); a worker without a supervisor listens
+  itself.  If that connection breaks, workers fall back to their poll
+  interval and it is re-opened at most every LISTEN_RETRY seconds.
 - **Few round trips, few index writes.**  An enqueue (of up to 5,000 jobs), a
   claim, a heartbeat and a release are one statement each; the end of a run
   is one pipelined transaction (two round trips).  ``jobs`` has no index on
@@ -756,7 +758,8 @@ SET host = excluded.host, pid = excluded.pid, pid_started = excluded.pid_started
 SQL_WORKER_DELETE = "DELETE FROM {s}.workers WHERE id = %(worker)s"
 SQL_WORKERS = "SELECT * FROM {s}.workers ORDER BY started_at, id"
 SQL_WAKE = """
-SELECT wake FROM {s}.workers WHERE host = %(host)s AND state = 'idle' AND wake IS NOT NULL LIMIT %(n)s
+SELECT wake FROM {s}.workers WHERE host = %(host)s AND (state = 'idle' OR NOT %(idle)s) AND wake IS NOT NULL
+AND (%(supervisor)s::integer IS NULL OR supervisor_pid = %(supervisor)s::integer) LIMIT %(n)s
 """
 
 # Dashboard reads: keyset pages on the (updated_at, seq) indexes, id-prefix search on the id index.
@@ -877,9 +880,10 @@ class PostgresStore(StoreRules):
     """queuectl's store in a PostgreSQL schema (see the module docstring).
 
     One autocommit connection for the store's statements (each write is a
-    single statement or an explicit transaction), and, in a worker, one more
-    that LISTENs for notifications.  A broken connection is reported as
-    DatabaseBusy (safe to retry) and re-opened on the next call.
+    single statement or an explicit transaction), and, in the process that
+    waits for notifications (a supervisor), one more that LISTENs.  A broken
+    connection is reported as DatabaseBusy (safe to retry) and re-opened on
+    the next call.
     """
 
     def __init__(self, url, create=True, schema=None, clock="database"):
@@ -1279,8 +1283,9 @@ class PostgresStore(StoreRules):
     def workers(self):
         return [dict(r) for r in self._all(self.sql.WORKERS)]
 
-    def wake_addresses(self, host, n):
-        return [r["wake"] for r in self._all(self.sql.WAKE, {"host": host, "n": n})]
+    def wake_addresses(self, host, n, supervisor_pid=None, idle=True):
+        return [r["wake"] for r in self._all(self.sql.WAKE, {"host": host, "n": None if n is None or n < 0 else n,
+                                                             "supervisor": supervisor_pid, "idle": idle})]
 
     # --- dashboard and monitoring reads ------------------------------------------------
 
