@@ -54,7 +54,14 @@ Design (docs/postgresql.md has the user's view):
   the supervisor, which wakes its workers by datagram as an SQLite commit
   does (``queuectl.Supervisor._wait``); a worker without a supervisor listens
   itself.  If that connection breaks, workers fall back to their poll
-  interval and it is re-opened at most every LISTEN_RETRY seconds.
+  interval and it is re-opened at most every LISTEN_RETRY seconds.  It goes
+  to ``QUEUECTL_LISTEN_URL`` when set (the server itself, when the store's
+  URL is a pooler's: LISTEN does not work through transaction pooling).
+- **No session state on the store's connection**, so it may go through
+  PgBouncer in transaction mode: no ``SET`` (``lock_timeout`` is a startup
+  option, or ``SET LOCAL`` in each transaction when a pooler refuses startup
+  options), no LISTEN, only transaction-level advisory locks, and no named
+  prepared statements (``prepare_threshold=None``).
 - **Few round trips, few index writes.**  An enqueue (of up to 5,000 jobs), a
   claim, a heartbeat and a release are one statement each; the end of a run
   is one pipelined transaction (two round trips).  ``jobs`` has no index on
@@ -80,6 +87,7 @@ Design (docs/postgresql.md has the user's view):
 import contextlib
 import hashlib
 import json
+import os
 import re
 import select
 import time
@@ -109,6 +117,7 @@ DEFAULT_SCHEMA = "queuectl"
 SCHEMA_RE = re.compile(r"^[a-z_][a-z0-9_]{0,47}$")  # fits NOTIFY channel names (63 bytes)
 CONNECT_TIMEOUT = 10  # seconds, unless the URL says otherwise
 LISTEN_RETRY = 5.0  # seconds between attempts to re-open a broken LISTEN connection
+LISTEN_URL_ENV = "QUEUECTL_LISTEN_URL"  # where to LISTEN when the store's URL is a pooler's (default: that URL)
 ENQUEUE_CHUNK = 5000  # jobs per INSERT statement in a batch (one transaction in all)
 PIPELINE = psycopg.Pipeline.is_supported()  # several statements per round trip (libpq 14 or newer)
 
@@ -883,10 +892,11 @@ class PostgresStore(StoreRules):
     single statement or an explicit transaction), and, in the process that
     waits for notifications (a supervisor), one more that LISTENs.  A broken
     connection is reported as DatabaseBusy (safe to retry) and re-opened on
-    the next call.
+    the next call.  ``listen_url``: where to LISTEN (default
+    ``$QUEUECTL_LISTEN_URL``, else ``url``).
     """
 
-    def __init__(self, url, create=True, schema=None, clock="database"):
+    def __init__(self, url, create=True, schema=None, clock="database", listen_url=None):
         if clock not in ("database", "caller"):
             raise ValueError("clock must be 'database' or 'caller'")
         self.url = url
@@ -901,34 +911,70 @@ class PostgresStore(StoreRules):
         self._cur = None  # the cursor of the transaction the queries run in (_in)
         self._listen = None
         self._listen_retry_at = 0.0
+        self.listen_url = listen_url if listen_url is not None else os.environ.get(LISTEN_URL_ENV) or url
+        self.listen_path = queuectl.redact_url(self.listen_url)
+        # (?schema= in the LISTEN URL is ignored: the channel is this store's schema's)
+        self.listen_conninfo = parse_url(self.listen_url, self.schema)[0]
+        try:
+            if not queuectl.is_db_url(self.listen_url):
+                raise ValueError("not a postgresql:// URL")
+            psycopg.conninfo.conninfo_to_dict(self.listen_conninfo)
+        except (ValueError, psycopg.Error) as e:
+            raise InvalidInput("invalid %s %s: %s (it names the PostgreSQL server to LISTEN on, directly, when "
+                               "the queue's URL is a pooler's)" % (LISTEN_URL_ENV, self.listen_path, _one_line(e)))
+        self._startup_options = True  # lock_timeout as a startup option, until a pooler refuses them
+        self._listen_warned = False  # the LISTEN connection seemed to go through a pooler (said once)
         self.conn = self._connect()
         self._migrate(create)
 
     # --- connections -------------------------------------------------------------
 
-    def _connect_kwargs(self):
-        given = psycopg.conninfo.conninfo_to_dict(self.conninfo)
-        kwargs = {"autocommit": True, "row_factory": dict_row}
+    def _connect_kwargs(self, conninfo):
+        given = psycopg.conninfo.conninfo_to_dict(conninfo)
+        # No named prepared statements: through a pooler in transaction mode, the next
+        # statement may reach another server session, where they do not exist.
+        kwargs = {"autocommit": True, "row_factory": dict_row, "prepare_threshold": None}
         if "connect_timeout" not in given:
             kwargs["connect_timeout"] = CONNECT_TIMEOUT
         if "application_name" not in given:
             kwargs["application_name"] = self.channel
-        return kwargs
+        return kwargs, given
 
     def _connect(self):
+        """The store's connection.  It holds no session state (no SET, LISTEN, session lock or
+        prepared statement), so it may go through PgBouncer in transaction mode.  Waits on row
+        or DDL locks end after BUSY_TIMEOUT, as SQLite's busy timeout does: ``lock_timeout`` is
+        a startup option; a pooler that refuses startup options (PgBouncer) gets a connection
+        without it, and every transaction then starts with ``SET LOCAL lock_timeout``."""
         try:
-            conn = psycopg.connect(self.conninfo, **self._connect_kwargs())
+            conn, refused = self._open(self.conninfo, self._startup_options)
+            if refused:
+                self._startup_options = False  # a pooler: SET LOCAL in each transaction (_begin)
+            return conn
         except psycopg.Error as e:
             raise self._connect_error(e) from None
         except (ValueError, TypeError) as e:  # a malformed URL
             raise InvalidInput("invalid PostgreSQL URL %s: %s" % (self.path, _one_line(e))) from None
-        try:
-            # Waits on row or DDL locks end like SQLite's busy timeout does.
-            conn.execute("SET lock_timeout = %d" % int(queuectl.BUSY_TIMEOUT * 1000))
-        except psycopg.Error as e:
-            conn.close()
-            raise self._error(e) from None
-        return conn
+
+    def _open(self, conninfo, startup_options=True):
+        """``(connection, refused)``: with ``startup_options``, the lock_timeout startup option is
+        asked for, and ``refused`` says the other end refused startup options (a pooler:
+        PgBouncer), so the connection was opened again without them."""
+        kwargs, given = self._connect_kwargs(conninfo)
+        if startup_options:
+            options = ("-c lock_timeout=%d " % int(queuectl.BUSY_TIMEOUT * 1000) + given.get("options", "")).strip()
+            try:
+                return psycopg.connect(conninfo, options=options, **kwargs), False
+            except psycopg.OperationalError as e:
+                if "unsupported startup parameter" not in str(e) and "unsupported options" not in str(e):
+                    raise
+        return psycopg.connect(conninfo, **kwargs), startup_options
+
+    def _begin(self, cur):
+        """The first statement of every explicit transaction: nothing, or, through a pooler that
+        refused the startup option, this transaction's lock_timeout."""
+        if not self._startup_options:
+            cur.execute("SET LOCAL lock_timeout = %d" % int(queuectl.BUSY_TIMEOUT * 1000))
 
     def _connect_error(self, e):
         text = _one_line(e)
@@ -972,6 +1018,7 @@ class PostgresStore(StoreRules):
             conn = self._connection()
             if transaction:
                 with conn.transaction(), conn.cursor() as cur:
+                    self._begin(cur)
                     yield cur
             else:
                 with conn.cursor() as cur:
@@ -1185,6 +1232,7 @@ class PostgresStore(StoreRules):
             conn = cur.connection
             pipeline = conn.pipeline() if PIPELINE else contextlib.nullcontext()  # libpq 14+
             with pipeline, conn.transaction(), self._in(cur):
+                self._begin(cur)
                 cur.execute(self.sql.FINISH, params)
                 deps = conn.cursor()
                 deps.execute(self.sql.TAKE_DEPENDENTS, {"id": job_id})
@@ -1353,16 +1401,22 @@ class PostgresStore(StoreRules):
         LISTEN_RETRY seconds, after it broke).  [] while it is unavailable: the worker polls."""
         if self._listen is None and time.monotonic() >= self._listen_retry_at:
             try:
-                conn = psycopg.connect(self.conninfo, **self._connect_kwargs())
+                conn, pooler = self._open(self.listen_conninfo, not self._listen_warned)
                 try:
                     conn.execute('LISTEN "%s"' % self.channel)
                 except BaseException:
                     conn.close()
                     raise
                 self._listen = conn
+                if pooler:
+                    self._listen_warned = True  # once: in session mode it works
+                    queuectl.log.warning(
+                        "%s looks like a connection pooler (it refuses startup options): through PgBouncer in "
+                        "transaction mode LISTEN loses every notification and workers only poll; set %s to the "
+                        "PostgreSQL server's own address", self.listen_path, LISTEN_URL_ENV)
             except psycopg.Error as e:
                 self._listen_retry_at = time.monotonic() + LISTEN_RETRY
-                queuectl.log.warning("cannot LISTEN on %s (%s); polling instead", self.path, _one_line(e))
+                queuectl.log.warning("cannot LISTEN on %s (%s); polling instead", self.listen_path, _one_line(e))
                 return []
         return [self._listen.fileno()] if self._listen is not None else []
 
@@ -1390,7 +1444,7 @@ class PostgresStore(StoreRules):
                     break
         except psycopg.Error as e:
             queuectl.log.warning("LISTEN connection to %s lost (%s); polling until it is back",
-                                 self.path, _one_line(e))
+                                 self.listen_path, _one_line(e))
             self._close_listen()
             self._listen_retry_at = time.monotonic() + LISTEN_RETRY
             return True
