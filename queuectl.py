@@ -4045,7 +4045,7 @@ class Worker:
         self._sock = None
         # Whether this worker waits on the store's notifications itself (PostgreSQL: its own LISTEN
         # connection).  Under a supervisor it does not: the supervisor listens for its machine and
-        # wakes its workers by datagram (Supervisor._relay); see register().
+        # wakes its workers by datagram (Supervisor._wait); see register().
         self._listens = supervisor_pid is None
         self.jobs_done = 0
         self._unrecorded = None  # the last run's result, recorded with the next run's pid (execute)

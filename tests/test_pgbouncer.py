@@ -32,6 +32,7 @@ import pytest
 import conftest
 import queuectl_pg
 from conftest import PG_TEST_URL, Workers, db_rows, program, wait_until
+from queuectl import DatabaseBusy
 from test_store import StoreContract, spec
 
 pytestmark = pytest.mark.postgres
@@ -139,7 +140,7 @@ class TestStoreThroughPgBouncer(StoreContract):
     @pytest.fixture
     def store(self, pg_url, bouncer):
         s = queuectl_pg.PostgresStore(bouncer(pg_url), clock="caller", listen_url=pg_url)
-        assert not s._startup_options, "PgBouncer accepted the lock_timeout startup option: not a pooler?"
+        assert s.pooled, "PgBouncer accepted the lock_timeout startup option: not a pooler?"
         yield s
         s.close()
 
@@ -166,20 +167,51 @@ def test_the_chosen_contract_checks_exist():
     assert THROUGH_BOUNCER <= set(dir(StoreContract))
 
 
-def test_through_pgbouncer_every_transaction_has_its_lock_timeout(pg_url, bouncer):
+def test_through_pgbouncer_every_transaction_has_its_lock_timeout_and_nothing_is_prepared(pg_url, bouncer):
     s = queuectl_pg.PostgresStore(bouncer(pg_url))
     try:
-        assert not s._startup_options  # refused by PgBouncer: no session SET either
+        assert s.pooled  # PgBouncer refused the startup option: no session SET either
+        assert s.conn.prepare_threshold is None
         with s._cursor(transaction=True) as cur:
             assert cur.execute("SHOW lock_timeout").fetchone()["lock_timeout"] == "5s"
     finally:
         s.close()
     direct = queuectl_pg.PostgresStore(pg_url)
     try:
-        assert direct._startup_options
+        assert not direct.pooled
         assert direct._one("SHOW lock_timeout")["lock_timeout"] == "5s"  # the startup option
+        assert direct.conn.prepare_threshold == queuectl_pg.PREPARE_THRESHOLD  # half the CPU per job
     finally:
         direct.close()
+
+
+def test_a_pooler_that_let_prepared_statements_through_turns_them_off(pg_url, bouncer):
+    """A pooler that passes the startup option on (PgBouncer with ``options`` in its
+    ignore_startup_parameters, another pooler) looks like the server: statements get prepared,
+    and two clients' prepared statements meet on one server session.  The first that fails
+    turns preparing off for its store; that call is busy (retried), the following ones work."""
+    stores = [queuectl_pg.PostgresStore(bouncer(pg_url)) for _ in range(2)]
+    try:
+        for s in stores:  # as if the pooler had taken the startup option
+            s.pooled = False
+            s.conn.prepare_threshold = 0  # prepare at once
+        failures = [0, 0]
+        for _ in range(10):
+            for i, s in enumerate(stores):
+                try:
+                    s.get("nothing")
+                except DatabaseBusy as e:
+                    assert "no longer prepared" in str(e)
+                    failures[i] += 1
+        assert sum(failures) >= 1 and max(failures) == 1, failures
+        for s, failed in zip(stores, failures):
+            assert s.pooled == bool(failed)
+        for _ in range(5):
+            for s in stores:
+                assert s.get("nothing") is None
+    finally:
+        for s in stores:
+            s.close()
 
 
 def test_listening_through_pgbouncer_is_lost_so_it_says_so(pg_url, bouncer, caplog, monkeypatch):
