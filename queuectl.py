@@ -1334,8 +1334,9 @@ class Store:
         """All worker records (dicts), oldest first."""
         raise NotImplementedError
 
-    def wake_addresses(self, host, n):
-        """Wake-up addresses of up to ``n`` idle workers on ``host``."""
+    def wake_addresses(self, host, n, supervisor_pid=None, idle=True):
+        """Wake-up addresses of up to ``n`` (None or -1: all) idle workers on ``host``; only those
+        of the supervisor ``supervisor_pid`` if given; busy ones too unless ``idle``."""
         raise NotImplementedError
 
     def poll_for_locks(self):
@@ -2461,7 +2462,10 @@ VALUES (:id, :host, :pid, :pid_started, :supervisor_pid, :now, :now, 'idle', NUL
 SQL_WORKER_DELETE = "DELETE FROM workers WHERE id = :worker"
 SQL_WORKERS = "SELECT * FROM workers ORDER BY started_at, id"
 SQL_WORKER_HEARTBEAT = "UPDATE workers SET heartbeat_at = :now WHERE id = :worker"
-SQL_WAKE = "SELECT wake FROM workers WHERE host = :host AND state = 'idle' AND wake IS NOT NULL LIMIT :n"
+SQL_WAKE = (
+    "SELECT wake FROM workers WHERE host = :host AND (state = 'idle' OR NOT :idle) AND wake IS NOT NULL "
+    "AND (:supervisor IS NULL OR supervisor_pid = :supervisor) LIMIT :n"
+)
 # Dashboard reads: keyset pages on the (updated_at, seq) indexes, id-prefix search on the id index.
 SQL_PAGE_ALL = (
     "SELECT " + JOB_COLUMNS + " FROM jobs WHERE (updated_at, seq) < (:updated_at, :seq) "
@@ -3255,8 +3259,9 @@ class SqliteStore(StoreRules):
     def workers(self):
         return [dict(r) for r in self._read(SQL_WORKERS)]
 
-    def wake_addresses(self, host, n):
-        return [r[0] for r in self._read(SQL_WAKE, {"host": host, "n": n})]
+    def wake_addresses(self, host, n, supervisor_pid=None, idle=True):
+        p = {"host": host, "n": -1 if n is None else n, "supervisor": supervisor_pid, "idle": bool(idle)}
+        return [r[0] for r in self._read(SQL_WAKE, p)]
 
     # --- dashboard and monitoring reads ---------------------------------------------
 
@@ -4038,6 +4043,10 @@ class Worker:
         for fd in (self._wake_r, self._wake_w):
             os.set_blocking(fd, False)
         self._sock = None
+        # Whether this worker waits on the store's notifications itself (PostgreSQL: its own LISTEN
+        # connection).  Under a supervisor it does not: the supervisor listens for its machine and
+        # wakes its workers by datagram (Supervisor._wait); see register().
+        self._listens = supervisor_pid is None
         self.jobs_done = 0
         self._unrecorded = None  # the last run's result, recorded with the next run's pid (execute)
 
@@ -4053,7 +4062,7 @@ class Worker:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
     def wake_fds(self):
-        return self._local_wake_fds() + self.store.wait_fds()
+        return self._local_wake_fds() + (self.store.wait_fds() if self._listens else [])
 
     def _local_wake_fds(self):
         return [self._wake_r] + ([self._sock.fileno()] if self._sock else [])
@@ -4063,7 +4072,7 @@ class Worker:
         woken = False
         for fd in self._local_wake_fds():
             woken = drain_fd(fd) or woken
-        return self.store.consume_notifications() or woken
+        return (self._listens and self.store.consume_notifications()) or woken
 
     def _open_wake_socket(self):
         addr = wake_address(self.db_path, self.id)
@@ -4085,13 +4094,19 @@ class Worker:
         return self.cfg
 
     def register(self):
-        # A store with its own notifications (LISTEN/NOTIFY) starts listening here, before the first
-        # claim, and needs no wake-up socket.
-        notified = bool(self.store.wait_fds())
+        # Under a supervisor, a worker is woken by datagram: by the store that committed (SQLite) or
+        # by the supervisor, which listens to the store's notifications for all its workers
+        # (PostgreSQL: one LISTEN connection per machine, not one per worker).  A worker on its own,
+        # or one that cannot bind its socket, waits on the store's notifications itself: a store
+        # with its own (LISTEN/NOTIFY) starts listening here, before the first claim.
+        if self.supervisor_pid is None and self.store.wait_fds():
+            wake = None
+        else:
+            wake = self._open_wake_socket()
+            self._listens = self._listens or wake is None
         self.store.register_worker({
             "id": self.id, "host": HOST, "pid": self.pid, "pid_started": process_started_at(self.pid),
-            "supervisor_pid": self.supervisor_pid, "now": time.time(),
-            "wake": None if notified else self._open_wake_socket(),
+            "supervisor_pid": self.supervisor_pid, "now": time.time(), "wake": wake,
         })
 
     def run(self):
@@ -4314,6 +4329,7 @@ class Supervisor:
         self._reopen = False  # the database file was deleted or replaced: restart the workers on the new one
         self._reopen_since = 0.0
         self.db_failure = None  # the database became unusable: stop, then exit 74 with this error
+        self._listen_key = None  # (store, its notification sockets) while listening (_listening)
 
     def _on_signal(self, signum, frame):
         if signum == signal.SIGQUIT:
@@ -4418,7 +4434,7 @@ class Supervisor:
                     last_housekeeping = now
                     if self.housekeeping(store, now):
                         store = self._spawn_without_connection(store, ["webhooks"])
-                wait_on_pipe(r, 0.5)
+                self._wait(store, r, 0.5)
         finally:
             store.close()
         sweep_lost_runs()
@@ -4426,6 +4442,41 @@ class Supervisor:
         if self.db_failure is not None:
             raise self.db_failure
         return 0
+
+    def _wait(self, store, r, timeout):
+        """Sleep until a signal (``r``: the wake-up fd of the signal handlers) or ``timeout``, and
+        relay the store's notifications to this supervisor's workers meanwhile.
+
+        On PostgreSQL the supervisor is the one process of its machine that LISTENs (workers
+        need one connection each, not two): a notification that jobs are due wakes its idle
+        workers by datagram, as an SQLite commit does; a cancel (busy workers look at their
+        job) or a LISTEN connection that broke wakes them all.  SQLite has no notifications:
+        its commits wake the workers themselves."""
+        fds = self._listening(store)
+        ready = []
+        with contextlib.suppress(InterruptedError):
+            ready = select.select([r] + fds, [], [], timeout)[0]
+        drain_fd(r)
+        if any(fd in ready for fd in fds):
+            self._wake(store, everyone=store.consume_notifications())
+
+    def _listening(self, store):
+        """The store's notification fds, opened on first use (PostgreSQL: the LISTEN connection).
+        Whenever listening starts (at start-up, after a broken connection came back, and after
+        the store was re-opened around a fork, _spawn_without_connection), notifications may have
+        been missed meanwhile: every worker is woken once to look."""
+        fds = store.wait_fds()
+        # a socket opened anew may get the number of the one that broke, never its inode
+        key = (store, tuple((fd, os.fstat(fd).st_ino) for fd in fds)) if fds else None
+        if key is not None and key != self._listen_key:
+            self._wake(store, everyone=True)
+        self._listen_key = key
+        return fds
+
+    def _wake(self, store, everyone):
+        """Wake this supervisor's idle workers (all of them with ``everyone``) by datagram."""
+        with contextlib.suppress(QueuectlError):
+            send_wakeups(store.wake_addresses(HOST, None, supervisor_pid=self.pid, idle=not everyone))
 
     def _watch_database(self, store):
         """Notice the database file deleted, replaced or overwritten under the workers.

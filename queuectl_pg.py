@@ -47,12 +47,23 @@ Design (docs/postgresql.md has the user's view):
 - **Wake-up by LISTEN/NOTIFY.**  An enqueue of due jobs (and a DLQ retry, a
   release, a rescue) sends ``NOTIFY`` in its own transaction, so it is only
   delivered if the jobs are committed; a cancel of a running job sends one
-  with the payload ``cancel`` (busy workers look at their job at once).  A
-  worker LISTENs on a dedicated connection that it opens before its first
-  claim (at registration); ``wait_fds()`` gives the worker that connection's
-  socket to ``select()`` on, and ``consume_notifications()`` drains it.  If
-  that connection breaks, the worker falls back to its poll interval and
-  reconnects (at most every LISTEN_RETRY seconds).
+  with the payload ``cancel`` (busy workers look at their job at once).  The
+  LISTEN connection is a second connection, opened on first use of
+  ``wait_fds()``, which gives its socket to ``select()`` on;
+  ``consume_notifications()`` drains it.  One process per machine listens:
+  the supervisor, which wakes its workers by datagram as an SQLite commit
+  does (``queuectl.Supervisor._wait``); a worker without a supervisor listens
+  itself.  If that connection breaks, workers fall back to their poll
+  interval and it is re-opened at most every LISTEN_RETRY seconds.  It goes
+  to ``QUEUECTL_LISTEN_URL`` when set (the server itself, when the store's
+  URL is a pooler's: LISTEN does not work through transaction pooling).
+- **No session state on the store's connection**, so it may go through
+  PgBouncer in transaction mode: no ``SET`` (``lock_timeout`` is a startup
+  option, or ``SET LOCAL`` in each transaction when a pooler refuses startup
+  options), no LISTEN, only transaction-level advisory locks.  Named prepared
+  statements (psycopg prepares a statement run 5 times) halve the CPU of a
+  claim and a finish on a direct connection; through a pooler (it refused the
+  startup option, or a prepared statement failed) there are none.
 - **Few round trips, few index writes.**  An enqueue (of up to 5,000 jobs), a
   claim, a heartbeat and a release are one statement each; the end of a run
   is one pipelined transaction (two round trips).  ``jobs`` has no index on
@@ -78,6 +89,7 @@ Design (docs/postgresql.md has the user's view):
 import contextlib
 import hashlib
 import json
+import os
 import re
 import select
 import time
@@ -107,6 +119,8 @@ DEFAULT_SCHEMA = "queuectl"
 SCHEMA_RE = re.compile(r"^[a-z_][a-z0-9_]{0,47}$")  # fits NOTIFY channel names (63 bytes)
 CONNECT_TIMEOUT = 10  # seconds, unless the URL says otherwise
 LISTEN_RETRY = 5.0  # seconds between attempts to re-open a broken LISTEN connection
+PREPARE_THRESHOLD = 5  # a statement run this often on a direct connection is prepared (psycopg's default)
+LISTEN_URL_ENV = "QUEUECTL_LISTEN_URL"  # where to LISTEN when the store's URL is a pooler's (default: that URL)
 ENQUEUE_CHUNK = 5000  # jobs per INSERT statement in a batch (one transaction in all)
 PIPELINE = psycopg.Pipeline.is_supported()  # several statements per round trip (libpq 14 or newer)
 
@@ -756,7 +770,8 @@ SET host = excluded.host, pid = excluded.pid, pid_started = excluded.pid_started
 SQL_WORKER_DELETE = "DELETE FROM {s}.workers WHERE id = %(worker)s"
 SQL_WORKERS = "SELECT * FROM {s}.workers ORDER BY started_at, id"
 SQL_WAKE = """
-SELECT wake FROM {s}.workers WHERE host = %(host)s AND state = 'idle' AND wake IS NOT NULL LIMIT %(n)s
+SELECT wake FROM {s}.workers WHERE host = %(host)s AND (state = 'idle' OR NOT %(idle)s) AND wake IS NOT NULL
+AND (%(supervisor)s::integer IS NULL OR supervisor_pid = %(supervisor)s::integer) LIMIT %(n)s
 """
 
 # Dashboard reads: keyset pages on the (updated_at, seq) indexes, id-prefix search on the id index.
@@ -877,12 +892,14 @@ class PostgresStore(StoreRules):
     """queuectl's store in a PostgreSQL schema (see the module docstring).
 
     One autocommit connection for the store's statements (each write is a
-    single statement or an explicit transaction), and, in a worker, one more
-    that LISTENs for notifications.  A broken connection is reported as
-    DatabaseBusy (safe to retry) and re-opened on the next call.
+    single statement or an explicit transaction), and, in the process that
+    waits for notifications (a supervisor), one more that LISTENs.  A broken
+    connection is reported as DatabaseBusy (safe to retry) and re-opened on
+    the next call.  ``listen_url``: where to LISTEN (default
+    ``$QUEUECTL_LISTEN_URL``, else ``url``).
     """
 
-    def __init__(self, url, create=True, schema=None, clock="database"):
+    def __init__(self, url, create=True, schema=None, clock="database", listen_url=None):
         if clock not in ("database", "caller"):
             raise ValueError("clock must be 'database' or 'caller'")
         self.url = url
@@ -897,34 +914,75 @@ class PostgresStore(StoreRules):
         self._cur = None  # the cursor of the transaction the queries run in (_in)
         self._listen = None
         self._listen_retry_at = 0.0
+        self.listen_url = listen_url if listen_url is not None else os.environ.get(LISTEN_URL_ENV) or url
+        self.listen_path = queuectl.redact_url(self.listen_url)
+        # (?schema= in the LISTEN URL is ignored: the channel is this store's schema's)
+        self.listen_conninfo = parse_url(self.listen_url, self.schema)[0]
+        try:
+            if not queuectl.is_db_url(self.listen_url):
+                raise ValueError("not a postgresql:// URL")
+            psycopg.conninfo.conninfo_to_dict(self.listen_conninfo)
+        except (ValueError, psycopg.Error) as e:
+            raise InvalidInput("invalid %s %s: %s (it names the PostgreSQL server to LISTEN on, directly, when "
+                               "the queue's URL is a pooler's)" % (LISTEN_URL_ENV, self.listen_path, _one_line(e)))
+        # Through a pooler in transaction mode (as far as can be told: it refused the startup option,
+        # or a named prepared statement failed), the store's connection keeps no session state.
+        self.pooled = False
+        self._listen_warned = False  # the LISTEN connection seemed to go through a pooler (said once)
         self.conn = self._connect()
         self._migrate(create)
 
     # --- connections -------------------------------------------------------------
 
-    def _connect_kwargs(self):
-        given = psycopg.conninfo.conninfo_to_dict(self.conninfo)
-        kwargs = {"autocommit": True, "row_factory": dict_row}
+    def _connect_kwargs(self, conninfo, prepare=False):
+        given = psycopg.conninfo.conninfo_to_dict(conninfo)
+        # Named prepared statements halve the CPU of a claim and a finish, but through a pooler in
+        # transaction mode the next statement may reach another server session, where they do not
+        # exist (or where another client's of the same name do).
+        kwargs = {"autocommit": True, "row_factory": dict_row,
+                  "prepare_threshold": PREPARE_THRESHOLD if prepare else None}
         if "connect_timeout" not in given:
             kwargs["connect_timeout"] = CONNECT_TIMEOUT
         if "application_name" not in given:
             kwargs["application_name"] = self.channel
-        return kwargs
+        return kwargs, given
 
     def _connect(self):
+        """The store's connection.  It holds no session state that a pooler in transaction mode
+        would lose (no SET, LISTEN or session lock), so it may go through PgBouncer.  Waits on
+        row or DDL locks end after BUSY_TIMEOUT, as SQLite's busy timeout does: ``lock_timeout``
+        is a startup option.  A pooler that refuses startup options (PgBouncer) gets a
+        connection without it, on which every transaction starts with ``SET LOCAL lock_timeout``
+        and no statement is prepared (``pooled``); straight to the server, statements used
+        often are prepared (psycopg's prepare_threshold)."""
         try:
-            conn = psycopg.connect(self.conninfo, **self._connect_kwargs())
+            conn, refused = self._open(self.conninfo, not self.pooled)
+            self.pooled = self.pooled or refused
+            return conn
         except psycopg.Error as e:
             raise self._connect_error(e) from None
         except (ValueError, TypeError) as e:  # a malformed URL
             raise InvalidInput("invalid PostgreSQL URL %s: %s" % (self.path, _one_line(e))) from None
-        try:
-            # Waits on row or DDL locks end like SQLite's busy timeout does.
-            conn.execute("SET lock_timeout = %d" % int(queuectl.BUSY_TIMEOUT * 1000))
-        except psycopg.Error as e:
-            conn.close()
-            raise self._error(e) from None
-        return conn
+
+    def _open(self, conninfo, direct=True):
+        """``(connection, refused)``.  ``direct``: ask for the lock_timeout startup option and
+        prepare statements; ``refused`` says the other end refused startup options (a pooler:
+        PgBouncer), so the connection was opened again without them and without preparing."""
+        if direct:
+            kwargs, given = self._connect_kwargs(conninfo, prepare=True)
+            options = ("-c lock_timeout=%d " % int(queuectl.BUSY_TIMEOUT * 1000) + given.get("options", "")).strip()
+            try:
+                return psycopg.connect(conninfo, options=options, **kwargs), False
+            except psycopg.OperationalError as e:
+                if "unsupported startup parameter" not in str(e) and "unsupported options" not in str(e):
+                    raise
+        return psycopg.connect(conninfo, **self._connect_kwargs(conninfo)[0]), direct
+
+    def _begin(self, cur):
+        """The first statement of every explicit transaction: nothing, or, through a pooler,
+        this transaction's lock_timeout."""
+        if self.pooled:
+            cur.execute("SET LOCAL lock_timeout = %d" % int(queuectl.BUSY_TIMEOUT * 1000))
 
     def _connect_error(self, e):
         text = _one_line(e)
@@ -939,6 +997,15 @@ class PostgresStore(StoreRules):
             return InvalidInput("text that is not valid UTF-8 cannot be stored: %s" % _one_line(e))
         text = _one_line(getattr(getattr(e, "diag", None), "message_primary", None) or e)
         state = getattr(e, "sqlstate", None)
+        if state in ("26000", "42P05") and not self.pooled:
+            # A prepared statement missing, or another's of the same name: a pooler in transaction
+            # mode that passed the startup option on.  The statement did not run: no more
+            # preparing (nor relying on the startup option), and the caller tries again.
+            self.pooled = True
+            if self.conn is not None:
+                self.conn.prepare_threshold = None
+            return DatabaseBusy("PostgreSQL database %s: %s; a connection pooler in transaction mode? Statements "
+                                "are no longer prepared on this connection; try again" % (self.path, text))
         broken = self.conn is not None and (self.conn.closed or getattr(self.conn, "broken", False))
         if broken:
             with contextlib.suppress(Exception):
@@ -968,6 +1035,7 @@ class PostgresStore(StoreRules):
             conn = self._connection()
             if transaction:
                 with conn.transaction(), conn.cursor() as cur:
+                    self._begin(cur)
                     yield cur
             else:
                 with conn.cursor() as cur:
@@ -1181,6 +1249,7 @@ class PostgresStore(StoreRules):
             conn = cur.connection
             pipeline = conn.pipeline() if PIPELINE else contextlib.nullcontext()  # libpq 14+
             with pipeline, conn.transaction(), self._in(cur):
+                self._begin(cur)
                 cur.execute(self.sql.FINISH, params)
                 deps = conn.cursor()
                 deps.execute(self.sql.TAKE_DEPENDENTS, {"id": job_id})
@@ -1279,8 +1348,9 @@ class PostgresStore(StoreRules):
     def workers(self):
         return [dict(r) for r in self._all(self.sql.WORKERS)]
 
-    def wake_addresses(self, host, n):
-        return [r["wake"] for r in self._all(self.sql.WAKE, {"host": host, "n": n})]
+    def wake_addresses(self, host, n, supervisor_pid=None, idle=True):
+        return [r["wake"] for r in self._all(self.sql.WAKE, {"host": host, "n": None if n is None or n < 0 else n,
+                                                             "supervisor": supervisor_pid, "idle": idle})]
 
     # --- dashboard and monitoring reads ------------------------------------------------
 
@@ -1348,16 +1418,22 @@ class PostgresStore(StoreRules):
         LISTEN_RETRY seconds, after it broke).  [] while it is unavailable: the worker polls."""
         if self._listen is None and time.monotonic() >= self._listen_retry_at:
             try:
-                conn = psycopg.connect(self.conninfo, **self._connect_kwargs())
+                conn, pooler = self._open(self.listen_conninfo, not self._listen_warned)  # (prepares nothing)
                 try:
                     conn.execute('LISTEN "%s"' % self.channel)
                 except BaseException:
                     conn.close()
                     raise
                 self._listen = conn
+                if pooler:
+                    self._listen_warned = True  # once: in session mode it works
+                    queuectl.log.warning(
+                        "%s looks like a connection pooler (it refuses startup options): through PgBouncer in "
+                        "transaction mode LISTEN loses every notification and workers only poll; set %s to the "
+                        "PostgreSQL server's own address", self.listen_path, LISTEN_URL_ENV)
             except psycopg.Error as e:
                 self._listen_retry_at = time.monotonic() + LISTEN_RETRY
-                queuectl.log.warning("cannot LISTEN on %s (%s); polling instead", self.path, _one_line(e))
+                queuectl.log.warning("cannot LISTEN on %s (%s); polling instead", self.listen_path, _one_line(e))
                 return []
         return [self._listen.fileno()] if self._listen is not None else []
 
@@ -1385,7 +1461,7 @@ class PostgresStore(StoreRules):
                     break
         except psycopg.Error as e:
             queuectl.log.warning("LISTEN connection to %s lost (%s); polling until it is back",
-                                 self.path, _one_line(e))
+                                 self.listen_path, _one_line(e))
             self._close_listen()
             self._listen_retry_at = time.monotonic() + LISTEN_RETRY
             return True

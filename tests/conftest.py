@@ -364,9 +364,10 @@ class Workers:
         self.procs = []
         self.extra_pids = set()
 
-    def start(self, count=1, poll=0.05, env=None, args=()):
+    def start(self, count=1, poll=0.05, env=None, args=(), db=None):
+        """``db``: the URL the workers are given, when it is not the one the test reads (a pooler's)."""
         log = open(self.tmp_path / ("workers-%d.log" % len(self.procs)), "wb")
-        argv = program() + ["--db", str(self.db), "worker", "start", "--foreground", "-c", str(count),
+        argv = program() + ["--db", str(db or self.db), "worker", "start", "--foreground", "-c", str(count),
                             "--poll-interval", str(poll)] + list(args)
         env = dict(env or program_env(self.db))
         if self.mark:

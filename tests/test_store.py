@@ -807,6 +807,18 @@ class StoreContract:
         assert len(one) == 1 and one[0] in ("addr-idle1", "addr-idle2")
         assert store.wake_addresses(OTHER_HOST, 10) == ["addr-remote"]
         assert store.wake_addresses("host-c", 10) == []
+        assert sorted(store.wake_addresses(HOST, None)) == ["addr-idle1", "addr-idle2"]  # None: no limit
+
+    def test_wake_addresses_of_one_supervisors_workers_idle_or_all(self, store):
+        """What a supervisor relaying the store's notifications wakes: its idle workers, or all of them."""
+        for worker_id, sup in (("idle", 100), ("busy", 100), ("other", 200)):
+            store.register_worker(dict(worker_record(worker_id, wake="addr-" + worker_id), supervisor_pid=sup))
+        self.enqueue_one(store, id="j")
+        assert self.claim_id(store, "busy", now=NOW + 1) == "j"
+        assert store.wake_addresses(HOST, None, supervisor_pid=100) == ["addr-idle"]
+        assert sorted(store.wake_addresses(HOST, None, supervisor_pid=100, idle=False)) == ["addr-busy", "addr-idle"]
+        assert store.wake_addresses(HOST, None, supervisor_pid=200, idle=False) == ["addr-other"]
+        assert store.wake_addresses(OTHER_HOST, None, supervisor_pid=100, idle=False) == []
 
     # --- reading ---------------------------------------------------------------------------------
 

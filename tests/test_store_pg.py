@@ -12,7 +12,9 @@ Needs the local PostgreSQL server ($QUEUECTL_TEST_PG); marked ``postgres``.
 Without a server these tests fail: they are never skipped.
 """
 
+import os
 import select
+import socket
 import sys
 import json
 import threading
@@ -240,6 +242,95 @@ def test_a_broken_listen_connection_falls_back_to_polling_and_comes_back(pg, pg_
         assert worker.consume_notifications() is False and not readable(fds, 0)
     finally:
         worker.close()
+
+
+@pytest.fixture
+def relay(pg, pg_url):
+    """A supervisor (not started: its relay is called by the test) with three workers on this
+    host, each with a bound wake-up socket: ``idle`` and ``busy`` (running job ``j``) are its own,
+    ``other`` is another supervisor's.  Yields (supervisor, the signal pipe, sockets by name)."""
+    sup = queuectl.Supervisor(pg_url, 2)
+    socks = {}
+    for name in ("idle", "busy", "other"):
+        addr = "queuectl-test/%s/%s" % (pg_schema_of(pg_url), name)
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        s.bind("\0" + addr)
+        s.setblocking(False)
+        socks[name] = s
+        pg.register_worker(dict(worker_record(name, host=queuectl.HOST, wake=addr),
+                                supervisor_pid=sup.pid if name != "other" else 1))
+    pg.enqueue([new_job(id="j")], time.time())
+    assert pg.claim("busy", queuectl.HOST, time.time(), LEASE).id == "j"
+    r, w = os.pipe()
+    os.set_blocking(r, False)  # as the supervisor's
+    try:
+        yield sup, r, socks
+    finally:
+        for fd in (r, w):
+            os.close(fd)
+        for s in socks.values():
+            s.close()
+
+
+def woken(socks):
+    """The names of the sockets that received a wake-up (read empty)."""
+    return sorted(name for name, s in socks.items() if queuectl.drain_fd(s.fileno()))
+
+
+def test_the_supervisor_relays_notifications_to_its_workers(pg, pg_url, relay, monkeypatch):
+    """One LISTEN connection per machine: the supervisor's.  Jobs due wake its idle workers; a
+    cancel, a LISTEN connection that broke or was re-opened (around a fork) wake them all."""
+    sup, r, socks = relay
+    store = queuectl_pg.PostgresStore(pg_url)
+    try:
+        sup._wait(store, r, 0)
+        assert woken(socks) == ["busy", "idle"]  # listening starts: anything missed before, look now
+        sup._wait(store, r, 0)
+        assert woken(socks) == []
+        pg.enqueue([new_job(id="due")], time.time())
+        sup._wait(store, r, 10)
+        assert woken(socks) == ["idle"]  # jobs are due: the idle worker looks
+        assert pg.cancel("j", time.time()) == "requested"
+        sup._wait(store, r, 10)
+        assert woken(socks) == ["busy", "idle"]  # a cancel: the busy worker looks at its job
+        (pid,) = [p for p, q in db_rows(pg_url, "SELECT pid, query FROM pg_stat_activity WHERE application_name = ?",
+                                        ("queuectl:" + pg_schema_of(pg_url),)) if q.startswith("LISTEN")]
+        db_rows(pg_url, "SELECT pg_terminate_backend(?)", (pid,))
+        wait_until(lambda: sup._wait(store, r, 1) or woken(socks) == ["busy", "idle"], 10,
+                   message="the broken LISTEN connection woke no one")  # all poll until it is back
+        monkeypatch.setattr(store, "_listen_retry_at", 0.0)
+        sup._wait(store, r, 0)
+        assert woken(socks) == ["busy", "idle"]  # back: whatever was missed meanwhile, look now
+        # Closed around a fork (Supervisor._spawn_without_connection), then re-opened: an enqueue
+        # made meanwhile was never heard, so every worker looks once.
+        store.close()
+        pg.enqueue([new_job(id="while-closed")], time.time())
+        store = queuectl_pg.PostgresStore(pg_url)
+        sup._wait(store, r, 0)
+        assert woken(socks) == ["busy", "idle"]
+    finally:
+        store.close()
+
+
+def test_a_worker_under_a_supervisor_has_no_listen_connection_of_its_own(pg, pg_url):
+    worker = queuectl.Worker(pg_url, store=queuectl_pg.PostgresStore(pg_url), supervisor_pid=os.getppid())
+    try:
+        worker.register()
+        (record,) = pg.workers()
+        assert record["wake"]  # woken by datagram, by its supervisor
+        assert worker.wake_fds() == worker._local_wake_fds()
+        assert worker.store._listen is None
+        assert db_rows(pg_url, "SELECT count(*) FROM pg_stat_activity WHERE application_name = ? "
+                               "AND query LIKE 'LISTEN%'", ("queuectl:" + pg_schema_of(pg_url),))[0][0] == 0
+    finally:
+        worker._sock.close()
+        worker.store.close()
+    alone = queuectl.Worker(pg_url, store=queuectl_pg.PostgresStore(pg_url))  # no supervisor: listens itself
+    try:
+        alone.register()
+        assert len(alone.wake_fds()) == 2 and alone.store._listen is not None
+    finally:
+        alone.store.close()
 
 
 ###############################################################################
