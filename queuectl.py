@@ -259,8 +259,9 @@ DEFAULT_QUEUE = "default"  # the queue of a job that names none (the schemas' co
 PRIORITIES = {"high": 1, "medium": 2, "low": 3}
 PRIORITY_NAMES = {v: k for k, v in PRIORITIES.items()}
 
-#: This machine's identity in worker records and attempts.  QUEUECTL_HOST overrides it (tests run
-#: workers of several "machines" on one host; only workers of the same host are judged by pid).
+#: This machine's identity in worker records and attempts: its host name (QUEUECTL_HOST overrides
+#: it).  Only workers of the same host are judged by pid (and its start time); pids of other hosts
+#: mean nothing here (tests/test_multihost.py runs machines in PID namespaces of their own).
 HOST = os.environ.get("QUEUECTL_HOST") or os.uname().nodename  # = socket.gethostname(), without importing socket
 BUSY_TIMEOUT = 5.0  # seconds a command waits for a locked database
 HOUSEKEEPING_INTERVAL = 2.0  # how often idle workers and supervisors rescue lost jobs

@@ -13,6 +13,17 @@ server's settings, printed):
 - claim and complete: 1-4 processes, each claiming a job and recording its
   end (``claim()`` + ``finish()``), until the queue is empty (no command is run:
   this is the store's share of a job's cost);
+- the claim anchor, on PostgreSQL, run right after queuectl's in each round (so
+  load that drifts hits both): a bare jobs table on the same server (id, state,
+  run_at, two timestamps; one partial index on due rows), the same job count and
+  processes, each looping a claim (``UPDATE ... WHERE id = (SELECT ... FOR UPDATE
+  SKIP LOCKED LIMIT 1)``) and a completing ``UPDATE``, one transaction each: what
+  a minimal queue costs, and queuectl's rate as a fraction of it;
+- for both on PostgreSQL, what one job writes while the processes drain: rows
+  inserted, updated and deleted per table (``pg_stat_user_tables`` deltas of the
+  benchmark's schema), WAL bytes (``pg_current_wal_lsn()`` delta; server-wide,
+  so the commits of the whole server in the same window are shown next to it:
+  about 2 per job means nothing else wrote) and commits;
 - wake-up latency: from the start of an ``enqueue()`` of a due job to an idle
   worker process waking up (PostgreSQL: NOTIFY in the enqueue's transaction,
   the worker select()s on its LISTEN connection; SQLite: the enqueuing
@@ -123,44 +134,193 @@ def batch_enqueue(backend, batches, size=1000):
         store.close()
 
 
+def _busy_retry(call):
+    """``call()``, again while the database is busy (a worker waits and tries again too)."""
+    while True:
+        try:
+            return call()
+        except queuectl.DatabaseBusy:
+            continue
+
+
 def _drainer(db, n, start, done):
     store = queuectl.open_store(db)
     worker = "bench-%d" % n
     count = 0
     start.wait()
     while True:
-        j = store.claim(worker, HOST, time.time(), LEASE)
+        j = _busy_retry(lambda: store.claim(worker, HOST, time.time(), LEASE))
         if j is None:
             break
-        store.finish(j.id, j.runs, worker, "completed", time.time(), "completed", 0, output="", output_bytes=0)
+        _busy_retry(lambda: store.finish(j.id, j.runs, worker, "completed", time.time(), "completed", 0, output="",
+                                         output_bytes=0))
         count += 1
     store.close()
     done.put((count, time.perf_counter()))
 
 
+# The anchor: a minimal queue on the same server, claimed and completed as queuectl's jobs are
+# (a claim is one statement and one transaction, the completion another).
+ANCHOR_TABLE = """
+CREATE TABLE anchor_jobs (
+    id bigserial PRIMARY KEY,
+    state text NOT NULL DEFAULT 'pending',
+    run_at timestamptz NOT NULL DEFAULT now(),
+    claimed_at timestamptz,
+    finished_at timestamptz
+);
+CREATE INDEX anchor_jobs_due ON anchor_jobs (run_at, id) WHERE state = 'pending'
+"""
+ANCHOR_CLAIM = """
+UPDATE anchor_jobs SET state = 'running', claimed_at = now()
+WHERE id = (SELECT id FROM anchor_jobs WHERE state = 'pending' AND run_at <= now()
+            ORDER BY run_at, id LIMIT 1 FOR UPDATE SKIP LOCKED)
+RETURNING id
+"""
+ANCHOR_COMPLETE = "UPDATE anchor_jobs SET state = 'done', finished_at = now() WHERE id = %s"
+
+
+def _pg_connect(url):
+    import psycopg
+    import queuectl_pg
+
+    conninfo, schema = queuectl_pg.parse_url(url)
+    conn = psycopg.connect(conninfo, autocommit=True)
+    conn.execute('SET search_path TO "%s"' % schema)
+    return conn
+
+
+def _anchor_drainer(db, n, start, done):
+    conn = _pg_connect(db)
+    count = 0
+    start.wait()
+    while True:
+        row = conn.execute(ANCHOR_CLAIM).fetchone()
+        if row is None:
+            break
+        conn.execute(ANCHOR_COMPLETE, row)
+        count += 1
+    conn.close()
+    done.put((count, time.perf_counter()))
+
+
+def pg_write_counters(conn, schema):
+    """What the server has written so far: WAL position, commits of the whole server, and per
+    table of ``schema`` the rows inserted, updated (of which HOT) and deleted."""
+    conn.execute("SELECT pg_stat_clear_snapshot()")
+    lsn = conn.execute("SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0')::bigint").fetchone()[0]
+    commits = conn.execute("SELECT sum(xact_commit)::bigint FROM pg_stat_database").fetchone()[0]
+    tables = {r[0]: tuple(r[1:]) for r in conn.execute(
+        "SELECT relname, n_tup_ins, n_tup_upd, n_tup_hot_upd, n_tup_del FROM pg_stat_user_tables "
+        "WHERE schemaname = %s", (schema,))}
+    return {"wal": lsn, "commits": commits, "tables": tables}
+
+
+def settled_counters(conn, schema, timeout=15.0):
+    """pg_write_counters once the table statistics stop moving: a backend reports them at its
+    exit or, idle, up to some seconds later, never at its commit."""
+    last = pg_write_counters(conn, schema)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        time.sleep(0.3)
+        now = pg_write_counters(conn, schema)
+        if now["tables"] == last["tables"]:
+            return now
+        last = now
+    return last
+
+
+def write_delta(before, after, jobs):
+    """Per job: WAL bytes, commits (server-wide) and {table: (ins, upd, hot, del)} in the window."""
+    tables = {}
+    for name, counts in after["tables"].items():
+        old = before["tables"].get(name, (0, 0, 0, 0))
+        d = tuple((a - b) / jobs for a, b in zip(counts, old))
+        if any(d):
+            tables[name] = d
+    return {"wal": (after["wal"] - before["wal"]) / jobs, "commits": (after["commits"] - before["commits"]) / jobs,
+            "tables": tables, "rows": sum(d[0] + d[1] + d[3] for d in tables.values())}
+
+
+def _drain(target, db, processes, before):
+    """Start ``processes`` of ``target`` on ``db`` and let them drain the queue: returns their
+    ``(count, end time)`` results and the seconds from the start to the last one's end.
+    ``before()`` runs once they are connected, just before the clock starts."""
+    ctx = multiprocessing.get_context("fork")
+    start, done = ctx.Event(), ctx.Queue()
+    procs = [ctx.Process(target=target, args=(db, n, start, done)) for n in range(processes)]
+    for p in procs:
+        p.start()
+    time.sleep(0.5)  # let every process connect before the clock starts (a benchmark, not a test)
+    before()
+    t0 = time.perf_counter()
+    start.set()
+    results = [done.get(timeout=600) for _ in procs]
+    for p in procs:
+        p.join(30)
+    return results, max(t for _, t in results) - t0
+
+
 def claim_complete(backend, processes, jobs):
+    """queuectl's claim + finish: ``{"rate": jobs/s, "writes": per job (PostgreSQL) or None}``."""
     store = backend.open()
     try:
         for start in range(0, jobs, 1000):
             store.enqueue([job(i) for i in range(min(1000, jobs - start))], time.time())
-        ctx = multiprocessing.get_context("fork")
-        start, done = ctx.Event(), ctx.Queue()
-        procs = [ctx.Process(target=_drainer, args=(backend.db, n, start, done)) for n in range(processes)]
-        for p in procs:
-            p.start()
-        time.sleep(0.5)  # let every process connect before the clock starts (a benchmark, not a test)
-        t0 = time.perf_counter()
-        start.set()
-        results = [done.get(timeout=600) for _ in procs]
-        for p in procs:
-            p.join(30)
-        elapsed = max(t for _, t in results) - t0
-        assert sum(c for c, _ in results) == jobs, results
-        assert store.counts()["completed"] == jobs
-        return jobs / elapsed
     finally:
+        store.close()  # (its statistics are reported when it exits, before the window opens)
+    stats = marks = None
+    if backend.name == "PostgreSQL":
+        import queuectl_pg
+
+        stats, marks = _pg_connect(backend.db), {}
+        schema = queuectl_pg.parse_url(backend.db)[1]
+    try:
+        results, elapsed = _drain(_drainer, backend.db, processes,
+                                  lambda: stats and marks.update(before=settled_counters(stats, schema)))
+        after = stats and settled_counters(stats, schema)
+        writes = stats and write_delta(marks["before"], after, jobs)
+        store = backend.open()
+        try:
+            assert sum(c for c, _ in results) == jobs, results
+            assert store.counts()["completed"] == jobs  # (on PostgreSQL it folds the count deltas too)
+        finally:
+            store.close()
+        if stats:  # what that fold wrote, later, for the same jobs (housekeeping does it in a worker)
+            writes["fold"] = write_delta(after, settled_counters(stats, schema), jobs)
+        store = backend.open()
         store.delete_jobs()
         store.close()
+        return {"rate": jobs / elapsed, "writes": writes}
+    finally:
+        if stats:
+            stats.close()
+
+
+def anchor_claim_complete(backend, processes, jobs):
+    """The bare anchor on the same server: ``{"rate": jobs/s, "writes": per job}``."""
+    import queuectl_pg
+
+    schema = queuectl_pg.parse_url(backend.db)[1]
+    stats = _pg_connect(backend.db)
+    try:
+        setup = _pg_connect(backend.db)
+        setup.execute("DROP TABLE IF EXISTS anchor_jobs")
+        for statement in ANCHOR_TABLE.split(";"):
+            setup.execute(statement)
+        setup.execute("INSERT INTO anchor_jobs (run_at) SELECT now() - interval '1 second' FROM generate_series(1, %s)",
+                      (jobs,))
+        setup.close()
+        marks = {}
+        results, elapsed = _drain(_anchor_drainer, backend.db, processes,
+                                  lambda: marks.update(before=settled_counters(stats, schema)))
+        writes = write_delta(marks["before"], settled_counters(stats, schema), jobs)
+        assert sum(c for c, _ in results) == jobs, results
+        assert stats.execute("SELECT count(*) FROM anchor_jobs WHERE state = 'done'").fetchone()[0] == jobs
+        return {"rate": jobs / elapsed, "writes": writes}
+    finally:
+        stats.execute("DROP TABLE IF EXISTS anchor_jobs")
+        stats.close()
 
 
 def _listener(db, ready, conn, rounds):
@@ -239,6 +399,59 @@ def pg_settings(url):
         s.close()
 
 
+PROCESSES = (1, 2, 3, 4)
+
+
+def print_anchor(drains, results):
+    """queuectl on PostgreSQL against the bare anchor, measured in the same rounds: rates, their
+    ratio, and what one job writes (rows per table, WAL, commits)."""
+    print()
+    header = "%-44s %12s %12s %9s" % ("PostgreSQL: queuectl against a bare queue", "queuectl", "anchor", "ratio")
+    print(header)
+    print("-" * len(header))
+    for procs, rounds in drains.items():
+        q, a = ([r[i]["rate"] for r in rounds] for i in (1, 2))
+        ratios = [x / y for x, y in zip(q, a)]  # per round: both under the same load
+        label = "claim + complete, %d process%s (jobs/s)" % (procs, "es" if procs > 1 else "")
+        results["anchor: " + label] = {"queuectl": percentile(q, 50), "anchor": percentile(a, 50),
+                                       "ratio": percentile(ratios, 50), "runs": [[x, y] for x, y in zip(q, a)]}
+        print("%-44s %12.0f %12.0f %8.2fx" % (label, percentile(q, 50), percentile(a, 50), percentile(ratios, 50)))
+    every = [r for rounds in drains.values() for r in rounds]
+    # WAL and commits are the whole server's: a run during which other sessions wrote shows more
+    # than its 2 commits per job (plus a few to connect), and more WAL.  Those only ever add, so
+    # the lowest run is the closest to the workload's own.
+    for key, what, fmt, pick in (("rows", "rows written per job (ins + upd + del)", "%12.2f", 50),
+                                 ("wal", "WAL bytes per job, median", "%12.0f", 50),
+                                 ("wal", "WAL bytes per job, lowest run", "%12.0f", 0),
+                                 ("commits", "commits per job (whole server), median", "%12.2f", 50)):
+        q, a = (percentile([r[i]["writes"][key] for r in every], pick) for i in (1, 2))
+        results["anchor: " + what] = {"queuectl": q, "anchor": a}
+        print(("%-44s " + fmt + " " + fmt + " %8.2fx") % (what, q, a, q / a if a else float("nan")))
+    for procs, rounds in drains.items():
+        wal = ["%.0f/%.0f B (%.2f/%.2f)" % (r[1]["writes"]["wal"], r[2]["writes"]["wal"], r[1]["writes"]["commits"],
+                                            r[2]["writes"]["commits"]) for r in rounds]
+        print("  %d process%s, each round, queuectl/anchor: WAL per job (server commits per job): %s" % (
+            procs, "es" if procs > 1 else "", ", ".join(wal)))
+    results["anchor: writes of each run (queuectl, anchor)"] = {
+        procs: [[r[1]["writes"], r[2]["writes"]] for r in rounds] for procs, rounds in drains.items()}
+    print("\nper table, per job (median over all runs): inserted, updated (of which HOT), deleted")
+    for i, who in ((1, "queuectl"), (2, "anchor")):
+        names = sorted({t for r in every for t in r[i]["writes"]["tables"]})
+        table = {}
+        for name in names:
+            cols = [percentile([r[i]["writes"]["tables"].get(name, (0, 0, 0, 0))[k] for r in every], 50)
+                    for k in range(4)]
+            table[name] = cols
+            print("  %-9s %-22s ins %5.2f  upd %5.2f (HOT %5.2f)  del %5.2f" % ((who, name) + tuple(cols)))
+        results["anchor: per table, " + who] = table
+    fold = {}
+    for name in sorted({t for r in every for t in r[1]["writes"]["fold"]["tables"]}):
+        fold[name] = [percentile([r[1]["writes"]["fold"]["tables"].get(name, (0, 0, 0, 0))[k] for r in every], 50)
+                      for k in range(4)]
+        print("  %-9s %-22s ins %5.2f  upd %5.2f (HOT %5.2f)  del %5.2f" % (("(fold)", name) + tuple(fold[name])))
+    results["anchor: per table, queuectl's later fold of the count deltas"] = fold
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--pg", default=os.environ.get("QUEUECTL_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test"))
@@ -257,10 +470,8 @@ def main(argv=None):
     rows = [("anchor: one-row commits, no queue (rows/s)", lambda b: raw_commit(b, n_single)),
             ("single enqueue (jobs/s)", lambda b: single_enqueue(b, n_single)),
             ("batch enqueue, 1000 per call (jobs/s)", lambda b: batch_enqueue(b, n_batches))]
-    for procs in (1, 2, 3, 4):
-        rows.append(("claim + complete, %d process%s (jobs/s)" % (procs, "es" if procs > 1 else ""),
-                     lambda b, procs=procs: claim_complete(b, procs, n_drain)))
     results = {}
+    drains = {}  # processes -> [(SQLite, PostgreSQL, anchor) per round], each {"rate", "writes"}
     try:
         print("machine: %d CPU(s), load average %.1f; Python %s" % (
             os.cpu_count(), os.getloadavg()[0], sys.version.split()[0]))
@@ -275,6 +486,14 @@ def main(argv=None):
             a, b = (percentile([r[i] for r in runs], 50) for i in (0, 1))
             results[label] = {"sqlite": a, "postgres": b, "runs": runs}
             print("%-44s %12.0f %12.0f %8.2fx" % (label, a, b, b / a), flush=True)
+        for procs in PROCESSES:
+            # each round: SQLite, PostgreSQL, then the anchor on the same server, so drift hits all
+            drains[procs] = [(claim_complete(backends[0], procs, n_drain), claim_complete(backends[1], procs, n_drain),
+                              anchor_claim_complete(backends[1], procs, n_drain)) for _ in range(repeat)]
+            label = "claim + complete, %d process%s (jobs/s)" % (procs, "es" if procs > 1 else "")
+            a, b = (percentile([r[i]["rate"] for r in drains[procs]], 50) for i in (0, 1))
+            results[label] = {"sqlite": a, "postgres": b, "runs": [[r[0]["rate"], r[1]["rate"]] for r in drains[procs]]}
+            print("%-44s %12.0f %12.0f %8.2fx" % (label, a, b, b / a), flush=True)
         wakes = [[wakeup_latency(backend, n_wake) for backend in backends] for _ in range(repeat)]
         for k, what in enumerate(("enqueue() to worker awake", "notification alone")):
             for i, pct in enumerate(("p50", "p99")):
@@ -282,7 +501,9 @@ def main(argv=None):
                 a, b = (percentile([w[j][k][i] for w in wakes], 50) for j in (0, 1))
                 results[label] = {"sqlite": a, "postgres": b}
                 print("%-44s %12.2f %12.2f %8.2fx" % (label, a, b, b / a), flush=True)
-        print("\n(median of %d run(s) each; load average now %.1f)" % (repeat, os.getloadavg()[0]))
+        print_anchor(drains, results)
+        print("\n(median of %d run(s) each; %d jobs per drain; load average now %.1f)" % (
+            repeat, n_drain, os.getloadavg()[0]))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         import queuectl_pg
