@@ -369,14 +369,14 @@ def test_a_group_stopped_by_a_debugger_is_alive(process_mark):
         proc.wait()
 
 
-def test_asking_whether_a_group_is_alive_sends_it_no_signal(process_mark, tmp_path):
+def test_asking_whether_a_process_or_group_is_alive_sends_it_no_signal(process_mark, tmp_path):
     log = tmp_path / "signals"
     proc = spawn("sh", "-c", 'trap "echo HUP >> %s" HUP; trap "echo USR1 >> %s" USR1; echo ready >> %s; '
                  'while :; do sleep 0.05; done' % (log, log, log))
     try:
         wait_until(lambda: log.exists() and "ready" in log.read_text(), 10)
-        assert queuectl.group_alive(proc.pid) is True
-        proc.send_signal(signal.SIGUSR1)  # after anything group_alive sent: its trap runs last
+        assert queuectl.group_alive(proc.pid) is True and queuectl.pid_alive(proc.pid) is True
+        proc.send_signal(signal.SIGUSR1)  # after anything those sent: its trap runs last
         wait_until(lambda: "USR1" in log.read_text(), 10)
         assert log.read_text().split() == ["ready", "USR1"]
     finally:
