@@ -159,6 +159,15 @@ def test_a_timeout_is_a_failed_run_and_the_job_timeout_setting_applies(store, ma
     assert store.attempt(job_id, 1).outcome == "timeout"
 
 
+def test_a_failed_run_under_the_global_timeout_keeps_its_own_error(store, make_worker):
+    store.set_config("job-timeout", 300)
+    job_id = enqueue(store, command="exit 3", max_retries=0)
+    w = make_worker()
+    assert w.step(NOW)
+    settle(w)
+    assert job(store, job_id).last_error == "exit code 3"
+
+
 def test_a_command_that_cannot_start_is_an_error_run(store, make_worker, tmp_path):
     job_id = enqueue(store, command="true", cwd=str(tmp_path / "gone"), max_retries=0)
     w = make_worker()
@@ -515,6 +524,44 @@ def test_register_records_the_worker_with_its_wake_address(store, make_worker):
     assert abs(rec["pid_started"] - queuectl.process_started_at(os.getpid())) < 1e-6
     assert rec["wake"] == queuectl.wake_address(w.db_path, w.id)
     assert w._sock is not None and w._sock.fileno() in w.wake_fds()
+
+
+@pytest.fixture
+def listening_store(monkeypatch):
+    """Make a worker's store one with notifications of its own (PostgreSQL's LISTEN connection),
+    here a pipe: ``attach(worker)`` returns the pipe's read end, the fd the store would offer."""
+    pipes = []
+
+    def attach(w):
+        r, wr = os.pipe()
+        pipes.extend((r, wr))
+        monkeypatch.setattr(w.store, "wait_fds", lambda: [r])
+        monkeypatch.setattr(w.store, "consume_notifications", lambda: queuectl.drain_fd(r))
+        return r
+
+    yield attach
+    for fd in pipes:
+        os.close(fd)
+
+
+def test_a_worker_on_its_own_waits_on_the_stores_notifications(store, make_worker, listening_store):
+    w = make_worker()
+    listened = listening_store(w)
+    w.register()
+    (rec,) = store.workers()
+    assert rec["wake"] is None and w._sock is None  # nobody would send it a datagram
+    assert listened in w.wake_fds()
+
+
+def test_a_worker_under_a_supervisor_is_woken_by_datagram_and_does_not_listen_itself(store, make_worker,
+                                                                                     listening_store):
+    """One listening connection per machine: the supervisor's (PostgreSQL)."""
+    w = make_worker(supervisor_pid=os.getppid())
+    listened = listening_store(w)
+    w.register()
+    (rec,) = store.workers()
+    assert rec["wake"] == queuectl.wake_address(w.db_path, w.id)
+    assert listened not in w.wake_fds() and w._sock.fileno() in w.wake_fds()
 
 
 def test_idle_wait_wakes_on_a_datagram_and_drains_it(store, make_worker):
