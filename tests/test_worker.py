@@ -168,6 +168,16 @@ def test_a_failed_run_under_the_global_timeout_keeps_its_own_error(store, make_w
     assert job(store, job_id).last_error == "exit code 3"
 
 
+def test_a_jobs_own_timeout_is_not_blamed_on_the_global_one(store, make_worker):
+    store.set_config("kill-grace", 0.1)
+    job_id = enqueue(store, command="sleep 30", max_retries=0, timeout=0.3)
+    w = make_worker()
+    assert w.step(NOW)
+    settle(w)
+    error = job(store, job_id).last_error
+    assert error.startswith("timed out after 0.3s") and "job-timeout" not in error
+
+
 def test_a_command_that_cannot_start_is_an_error_run(store, make_worker, tmp_path):
     job_id = enqueue(store, command="true", cwd=str(tmp_path / "gone"), max_retries=0)
     w = make_worker()
@@ -562,6 +572,22 @@ def test_a_worker_under_a_supervisor_is_woken_by_datagram_and_does_not_listen_it
     (rec,) = store.workers()
     assert rec["wake"] == queuectl.wake_address(w.db_path, w.id)
     assert listened not in w.wake_fds() and w._sock.fileno() in w.wake_fds()
+
+
+def test_a_worker_under_a_supervisor_that_cannot_bind_its_socket_listens_itself(store, make_worker,
+                                                                               listening_store):
+    import socket
+
+    w = make_worker(supervisor_pid=os.getppid())
+    listened = listening_store(w)
+    taken = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    try:
+        taken.bind("\0" + queuectl.wake_address(w.db_path, w.id))
+        w.register()
+    finally:
+        taken.close()
+    (rec,) = store.workers()
+    assert rec["wake"] is None and listened in w.wake_fds()  # no datagram can reach it
 
 
 def test_idle_wait_wakes_on_a_datagram_and_drains_it(store, make_worker):
