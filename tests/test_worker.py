@@ -135,12 +135,17 @@ def test_a_failed_run_is_retried_after_the_backoff(store, make_worker):
     assert store.attempt(job_id, 1).outcome == "failed"
 
 
-def test_the_last_failed_run_sends_the_job_to_the_dead_letter_queue(store, make_worker):
-    job_id = enqueue(store, command="exit 1", max_retries=0)
+def run_one(store, make_worker, **fields):
+    """Enqueue one job, let a worker run it to its end; the job as it ends."""
+    job_id = enqueue(store, **fields)
     w = make_worker()
     assert w.step(NOW)
     settle(w)
-    assert job(store, job_id).state == "dead"
+    return job(store, job_id)
+
+
+def test_the_last_failed_run_sends_the_job_to_the_dead_letter_queue(store, make_worker):
+    assert run_one(store, make_worker, command="exit 1", max_retries=0).state == "dead"
 
 
 def test_a_timeout_is_a_failed_run_and_the_job_timeout_setting_applies(store, make_worker):
@@ -161,20 +166,12 @@ def test_a_timeout_is_a_failed_run_and_the_job_timeout_setting_applies(store, ma
 
 def test_a_failed_run_under_the_global_timeout_keeps_its_own_error(store, make_worker):
     store.set_config("job-timeout", 300)
-    job_id = enqueue(store, command="exit 3", max_retries=0)
-    w = make_worker()
-    assert w.step(NOW)
-    settle(w)
-    assert job(store, job_id).last_error == "exit code 3"
+    assert run_one(store, make_worker, command="exit 3", max_retries=0).last_error == "exit code 3"
 
 
 def test_a_jobs_own_timeout_is_not_blamed_on_the_global_one(store, make_worker):
     store.set_config("kill-grace", 0.1)
-    job_id = enqueue(store, command="sleep 30", max_retries=0, timeout=0.3)
-    w = make_worker()
-    assert w.step(NOW)
-    settle(w)
-    error = job(store, job_id).last_error
+    error = run_one(store, make_worker, command="sleep 30", max_retries=0, timeout=0.3).last_error
     assert error.startswith("timed out after 0.3s") and "job-timeout" not in error
 
 
@@ -510,17 +507,22 @@ def test_a_worker_under_its_own_supervisor_keeps_working(store, make_worker, sig
     assert job(store, job_id).state == "completed"
 
 
-def test_a_wake_address_in_use_means_no_wake_socket(store, make_worker):
-    """Another process holds the address (a worker id reused): the worker polls instead."""
+def register_with_its_address_taken(w):
+    """Another process holds the worker's wake address (a worker id reused) while it registers."""
     import socket
 
-    w = make_worker()
     taken = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     try:
         taken.bind("\0" + queuectl.wake_address(w.db_path, w.id))
         w.register()
     finally:
         taken.close()
+
+
+def test_a_wake_address_in_use_means_no_wake_socket(store, make_worker):
+    """Another process holds the address (a worker id reused): the worker polls instead."""
+    w = make_worker()
+    register_with_its_address_taken(w)
     (rec,) = store.workers()
     assert rec["wake"] is None and w._sock is None
     assert w.wake_fds() == [w._wake_r]
@@ -576,16 +578,9 @@ def test_a_worker_under_a_supervisor_is_woken_by_datagram_and_does_not_listen_it
 
 def test_a_worker_under_a_supervisor_that_cannot_bind_its_socket_listens_itself(store, make_worker,
                                                                                listening_store):
-    import socket
-
     w = make_worker(supervisor_pid=os.getppid())
     listened = listening_store(w)
-    taken = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    try:
-        taken.bind("\0" + queuectl.wake_address(w.db_path, w.id))
-        w.register()
-    finally:
-        taken.close()
+    register_with_its_address_taken(w)
     (rec,) = store.workers()
     assert rec["wake"] is None and listened in w.wake_fds()  # no datagram can reach it
 
