@@ -186,6 +186,7 @@ def metric_lines(text):
 ])
 def test_is_loopback(host, loopback):
     assert web.is_loopback(host) is loopback
+    assert web.is_loopback("".join(list(host))) is loopback  # as split_host makes it: a new string
 
 
 @pytest.mark.parametrize("value, host", [
@@ -238,6 +239,7 @@ def test_a_cursor_comes_back_as_it_was_given_and_anything_else_is_400():
         (enc(["t", NOW, 7.0]), False), (enc(["t", NOW]), False), (enc({"t": 1}), False), (enc([]), True),
         ("!!!", True), ("", False), (enc("[" * 2000), True),
         ("A" * (web.MAX_CURSOR + 1), True),
+        (base64.urlsafe_b64encode(('["i",%s"x"]' % (" " * 400)).encode()).decode(), True),  # valid, too long
     ]
     for text, by_id in bad:
         with pytest.raises(web.HTTPError) as e:
@@ -279,8 +281,10 @@ def test_a_request_head_is_read_within_its_byte_budget_and_its_deadline():
         with pytest.raises(socket.timeout):
             reader.readinto(buf)  # nothing comes: the deadline, not the 5 s idle timeout, ends it
         assert time.monotonic() - started < 2.0
+        started = time.monotonic()
         with pytest.raises(socket.timeout):
             reader.readinto(buf)  # past the deadline: at once
+        assert time.monotonic() - started < 1.0
         b.sendall(b"yz")
         reader.done()
         assert reader.readinto(buf) == 2 and bytes(buf[:2]) == b"yz"
@@ -736,6 +740,68 @@ def test_every_request_needs_the_token(store, serve, options):
     assert client.get("/api/status", auth=False, Cookie="%s=%s" % (name, tampered)).status == 401
     assert client.get("/api/status", auth=False, Cookie="%s=%s" % (name, token)).status == 401
     assert client.post("/api/jobs", {"command": "true"}, token=token).status == 201
+
+
+def test_without_a_credential_the_page_points_to_the_printed_url_and_the_api_asks_for_a_bearer(api):
+    page = api.get("/", auth=False)
+    assert page.status == 401 and "?token=" in page.json()["error"] and page.header("www-authenticate") is None
+    r = api.get("/api/status", auth=False)
+    assert r.status == 401 and r.header("www-authenticate") == 'Bearer realm="queuectl"'
+
+
+def test_an_over_long_request_line_is_431(api):
+    answer = raw_exchange(api.port, b"GET /" + b"a" * (web.MAX_HEAD_BYTES + 10) + b" HTTP/1.1\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 431")
+
+
+def test_content_length_below_zero_is_400_and_zero_is_an_empty_body(db, api):
+    answer = raw_exchange(api.port, ("POST /api/dlq/retry HTTP/1.1\r\nHost: %s\r\n%s: %s\r\n"
+                                     "Content-Length: -1\r\n\r\n" % (api.host, web.TOKEN_HEADER, api.token)).encode())
+    assert answer.startswith(b"HTTP/1.1 400") and b"bad Content-Length" in answer
+    r = api.request("POST", "/api/dlq/retry", body=b"", headers={web.TOKEN_HEADER: api.token})
+    assert r.status == 200, r.text
+
+
+def test_a_body_that_is_not_declared_json_is_415(api):
+    for ctype in (None, "application/csv", "text/plain"):
+        r = api.request("POST", "/api/jobs", body=b'{"command": "true"}',
+                        headers={web.TOKEN_HEADER: api.token, "Content-Type": ctype})
+        assert r.status == 415, ctype
+
+
+def test_a_refused_body_that_was_read_keeps_the_connection_open(api):
+    conn = http.client.HTTPConnection("127.0.0.1", api.port, timeout=10)
+    try:
+        hdrs = {"Host": api.host, web.TOKEN_HEADER: api.token}
+        conn.request("POST", "/api/jobs", body=b"command=x", headers=dict(hdrs, **{"Content-Type": "text/plain"}))
+        first = conn.getresponse()
+        assert first.status == 415 and not first.will_close
+        first.read()
+        conn.request("GET", "/api/status", headers=hdrs)  # the same connection
+        assert conn.getresponse().status == 200
+    finally:
+        conn.close()
+
+
+def test_a_connection_whose_thread_cannot_start_gives_its_slot_back(db, monkeypatch):
+    import socketserver
+
+    srv = web.make_server(str(db), port=0)
+    try:
+        def no_thread(self, request, client_address):
+            raise RuntimeError("can't start new thread")
+
+        monkeypatch.setattr(socketserver.ThreadingMixIn, "process_request", no_thread)
+        a, b = socket.socketpair()
+        try:
+            with pytest.raises(RuntimeError):
+                srv.process_request(a, ("127.0.0.1", 1))
+            assert srv.connections == 0
+        finally:
+            a.close()
+            b.close()
+    finally:
+        srv.server_close()
 
 
 def test_static_files_come_from_the_explicit_list_only(api):
