@@ -240,11 +240,14 @@ def test_a_cursor_comes_back_as_it_was_given_and_anything_else_is_400():
         ("!!!", True), ("", False), (enc("[" * 2000), True),
         ("A" * (web.MAX_CURSOR + 1), True),
         (base64.urlsafe_b64encode(('["i",%s"x"]' % (" " * 400)).encode()).decode(), True),  # valid, too long
+        (enc(["j", "x"]), True), (enc(["s", NOW, 7]), False), (enc(["u", NOW, 7]), False),  # forged tags
+        (enc(["t", 5e12, 7]), False), (enc(["t", NOW, 2 ** 64]), False),
     ]
     for text, by_id in bad:
         with pytest.raises(web.HTTPError) as e:
             web.decode_cursor(text, by_id)
         assert e.value.status == 400, text
+    assert web.decode_cursor(enc(["t", NOW, 0]), False) == (NOW, 0)
     longest = base64.urlsafe_b64encode(('["i",%s"x"]' % (" " * 375)).encode()).decode().rstrip("=")
     assert len(longest) == web.MAX_CURSOR and web.decode_cursor(longest, True) == "x"  # the limit itself is fine
 
@@ -760,6 +763,32 @@ def test_content_length_below_zero_is_400_and_zero_is_an_empty_body(db, api):
     assert answer.startswith(b"HTTP/1.1 400") and b"bad Content-Length" in answer
     r = api.request("POST", "/api/dlq/retry", body=b"", headers={web.TOKEN_HEADER: api.token})
     assert r.status == 200, r.text
+
+
+def test_a_token_in_the_url_logs_in_the_page_only(api):
+    r = api.get("/app.js?token=" + api.token, auth=False)
+    assert r.status == 401 and r.header("set-cookie") is None
+
+
+def test_a_method_a_route_does_not_take_is_405_with_the_methods_it_does(api):
+    r = api.request("DELETE", "/api/status")
+    assert r.status == 405 and r.header("allow") == "GET, HEAD"
+    r = api.request("PUT", "/api/dlq/retry")
+    assert r.status == 405 and r.header("allow") == "POST"
+
+
+def test_a_content_length_that_is_not_a_number_is_400(api):
+    answer = raw_exchange(api.port, ("POST /api/dlq/retry HTTP/1.1\r\nHost: %s\r\n%s: %s\r\n"
+                                     "Content-Length: ten\r\n\r\n" % (api.host, web.TOKEN_HEADER, api.token)).encode())
+    assert answer.startswith(b"HTTP/1.1 400") and b"bad Content-Length" in answer
+
+
+def test_a_body_of_exactly_the_limit_is_taken_with_its_charset(api):
+    body = b'{"command": "true"}'
+    body += b" " * (web.MAX_BODY - len(body))
+    r = api.request("POST", "/api/jobs", body=body,
+                    headers={web.TOKEN_HEADER: api.token, "Content-Type": "application/json; charset=utf-8"})
+    assert r.status == 201, r.text
 
 
 def test_a_body_that_is_not_declared_json_is_415(api):
