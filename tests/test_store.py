@@ -2286,6 +2286,14 @@ def test_each_change_wakes_as_many_idle_workers_as_jobs_it_made_due(store, db):
             job = store.claim(worker, host, now, LEASE)
             assert store.cancel(job.id, now + 3) == "requested"
         assert woken() == 0  # a worker on another machine cannot be woken from here
+        store.enqueue([spec(now, id="p1"), spec(now, id="p2"), spec(now, id="after-both", after=["p1", "p2"])], now)
+        woken()
+        while True:  # run jobs until p1 is done: after-both still waits for p2
+            job = store.claim("w1", HOST, now + 4, LEASE)
+            assert store.finish(job.id, job.runs, "w1", "completed", now + 4, "completed", 0)
+            if job.id == "p1":
+                break
+        assert store.get("after-both").state == "waiting" and woken() == 0
     finally:
         for s in idle:
             s.sock.close()
