@@ -768,6 +768,16 @@ def test_content_length_below_zero_is_400_and_zero_is_an_empty_body(db, api):
     assert r.status == 200, r.text
 
 
+def test_a_dashboard_whose_database_was_deleted_does_not_make_a_new_one(db, api):
+    assert api.get("/api/status").status == 200
+    for suffix in ("", "-wal", "-shm"):
+        if os.path.exists(str(db) + suffix):
+            os.unlink(str(db) + suffix)
+    r = api.get("/api/status")
+    assert r.status in (404, 503) and "error" in r.json(), (r.status, r.text)
+    assert not os.path.exists(str(db))
+
+
 def test_a_token_in_the_url_logs_in_the_page_only(api):
     r = api.get("/app.js?token=" + api.token, auth=False)
     assert r.status == 401 and r.header("set-cookie") is None
