@@ -124,6 +124,12 @@ LISTEN_URL_ENV = "QUEUECTL_LISTEN_URL"  # where to LISTEN when the store's URL i
 ENQUEUE_CHUNK = 5000  # jobs per INSERT statement in a batch (one transaction in all)
 PIPELINE = psycopg.Pipeline.is_supported()  # several statements per round trip (libpq 14 or newer)
 
+
+def _lock_timeout_ms():
+    """How long a statement waits for a row or DDL lock: the core's busy timeout, as SQLite's."""
+    return int(queuectl.BUSY_TIMEOUT * 1000)
+
+
 ###############################################################################
 # URLs
 ###############################################################################
@@ -970,7 +976,7 @@ class PostgresStore(StoreRules):
         PgBouncer), so the connection was opened again without them and without preparing."""
         if direct:
             kwargs, given = self._connect_kwargs(conninfo, prepare=True)
-            options = ("-c lock_timeout=%d " % int(queuectl.BUSY_TIMEOUT * 1000) + given.get("options", "")).strip()
+            options = ("-c lock_timeout=%d " % _lock_timeout_ms() + given.get("options", "")).strip()
             try:
                 return psycopg.connect(conninfo, options=options, **kwargs), False
             except psycopg.OperationalError as e:
@@ -982,7 +988,7 @@ class PostgresStore(StoreRules):
         """The first statement of every explicit transaction: nothing, or, through a pooler,
         this transaction's lock_timeout."""
         if self.pooled:
-            cur.execute("SET LOCAL lock_timeout = %d" % int(queuectl.BUSY_TIMEOUT * 1000))
+            cur.execute("SET LOCAL lock_timeout = %d" % _lock_timeout_ms())
 
     def _connect_error(self, e):
         text = _one_line(e)
