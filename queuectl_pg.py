@@ -349,6 +349,52 @@ PG_SCHEMA = [
     UPDATE {s}.webhooks SET job_id = payload::json -> 'job' ->> 'id';
     CREATE INDEX webhooks_job ON {s}.webhooks (job_id);
     """,
+    # 3: a job's end writes one event row (no statistics upserts, no trigger): the fold turns the
+    # events into counts, per-minute statistics and lifetime totals.  Counts are kept per bucket
+    # ('processing' counts under 'pending'; the running jobs are counted live), so a claim writes
+    # no count change.  `followup`: the job's end has more to do than its own row (a webhook of its
+    # own, or jobs that wait for it), so the one-statement finish-and-claim leaves it alone.
+    """
+    ALTER TABLE {s}.jobs ADD COLUMN followup boolean NOT NULL DEFAULT false;
+    UPDATE {s}.jobs SET followup = true WHERE webhook IS NOT NULL OR id IN (SELECT depends_on FROM {s}.job_deps);
+    CREATE TABLE {s}.job_events (
+        at double precision NOT NULL,
+        queue text COLLATE "C" NOT NULL,
+        outcome text COLLATE "C" NOT NULL,
+        duration double precision,
+        run double precision,
+        wait double precision,
+        came text COLLATE "C",
+        went text COLLATE "C"
+    );
+    DROP TRIGGER attempts_totals ON {s}.attempts;
+    DROP FUNCTION {s}.attempts_totals();
+    DROP TRIGGER jobs_count_upd ON {s}.jobs;
+    CREATE OR REPLACE FUNCTION {s}.jobs_count_ins() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        INSERT INTO {s}.job_count_deltas (state, n) SELECT {bucket_state}, count(*) FROM new_rows GROUP BY 1;
+        RETURN NULL;
+    END $$;
+    CREATE OR REPLACE FUNCTION {s}.jobs_count_del() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        INSERT INTO {s}.job_count_deltas (state, n) SELECT {bucket_state}, -count(*) FROM old_rows GROUP BY 1;
+        RETURN NULL;
+    END $$;
+    CREATE OR REPLACE FUNCTION {s}.jobs_count_upd() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        INSERT INTO {s}.job_count_deltas (state, n) VALUES (OLD.state, -1), ({bucket_new}, 1);
+        RETURN NULL;
+    END $$;
+    -- A run's end (out of 'processing') is counted by the event its statement writes.
+    CREATE TRIGGER jobs_count_upd AFTER UPDATE OF state ON {s}.jobs
+        FOR EACH ROW WHEN (OLD.state <> 'processing' AND OLD.state IS DISTINCT FROM {bucket_new})
+        EXECUTE FUNCTION {s}.jobs_count_upd();
+    LOCK TABLE {s}.jobs IN SHARE ROW EXCLUSIVE MODE;
+    DELETE FROM {s}.job_count_deltas;
+    DELETE FROM {s}.job_counts;
+    INSERT INTO {s}.job_counts (state, n) SELECT {bucket_state}, count(*) FROM {s}.jobs GROUP BY 1;
+    """.replace("{bucket_state}", "CASE state WHEN 'processing' THEN 'pending' ELSE state END")
+       .replace("{bucket_new}", "CASE NEW.state WHEN 'processing' THEN 'pending' ELSE NEW.state END"),
 ]
 
 SQL_MIGRATIONS_TABLE = """
@@ -366,6 +412,7 @@ INSERT INTO {s}.schema_migrations (version, applied_at) VALUES (%(v)s, extract(e
 #: The time of a statement: the database clock, or the caller's ``now`` in clock="caller" mode.
 CLOCK = "coalesce(%(now)s::float8, extract(epoch from clock_timestamp())::float8)"
 ACTIVE = "(%s)" % ", ".join("'%s'" % s for s in queuectl.ACTIVE_STATES)  # the states that hold a unique key
+FINAL = "(%s)" % ", ".join("'%s'" % s for s in queuectl.FINAL_STATES)
 
 #: Job columns; a new column is added here and in a migration.
 JOB_COLUMNS = (
@@ -397,9 +444,9 @@ new_queues AS (
     INSERT INTO {s}.queues (name) SELECT DISTINCT unnest(%(queue)s::text[]) ON CONFLICT (name) DO NOTHING
 ),
 added AS (
-    INSERT INTO {s}.jobs (""" + _FIELDS + """, state, run_at, created_at, updated_at)
+    INSERT INTO {s}.jobs (""" + _FIELDS + """, state, run_at, created_at, updated_at, followup)
     SELECT """ + ", ".join("j." + f for f, _ in ENQUEUE_FIELDS) + """, 'pending',
-           coalesce(j.run_at, c.now + j.run_in), c.now, c.now
+           coalesce(j.run_at, c.now + j.run_in), c.now, c.now, j.webhook IS NOT NULL
     FROM c, unnest(""" + ", ".join("%%(%s)s::%s[]" % (f, t) for f, t in ENQUEUE_FIELDS) + """,
                    %(run_at)s::float8[], %(run_in)s::float8[])
          WITH ORDINALITY AS j(""" + _FIELDS + """, run_at, run_in, ord)
@@ -413,13 +460,22 @@ SELECT (SELECT count(*) FROM added) AS n, (SELECT count(*) FROM wake) AS woken
 SQL_INSERT_JOB = """
 WITH c AS MATERIALIZED (SELECT {clock} AS now),
 new_queue AS (INSERT INTO {s}.queues (name) VALUES (%(queue)s) ON CONFLICT (name) DO NOTHING)
-INSERT INTO {s}.jobs (""" + _FIELDS + """, state, run_at, created_at, updated_at)
+INSERT INTO {s}.jobs (""" + _FIELDS + """, state, run_at, created_at, updated_at, followup)
 SELECT """ + ", ".join("%%(%s)s::%s" % (f, t) for f, t in ENQUEUE_FIELDS) + """, %(state)s,
-       coalesce(%(run_at)s::float8, c.now + %(run_in)s::float8), c.now, c.now
+       coalesce(%(run_at)s::float8, c.now + %(run_in)s::float8), c.now, c.now, %(webhook)s::text IS NOT NULL
 FROM c
 """
 SQL_BY_UNIQUE_KEY = "SELECT id FROM {s}.jobs WHERE unique_key = %(key)s AND state IN " + ACTIVE
-SQL_LOCK_STATES = "SELECT id, state FROM {s}.jobs WHERE id = ANY(%(ids)s::text[]) ORDER BY id FOR SHARE"
+# The jobs an enqueue depends on: locked (in id order) until it commits, so none of them ends unseen,
+# and marked (followup), so that their end takes the path that releases dependents.
+SQL_LOCK_STATES = """
+WITH locked AS (SELECT id, state FROM {s}.jobs WHERE id = ANY(%(ids)s::text[]) ORDER BY id FOR NO KEY UPDATE),
+marked AS (
+    UPDATE {s}.jobs j SET followup = true FROM locked
+    WHERE j.id = locked.id AND NOT j.followup AND locked.state NOT IN """ + FINAL + """
+)
+SELECT id, state FROM locked
+"""
 SQL_INSERT_DEP = "INSERT INTO {s}.job_deps (job_id, depends_on) VALUES (%(id)s, %(dep)s) ON CONFLICT DO NOTHING"
 # Notifications: payload '' says "jobs are due" (for idle workers), 'cancel' asks busy workers to
 # look at their job now.
@@ -491,6 +547,14 @@ output AS (
 )
 SELECT count(*) AS n FROM renewed
 """
+# A run's end as an event row, folded later (SQL_FOLD): statistics, attempt totals, and the count
+# change (from 'pending', the bucket of running jobs, to the new state).
+_RUN_EVENT = """
+    INSERT INTO {s}.job_events (at, queue, outcome, duration, run, wait, came, went)
+    SELECT at, queue, %(outcome)s, greatest(0, at - coalesce(started_at, at)), at - coalesce(started_at, at),
+           greatest(0, coalesce(started_at, at) - due_at), 'pending', state
+    FROM done
+"""
 # Closing a run: the job row (fenced by owner and run number), its attempt, the worker's state and
 # the statistics in one statement; it returns the job (for webhooks) and whether jobs wait for it.
 SQL_FINISH = """
@@ -519,22 +583,72 @@ worker AS (
         heartbeat_at = greatest(w.heartbeat_at, done.at)
     FROM done WHERE w.id = %(worker)s
 ),
-stat AS (
-    INSERT INTO {s}.stats AS t (minute, queue, outcome, shard, count, run_sum, wait_sum)
-    SELECT floor(at / 60)::bigint, queue, %(outcome)s, mod(pg_backend_pid(), 16), 1,
-           at - coalesce(started_at, at), greatest(0, coalesce(started_at, at) - due_at)
-    FROM done
-    ON CONFLICT (minute, queue, outcome, shard) DO UPDATE
-    SET count = t.count + 1, run_sum = t.run_sum + excluded.run_sum, wait_sum = t.wait_sum + excluded.wait_sum
-),
-hist AS (
-    INSERT INTO {s}.stats_durations AS t (minute, queue, bucket, count, shard)
-    SELECT floor(at / 60)::bigint, queue, """ + _RUN_BUCKET.replace("{d}", "(at - coalesce(started_at, at))") + """, 1,
-           mod(pg_backend_pid(), 16)
-    FROM done
-    ON CONFLICT (minute, queue, bucket, shard) DO UPDATE SET count = t.count + 1
-)
+event AS (""" + _RUN_EVENT + """)
 SELECT done.*, (SELECT value FROM {s}.config WHERE key = 'webhook-url') AS global_webhook FROM done
+"""
+# A worker's usual step, in one statement: close its run and claim the next due job.  It does
+# nothing (done = 0) unless the run is still this worker's and its end has nothing more to do: no
+# webhook (the job's own or the webhook-url setting), no job waiting for it (followup), no paused or
+# limited queue; the caller then takes the general path (finish, then claim).  With a job claimed,
+# the commit does not wait for the disk (synchronous_commit off for this transaction): the
+# worker's ``started`` for that job commits next and makes both durable, as on SQLite.
+SQL_FINISH_CLAIM = """
+WITH c AS MATERIALIZED (
+    SELECT {clock} AS now, """ + CLOCK.replace("%(now)s", "%(claim_now)s") + """ AS claim_now,
+           EXISTS (SELECT 1 FROM {s}.queues WHERE paused OR max_running IS NOT NULL)
+           OR EXISTS (SELECT 1 FROM {s}.config WHERE key = 'webhook-url' AND value NOT IN ('null', '""', '')) AS slow
+),
+done AS (
+    UPDATE {s}.jobs j
+    SET state = %(state)s, worker_id = NULL, lease_until = NULL, exit_code = %(exit_code)s::integer,
+        last_error = %(error)s::text, run_at = coalesce(%(retry_at)s::float8, c.now + %(retry_in)s::float8, j.run_at),
+        finished_at = c.now, updated_at = c.now
+    FROM c, (SELECT seq, run_at FROM {s}.jobs
+             WHERE id = %(id)s AND runs = %(n)s AND worker_id = %(worker)s AND state = 'processing' AND NOT followup
+               AND NOT (SELECT slow FROM c)
+             FOR UPDATE) old
+    WHERE j.seq = old.seq
+    RETURNING j.queue, j.state, j.started_at, old.run_at AS due_at, c.now AS at
+),
+attempt AS (
+    UPDATE {s}.attempts a
+    SET ended_at = done.at, exit_code = %(exit_code)s::integer, outcome = %(outcome)s, error = %(error)s::text,
+        output = %(output)s, output_bytes = %(output_bytes)s
+    FROM done
+    WHERE a.job_id = %(id)s AND a.n = %(n)s
+),
+event AS (""" + _RUN_EVENT + """),
+claimed AS (
+    UPDATE {s}.jobs j
+    SET state = 'processing', worker_id = %(worker)s, lease_until = c.claim_now + %(lease)s::float8,
+        attempts = j.attempts + 1, runs = j.runs + 1, started_at = c.claim_now, updated_at = c.claim_now,
+        finished_at = NULL
+    FROM c
+    WHERE j.seq = (SELECT seq FROM {s}.jobs
+                   WHERE EXISTS (SELECT 1 FROM done) AND state IN ('pending', 'failed')
+                     AND run_at <= (SELECT claim_now FROM c)
+                   ORDER BY priority, run_at, seq
+                   LIMIT 1
+                   FOR UPDATE SKIP LOCKED)
+    RETURNING """ + _columns("j.") + """, c.claim_now AS clock
+),
+new_attempt AS (
+    INSERT INTO {s}.attempts (job_id, n, worker_id, host, started_at)
+    SELECT id, runs, %(worker)s, %(host)s, clock FROM claimed
+),
+worker AS (
+    UPDATE {s}.workers w
+    SET state = CASE WHEN EXISTS (SELECT 1 FROM claimed) THEN 'busy' ELSE 'idle' END,
+        job_id = (SELECT id FROM claimed), heartbeat_at = greatest(w.heartbeat_at, c.claim_now)
+    FROM c
+    WHERE w.id = %(worker)s AND EXISTS (SELECT 1 FROM done)
+),
+durable AS (
+    SELECT set_config('synchronous_commit', CASE WHEN EXISTS (SELECT 1 FROM claimed) THEN 'off'
+                                                 ELSE current_setting('synchronous_commit') END, true) AS v
+)
+SELECT (SELECT count(*) FROM done) AS done, (SELECT v FROM durable) AS durable, claimed.*
+FROM c LEFT JOIN claimed ON true
 """
 SQL_RELEASE = """
 WITH c AS MATERIALIZED (SELECT {clock} AS now),
@@ -544,7 +658,11 @@ released AS (
         rescues = j.rescues + 1, last_error = %(error)s, run_at = c.now, updated_at = c.now, finished_at = NULL
     FROM c
     WHERE j.id = %(id)s AND j.runs = %(n)s AND j.worker_id = %(worker)s AND j.state = 'processing'
-    RETURNING c.now AS at
+    RETURNING c.now AS at, j.queue, j.started_at
+),
+event AS (
+    INSERT INTO {s}.job_events (at, queue, outcome, duration)
+    SELECT at, queue, 'stopped', greatest(0, at - coalesce(started_at, at)) FROM released
 ),
 attempt AS (
     UPDATE {s}.attempts a SET ended_at = released.at, outcome = 'stopped', error = %(error)s
@@ -575,36 +693,77 @@ SET state = %(state)s, worker_id = NULL, lease_until = NULL, attempts = greatest
     finished_at = CASE WHEN %(state)s = 'dead' THEN %(at)s::float8 END
 WHERE seq = %(seq)s AND runs = %(n)s AND state = 'processing'
 """
+# (a lost run counts in the statistics with no run time; in the attempt totals when it has an attempt)
 SQL_LOSE_ATTEMPT = """
-UPDATE {s}.attempts SET ended_at = %(at)s, outcome = 'lost', error = %(error)s WHERE job_id = %(id)s AND n = %(n)s
-"""
-SQL_STATS_LOST = """
-INSERT INTO {s}.stats AS t (minute, queue, outcome, shard, count, run_sum, wait_sum)
-VALUES (floor(%(at)s::float8 / 60)::bigint, %(queue)s, 'lost', mod(pg_backend_pid(), 16), 1, 0, 0)
-ON CONFLICT (minute, queue, outcome, shard) DO UPDATE SET count = t.count + 1
-"""
-# Folding: one folder at a time (try-lock); deltas committed meanwhile are left for the next fold.
-SQL_FOLD_COUNTS = """
-WITH moved AS (
-    DELETE FROM {s}.job_count_deltas WHERE (SELECT pg_try_advisory_xact_lock(%(fold_lock)s)) RETURNING state, n
+WITH a AS (
+    UPDATE {s}.attempts SET ended_at = %(at)s, outcome = 'lost', error = %(error)s
+    WHERE job_id = %(id)s AND n = %(n)s
+    RETURNING started_at
 )
-INSERT INTO {s}.job_counts AS t (state, n)
-SELECT state, sum(n) FROM moved GROUP BY state ORDER BY state
-ON CONFLICT (state) DO UPDATE SET n = t.n + excluded.n
+INSERT INTO {s}.job_events (at, queue, outcome, duration, run, wait, came, went)
+SELECT %(at)s::float8, %(queue)s, 'lost', (SELECT greatest(0, %(at)s::float8 - started_at) FROM a), NULL, 0,
+       'pending', %(state)s
 """
-# All sub-statements of one statement share its snapshot: the final SELECT sees
-# the totals and the deltas as they were before this statement folded them.
-SQL_COUNTS = """
-WITH moved AS (
+# Folding: one folder at a time (try-lock); rows committed meanwhile are left for the next fold.  The
+# count changes and the run events go, set-based, into the counts, the per-minute statistics and
+# histogram, and the lifetime attempt totals (shard 0; the older rows of other shards still count).
+_FOLD = """
+events AS (
+    DELETE FROM {s}.job_events WHERE (SELECT pg_try_advisory_xact_lock(%(fold_lock)s)) RETURNING *
+),
+deltas AS (
     DELETE FROM {s}.job_count_deltas WHERE (SELECT pg_try_advisory_xact_lock(%(fold_lock)s)) RETURNING state, n
 ),
-folded AS (
+fold_counts AS (
     INSERT INTO {s}.job_counts AS t (state, n)
-    SELECT state, sum(n) FROM moved GROUP BY state ORDER BY state
+    SELECT state, sum(n) FROM (
+        SELECT state, n FROM deltas
+        UNION ALL SELECT came, -1 FROM events WHERE came IS NOT NULL
+        UNION ALL SELECT went, 1 FROM events WHERE went IS NOT NULL
+    ) x
+    GROUP BY state ORDER BY state
     ON CONFLICT (state) DO UPDATE SET n = t.n + excluded.n
+),
+fold_stats AS (
+    INSERT INTO {s}.stats AS t (minute, queue, outcome, shard, count, run_sum, wait_sum)
+    SELECT floor(at / 60)::bigint, queue, outcome, 0, count(*), sum(coalesce(run, 0)), sum(wait)
+    FROM events WHERE wait IS NOT NULL GROUP BY 1, 2, 3
+    ON CONFLICT (minute, queue, outcome, shard) DO UPDATE
+    SET count = t.count + excluded.count, run_sum = t.run_sum + excluded.run_sum, wait_sum = t.wait_sum + excluded.wait_sum
+),
+fold_hist AS (
+    INSERT INTO {s}.stats_durations AS t (minute, queue, bucket, shard, count)
+    SELECT floor(at / 60)::bigint, queue, """ + _RUN_BUCKET.replace("{d}", "run") + """, 0, count(*)
+    FROM events WHERE run IS NOT NULL GROUP BY 1, 2, 3
+    ON CONFLICT (minute, queue, bucket, shard) DO UPDATE SET count = t.count + excluded.count
+),
+fold_totals AS (
+    INSERT INTO {s}.attempt_totals AS t (queue, outcome, shard, count, duration_sum)
+    SELECT queue, outcome, 0, count(*), sum(duration) FROM events WHERE duration IS NOT NULL GROUP BY 1, 2
+    ON CONFLICT (queue, outcome, shard) DO UPDATE
+    SET count = t.count + excluded.count, duration_sum = t.duration_sum + excluded.duration_sum
+),
+fold_durations AS (
+    INSERT INTO {s}.attempt_durations AS t (queue, outcome, le, shard, count)
+    SELECT queue, outcome, """ + _BUCKET + """, 0, count(*)
+    FROM (SELECT queue, outcome, duration AS d FROM events WHERE duration IS NOT NULL) e GROUP BY 1, 2, 3
+    ON CONFLICT (queue, outcome, le, shard) DO UPDATE SET count = t.count + excluded.count
 )
-SELECT state, sum(n)::bigint AS n
-FROM (SELECT state, n FROM {s}.job_counts UNION ALL SELECT state, n FROM {s}.job_count_deltas) x
+"""
+SQL_FOLD = "WITH " + _FOLD + "SELECT (SELECT count(*) FROM events) AS events, (SELECT count(*) FROM deltas) AS deltas"
+# Counts per bucket ('processing' under 'pending'), with the running jobs counted live (about one
+# per worker, on the state index).  All sub-statements of one statement share its snapshot: the
+# final SELECT sees the totals, deltas and events as they were before this statement folded them.
+SQL_COUNTS = "WITH " + _FOLD + """,
+live AS (SELECT count(*) AS running FROM {s}.jobs WHERE state = 'processing')
+SELECT state, sum(n)::bigint AS n FROM (
+    SELECT state, n FROM {s}.job_counts
+    UNION ALL SELECT state, n FROM {s}.job_count_deltas
+    UNION ALL SELECT came, -1 FROM {s}.job_events WHERE came IS NOT NULL
+    UNION ALL SELECT went, 1 FROM {s}.job_events WHERE went IS NOT NULL
+    UNION ALL SELECT 'processing', running FROM live
+    UNION ALL SELECT 'pending', -running FROM live
+) x
 GROUP BY state
 """
 
@@ -822,12 +981,21 @@ SQL_PAGE_NTH_STATE = (
     "SELECT seq FROM {s}.jobs WHERE state = %(state)s AND (updated_at, seq) < (%(updated_at)s::float8, "
     "%(seq)s::bigint) ORDER BY updated_at DESC, seq DESC LIMIT 1 OFFSET %(scan)s"
 )
+# The statistics read the folded rows and the events not folded yet (a fold may run meanwhile: in
+# one snapshot, a row is in one place or the other).
+_STATS = """(
+    SELECT minute, queue, outcome, count, run_sum, wait_sum FROM {s}.stats WHERE minute BETWEEN %(since)s AND %(until)s
+    UNION ALL
+    SELECT floor(at / 60)::bigint, queue, outcome, 1, coalesce(run, 0), wait FROM {s}.job_events
+    WHERE wait IS NOT NULL AND floor(at / 60)::bigint BETWEEN %(since)s AND %(until)s
+) s"""
 SQL_STATS_RANGE = """
 SELECT minute, outcome, sum(count)::bigint AS count, sum(run_sum) AS run_sum, sum(wait_sum) AS wait_sum
-FROM {s}.stats WHERE minute BETWEEN %(since)s AND %(until)s GROUP BY minute, outcome ORDER BY minute, outcome
+FROM """ + _STATS + """ GROUP BY minute, outcome ORDER BY minute, outcome
 """
 SQL_DATA_VERSION = """
 SELECT (SELECT max(updated_at) FROM {s}.jobs) AS updated,
+       (SELECT count(*) FROM {s}.job_events) AS events,
        (SELECT max(lease_until) FROM {s}.jobs WHERE state = 'processing') AS leases,
        (SELECT count(*) FROM {s}.job_count_deltas) AS deltas,
        (SELECT coalesce(sum(n), 0) FROM {s}.job_counts) AS folded,
@@ -839,19 +1007,28 @@ SELECT (SELECT max(updated_at) FROM {s}.jobs) AS updated,
 """
 SQL_STATS_BY_QUEUE = """
 SELECT queue, outcome, sum(count)::bigint AS count, sum(run_sum) AS run_sum, sum(wait_sum) AS wait_sum
-FROM {s}.stats WHERE minute BETWEEN %(since)s AND %(until)s GROUP BY queue, outcome
+FROM """ + _STATS + """ GROUP BY queue, outcome
 """
 SQL_STATS_HIST_BY_QUEUE = """
-SELECT queue, bucket, sum(count)::bigint AS count FROM {s}.stats_durations
-WHERE minute BETWEEN %(since)s AND %(until)s GROUP BY queue, bucket
+SELECT queue, bucket, sum(count)::bigint AS count FROM (
+    SELECT queue, bucket, count FROM {s}.stats_durations WHERE minute BETWEEN %(since)s AND %(until)s
+    UNION ALL
+    SELECT queue, """ + _RUN_BUCKET.replace("{d}", "run") + """, 1 FROM {s}.job_events
+    WHERE run IS NOT NULL AND floor(at / 60)::bigint BETWEEN %(since)s AND %(until)s
+) h GROUP BY queue, bucket
 """
 SQL_ATTEMPT_TOTALS = """
-SELECT queue, outcome, sum(count)::bigint AS count, sum(duration_sum) AS duration_sum
-FROM {s}.attempt_totals GROUP BY queue, outcome ORDER BY queue, outcome
+SELECT queue, outcome, sum(count)::bigint AS count, sum(duration_sum) AS duration_sum FROM (
+    SELECT queue, outcome, count, duration_sum FROM {s}.attempt_totals
+    UNION ALL SELECT queue, outcome, 1, duration FROM {s}.job_events WHERE duration IS NOT NULL
+) t GROUP BY queue, outcome ORDER BY queue, outcome
 """
 SQL_ATTEMPT_DURATIONS = """
-SELECT queue, outcome, le, sum(count)::bigint AS count FROM {s}.attempt_durations
-GROUP BY queue, outcome, le ORDER BY queue, outcome, le
+SELECT queue, outcome, le, sum(count)::bigint AS count FROM (
+    SELECT queue, outcome, le, count FROM {s}.attempt_durations
+    UNION ALL SELECT queue, outcome, """ + _BUCKET + """, 1 FROM (
+        SELECT queue, outcome, duration AS d FROM {s}.job_events WHERE duration IS NOT NULL) e
+) t GROUP BY queue, outcome, le ORDER BY queue, outcome, le
 """
 
 
@@ -1240,13 +1417,19 @@ class PostgresStore(StoreRules):
                                              "lease": float(lease), "output": text, "output_bytes": size})
         return row["n"] == 1
 
+    def _finish_params(self, job_id, run, worker_id, state, now, outcome, exit_code=None, error=None,
+                       output="", output_bytes=0, retry_at=None):
+        retry_abs, retry_in = self._at(retry_at, now)
+        return {"now": self._clock(now), "id": job_id, "n": run, "worker": worker_id,
+                "state": queuectl.finish_state(state).value, "exit_code": exit_code, "error": error,
+                "retry_at": retry_abs, "retry_in": retry_in, "outcome": outcome, "output": output or "",
+                "output_bytes": output_bytes or 0}
+
     def finish(self, job_id, run, worker_id, state, now, outcome, exit_code=None, error=None,
                output="", output_bytes=0, retry_at=None):
-        state = queuectl.finish_state(state)
-        retry_abs, retry_in = self._at(retry_at, now)
-        params = {"now": self._clock(now), "id": job_id, "n": run, "worker": worker_id, "state": state.value,
-                  "exit_code": exit_code, "error": error, "retry_at": retry_abs, "retry_in": retry_in,
-                  "outcome": outcome, "output": output or "", "output_bytes": output_bytes or 0}
+        params = self._finish_params(job_id, run, worker_id, state, now, outcome, exit_code, error, output,
+                                     output_bytes, retry_at)
+        state = queuectl.JobState(params["state"])
         if state.value not in queuectl.FINAL_STATES:  # a retry ahead: one statement
             return self._one(self.sql.FINISH, params) is not None
         # The end of a job: the run's record and the jobs that wait for it, in one transaction.
@@ -1264,6 +1447,16 @@ class PostgresStore(StoreRules):
                 if row is not None:
                     self._job_ended(job_id, state.value, row["at"], row, dependents)
         return row is not None
+
+    def finish_and_claim(self, finished, claim):
+        """One statement (SQL_FINISH_CLAIM) when it can; else the general path, finish then claim."""
+        if not claim.get("queues") and claim["worker_id"] == finished["worker_id"]:
+            params = dict(self._finish_params(**finished), claim_now=self._clock(claim["now"]), host=claim["host"],
+                          lease=float(claim["lease"]))
+            row = self._one(self.sql.FINISH_CLAIM, params)
+            if row["done"]:
+                return True, Job.from_row(row) if row["seq"] is not None else None
+        return self.finish(**finished), self.claim(**claim)
 
     def release(self, job_id, run, worker_id, now, reason):
         row = self._one(self.sql.RELEASE, {"now": self._clock(now), "id": job_id, "n": run, "worker": worker_id,
@@ -1509,9 +1702,9 @@ class PostgresStore(StoreRules):
         self._cur.execute(self.sql.NOTIFY, {"channel": self.channel})  # delivered at commit, to every listening worker
 
     def _tidy(self):
-        """Fold the per-state count changes logged since the last fold."""
+        """Fold the count changes and run events logged since the last fold."""
         with self._cursor() as cur:
-            cur.execute(self.sql.FOLD_COUNTS, {"fold_lock": self._fold_lock})
+            cur.execute(self.sql.FOLD, {"fold_lock": self._fold_lock})
 
     def _fetch_job(self, job_id):
         return self._cur.execute(self.sql.GET_JOB, {"id": job_id}).fetchone()
@@ -1595,8 +1788,7 @@ class PostgresStore(StoreRules):
              "queue": row["queue"]}
         if self._cur.execute(self.sql.LOSE_JOB, p).rowcount != 1:
             return False
-        self._cur.execute(self.sql.LOSE_ATTEMPT, p)
-        self._cur.execute(self.sql.STATS_LOST, p)
+        self._cur.execute(self.sql.LOSE_ATTEMPT, p)  # (and its event)
         return True
 
     def _delete_worker(self, worker_id):

@@ -10,15 +10,20 @@ server's settings, printed):
 - the anchor: one-row INSERTs, one transaction each, no queue (the disk's limit);
 - single enqueue: one job per ``enqueue()`` call (one transaction each);
 - batch enqueue: 1,000 jobs per call;
-- claim and complete: 1-4 processes, each claiming a job and recording its
-  end (``claim()`` + ``finish()``), until the queue is empty (no command is run:
-  this is the store's share of a job's cost);
+- claim and complete: 1-4 processes, each making a worker's store calls for
+  every job until the queue is empty: ``started()`` (the run's pid, which
+  makes the claim durable) and ``finish_and_claim()`` (the result and the next
+  claim; on PostgreSQL one statement whose commit does not wait for the disk
+  when a job was claimed, since ``started()`` comes next and waits), as
+  queuectl's worker does.  No command is run: this is the store's share of a
+  job's cost;
 - the claim anchor, on PostgreSQL, run right after queuectl's in each round (so
   load that drifts hits both): a bare jobs table on the same server (id, state,
   run_at, two timestamps; one partial index on due rows), the same job count and
   processes, each looping a claim (``UPDATE ... WHERE id = (SELECT ... FOR UPDATE
-  SKIP LOCKED LIMIT 1)``) and a completing ``UPDATE``, one transaction each: what
-  a minimal queue costs, and queuectl's rate as a fraction of it;
+  SKIP LOCKED LIMIT 1)``) and a completing ``UPDATE``, one transaction each
+  (each commit waits for the disk): what a minimal queue costs, and queuectl's
+  rate as a fraction of it;
 - for both on PostgreSQL, what one job writes while the processes drain: rows
   inserted, updated and deleted per table (``pg_stat_user_tables`` deltas of the
   benchmark's schema), WAL bytes (``pg_current_wal_lsn()`` delta; server-wide,
@@ -144,16 +149,20 @@ def _busy_retry(call):
 
 
 def _drainer(db, n, start, done):
+    """The store calls a worker makes for each job (queuectl.Worker): its first claim, then for each
+    job ``started`` (the run's pid; it makes the claim durable) and ``finish_and_claim`` (the run's
+    result and the next claim)."""
     store = queuectl.open_store(db)
     worker = "bench-%d" % n
     count = 0
     start.wait()
-    while True:
-        j = _busy_retry(lambda: store.claim(worker, HOST, time.time(), LEASE))
-        if j is None:
-            break
-        _busy_retry(lambda: store.finish(j.id, j.runs, worker, "completed", time.time(), "completed", 0, output="",
-                                         output_bytes=0))
+    j = _busy_retry(lambda: store.claim(worker, HOST, time.time(), LEASE))
+    while j is not None:
+        _busy_retry(lambda: store.started(j.id, j.runs, os.getpid()))
+        finished = dict(job_id=j.id, run=j.runs, worker_id=worker, state="completed", now=time.time(),
+                        outcome="completed", exit_code=0, output="", output_bytes=0)
+        ok, j = _busy_retry(lambda: store.finish_and_claim(
+            finished, dict(worker_id=worker, host=HOST, now=time.time(), lease=LEASE)))
         count += 1
     store.close()
     done.put((count, time.perf_counter()))

@@ -391,6 +391,69 @@ class StoreContract:
         ok, job = store.finish_and_claim(self.finished("d1"), self.claim_args())
         assert ok and job.id == "d2"  # not "low": d1's slot is free by the time the claim looks
 
+    def test_finish_and_claim_keeps_counts_statistics_and_totals(self, store, raw_counts):
+        minute = int(NOW // 60)
+        self.enqueue_one(store, NOW - 0.5, id="a", queue="q", priority="high")
+        self.enqueue_one(store, NOW, id="b", queue="q")
+        self.enqueue_one(store, NOW, id="c", queue="r", priority="low")
+        assert self.claim_id(store, now=NOW) == "a"  # waited 0.5 s
+        ok, b = store.finish_and_claim(self.finished("a", now=NOW + 5), self.claim_args(now=NOW + 10))
+        assert ok and b.id == "b"  # a ran 5 s; b waited 10 s
+        self.assert_counts(store, raw_counts, {"completed": 1, "processing": 1, "pending": 1})
+        ok, c = store.finish_and_claim(
+            self.finished("b", now=NOW + 10.5, state="failed", outcome="failed", exit_code=1, retry_at=NOW + 1000),
+            self.claim_args(now=NOW + 20))
+        assert ok and c.id == "c" and store.get("b").run_at == NOW + 1000
+        self.assert_counts(store, raw_counts, {"completed": 1, "failed": 1, "processing": 1})
+        assert store.finish_and_claim(self.finished("c", now=NOW + 23, state="dead", outcome="failed", exit_code=1),
+                                      self.claim_args(now=NOW + 23)) == (True, None)
+        self.assert_counts(store, raw_counts, {"completed": 1, "failed": 1, "dead": 1})
+        rows, hist = store.stats_by_queue(minute, minute)
+        got = {(r["queue"], r["outcome"]): (r["count"], r["run_sum"], r["wait_sum"]) for r in rows}
+        assert got == {("q", "completed"): (1, 5.0, 0.5), ("q", "failed"): (1, 0.5, 10.0), ("r", "failed"): (1, 3.0, 20.0)}
+        assert hist == {"q": {queuectl.run_time_bucket(5.0): 1, queuectl.run_time_bucket(0.5): 1},
+                        "r": {queuectl.run_time_bucket(3.0): 1}}
+        totals = {(t["queue"], t["outcome"]): (t["count"], t["duration_sum"]) for t in store.attempt_totals()}
+        assert totals == {("q", "completed"): (1, 5.0), ("q", "failed"): (1, 0.5), ("r", "failed"): (1, 3.0)}
+        assert store.counts() == store.counts()  # (reading folds: the same answer after)
+        assert store.stats_by_queue(minute, minute) == (rows, hist)
+
+    def test_finish_and_claim_releases_a_dependent_enqueued_while_it_ran(self, store):
+        self.enqueue_one(store, id="a")
+        self.claim(store)
+        self.enqueue_one(store, id="b", after=["a"])
+        assert store.get("b").state == "waiting"
+        ok, job = store.finish_and_claim(self.finished("a"), self.claim_args())
+        assert ok and job.id == "b"
+
+    def test_finish_and_claim_cancels_a_dependent_when_the_run_ends_dead(self, store):
+        self.enqueue_one(store, id="a", max_retries=0)
+        self.claim(store)
+        self.enqueue_one(store, id="b", after=["a"])
+        assert store.finish_and_claim(self.finished("a", state="dead", outcome="failed", exit_code=1),
+                                      self.claim_args()) == (True, None)
+        assert store.get("b").state == "cancelled"
+
+    @pytest.mark.parametrize("own", [True, False])
+    def test_finish_and_claim_queues_the_webhook_of_the_job_or_of_the_setting(self, store, own):
+        if not own:
+            store.set_config("webhook-url", "http://hooks.test/all")
+        self.enqueue_one(store, id="a", webhook="http://hooks.test/a" if own else None)
+        self.enqueue_one(store, id="b")
+        self.claim(store)
+        ok, job = store.finish_and_claim(self.finished("a"), self.claim_args())
+        assert ok and job.id == "b"
+        url = "http://hooks.test/a" if own else "http://hooks.test/all"
+        assert {k: v[0] for k, v in self.outbox(store).items()} == {(url, "a"): "job.completed"}
+
+    def test_finish_and_claim_takes_nothing_from_a_paused_queue(self, store):
+        self.enqueue_one(store, id="a")
+        self.enqueue_one(store, id="p", queue="held")
+        store.set_queue("held", paused=True)
+        self.claim(store)
+        assert store.finish_and_claim(self.finished("a"), self.claim_args()) == (True, None)
+        assert store.get("p").state == "pending"
+
     # --- release ------------------------------------------------------------------------
 
     def test_release_puts_the_job_back_without_using_a_retry(self, store):

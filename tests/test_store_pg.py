@@ -396,6 +396,15 @@ def test_counts_stay_exact_under_concurrent_workers(pg_url):
                     if job is None:
                         return
                     state = "completed" if job.seq % 3 else "dead"
+                    while n % 2 and job is not None:  # half the workers go on by finish_and_claim
+                        ok, job = s.finish_and_claim(
+                            dict(job_id=job.id, run=job.runs, worker_id="w%d" % n, state=state, now=time.time(),
+                                 outcome=state, exit_code=0),
+                            dict(worker_id="w%d" % n, host=HOST, now=time.time(), lease=LEASE))
+                        assert ok
+                        state = "completed" if job is None or job.seq % 3 else "dead"
+                    if job is None:
+                        return
                     assert s.finish(job.id, job.runs, "w%d" % n, state, time.time(), state, 0)
                     if n == 0:
                         s.counts()  # folds the deltas while the others write
@@ -696,10 +705,13 @@ def in_thread(fn):
     return join
 
 
-@pytest.mark.parametrize("pipeline", [True, False])
-def test_a_dependency_that_ends_while_its_dependent_is_being_enqueued_releases_it(pg, pg_url, monkeypatch, pipeline):
-    """The enqueue holds the dependency (FOR SHARE) until it commits its edge; the finish waits for it,
-    then looks for dependents in a statement of its own, so it sees the edge and releases the job."""
+@pytest.mark.parametrize("pipeline,end", [(True, "finish"), (False, "finish"), (True, "finish_and_claim")])
+def test_a_dependency_that_ends_while_its_dependent_is_being_enqueued_releases_it(pg, pg_url, monkeypatch, pipeline,
+                                                                                  end):
+    """The enqueue holds the dependency (locked, and marked as having followers) until it commits its
+    edge; the finish waits for it, then looks for dependents in a statement of its own, so it sees
+    the edge and releases the job.  The one-statement finish-and-claim waits too, then sees the mark
+    on the row it locked and leaves the run's end to that finish."""
     monkeypatch.setattr(queuectl_pg, "PIPELINE", pipeline)
     pg.enqueue([new_job(id="a")], time.time())
     run = pg.claim("w1", HOST, time.time(), LEASE)
@@ -708,13 +720,54 @@ def test_a_dependency_that_ends_while_its_dependent_is_being_enqueued_releases_i
         with enqueuer._transaction():  # the job-by-job path of enqueue, not committed yet
             enqueuer._enqueue_each([new_job(id="b", after="a")], time.time(), None)
             assert dict(db_rows(pg_url, "SELECT id, state FROM jobs")) == {"a": "processing"}  # not committed yet
-            finish = in_thread(lambda: pg.finish("a", run.runs, "w1", "completed", time.time(), "completed", 0))
+            if end == "finish":
+                finish = in_thread(lambda: pg.finish("a", run.runs, "w1", "completed", time.time(), "completed", 0))
+            else:
+                finish = in_thread(lambda: pg.finish_and_claim(
+                    dict(job_id="a", run=run.runs, worker_id="w1", state="completed", now=time.time(),
+                         outcome="completed", exit_code=0), dict(worker_id="w1", host=HOST, now=time.time(), lease=LEASE)))
             wait_until(lambda: blocked_sessions(pg_url) == 1, 10, message="the finish did not wait for the enqueue")
-        assert finish() is True
-        assert pg.get("b").state == "pending", "the dependent was left waiting"
+        result = finish()
+        if end == "finish":
+            assert result is True
+            assert pg.get("b").state == "pending", "the dependent was left waiting"
+        else:
+            assert result[0] is True and result[1] is not None and result[1].id == "b", "the dependent was left waiting"
         assert db_rows(pg_url, "SELECT count(*) FROM job_deps") == [(0,)]
     finally:
         enqueuer.close()
+
+
+def test_a_workers_usual_step_is_one_statement_whose_commit_waits_for_the_disk_only_when_nothing_follows(
+        pg, monkeypatch):
+    """finish_and_claim closes a run and claims the next in one statement, without the general path;
+    with a job claimed its commit does not wait for the disk (that job's `started` commits next, and
+    waits), with nothing claimed it keeps the server's synchronous_commit."""
+    pg.enqueue([new_job(id="a", priority="high"), new_job(id="b")], time.time())
+    run = pg.claim("w1", HOST, time.time(), LEASE)
+    server = pg._one("SELECT current_setting('synchronous_commit') AS v")["v"]
+    seen = []
+    one = pg._one
+
+    def spy(sql, params=None):
+        row = one(sql, params)
+        seen.append(row.get("durable"))
+        return row
+
+    monkeypatch.setattr(pg, "_one", spy)
+    for general in ("finish", "claim"):
+        monkeypatch.setattr(pg, general, lambda *a, **kw: pytest.fail("took the general path"))
+
+    def step(job):
+        return pg.finish_and_claim(dict(job_id=job.id, run=job.runs, worker_id="w1", state="completed",
+                                        now=time.time(), outcome="completed", exit_code=0),
+                                   dict(worker_id="w1", host=HOST, now=time.time(), lease=LEASE))
+
+    ok, b = step(run)
+    assert ok and b.id == "b"
+    pg.started("b", b.runs, 4242)
+    assert step(b) == (True, None)
+    assert seen == ["off", server] and server != "off"
 
 
 def test_a_dependency_that_ended_before_the_enqueue_committed_is_seen(pg, pg_url):
