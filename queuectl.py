@@ -1107,6 +1107,13 @@ class Store:
     #: method that writes then raises DatabaseError.
     readonly = False
 
+    #: Seconds a worker may let a run go before recording its pid (``started``).  0: at once,
+    #: because ``started`` is also what makes the claim durable (SQLite's finish_and_claim
+    #: commits without waiting for the disk).  A store whose claims are durable when they
+    #: commit lets a short run skip that write: its pid is recorded with its result (``finish``),
+    #: and a run lost before either is found by its environment (kill_lost_group).
+    pid_delay = 0.0
+
     # --- jobs ---------------------------------------------------------------------------
 
     def enqueue(self, jobs, now, existing=None):
@@ -1140,14 +1147,15 @@ class Store:
 
     def started(self, job_id, run, pid):
         """Record the process id of a running attempt (for killing its group on rescue).  Durable:
-        it makes the claim before it, and a result recorded with that claim, durable too."""
+        it makes the claim before it, and a result recorded with that claim, durable too.  A
+        worker calls it at once, or ``pid_delay`` seconds into the run."""
         raise NotImplementedError
 
     def finish_and_claim(self, finished, claim):
         """``finish(**finished)``, then ``claim(**claim)``: a worker closes its last run and takes
         its next job.  Returns ``(what finish returned, the claimed job or None)``.  A backend may
-        do both in one transaction that is durable only with the next ``started`` (or at once when
-        nothing was claimed); this one makes two calls."""
+        do both in one transaction, one that is durable only with the next ``started`` (or at
+        once when nothing was claimed) when its ``pid_delay`` is 0; this one makes two calls."""
         return self.finish(**finished), self.claim(**claim)
 
     def heartbeat(self, worker_id, job_id=None, run=None, now=None, lease=None, output=None):
@@ -1159,10 +1167,10 @@ class Store:
         raise NotImplementedError
 
     def finish(self, job_id, run, worker_id, state, now, outcome, exit_code=None, error=None,
-               output="", output_bytes=0, retry_at=None):
+               output="", output_bytes=0, retry_at=None, pid=None):
         """Close a run: move the job from processing to ``state`` (completed,
         failed with ``retry_at``, dead, or cancelled), record exit code, error,
-        output and statistics.  A job that reaches a final state releases or
+        output, the run's ``pid`` when one is given and none is recorded, and statistics.  A job that reaches a final state releases or
         cancels the jobs waiting for it and queues its webhook deliveries.  Only
         the owner of ``run`` may finish it: returns False and changes nothing
         otherwise (fencing).
@@ -2383,7 +2391,7 @@ WHERE id = :id AND runs = :n AND worker_id = :worker AND state = 'processing'
 """
 SQL_FINISH_ATTEMPT = """
 UPDATE attempts SET ended_at = :now, exit_code = :exit_code, outcome = :outcome, error = :error,
-       output = :output, output_bytes = :output_bytes
+       output = :output, output_bytes = :output_bytes, pid = COALESCE(pid, :pid)
 WHERE job_id = :id AND n = :n
 """
 SQL_STATS = """
@@ -3140,16 +3148,17 @@ class SqliteStore(StoreRules):
             return True
 
     def finish(self, job_id, run, worker_id, state, now, outcome, exit_code=None, error=None,
-               output="", output_bytes=0, retry_at=None):
+               output="", output_bytes=0, retry_at=None, pid=None):
         with self._tx() as conn:
             return self._finish_in(conn, job_id, run, worker_id, state, now, outcome, exit_code, error,
-                                   output, output_bytes, retry_at)
+                                   output, output_bytes, retry_at, pid)
 
     def _finish_in(self, conn, job_id, run, worker_id, state, now, outcome, exit_code=None, error=None,
-                   output="", output_bytes=0, retry_at=None):
+                   output="", output_bytes=0, retry_at=None, pid=None):
         state = finish_state(state)
         p = {"id": job_id, "n": run, "worker": worker_id, "state": state.value, "now": now, "exit_code": exit_code,
-             "error": error, "retry_at": retry_at, "outcome": outcome, "output": output or "", "output_bytes": output_bytes}
+             "error": error, "retry_at": retry_at, "outcome": outcome, "output": output or "", "output_bytes": output_bytes,
+             "pid": pid}
         row = conn.execute(SQL_OWNED_RUN, p).fetchone()
         if row is None:
             return False
@@ -4180,11 +4189,13 @@ class Worker:
         """Run a claimed job to its end.  Its result is recorded (fenced by run number) in the
         transaction that claims the next job, or on its own when there is none.
 
-        That transaction commits without waiting for the disk, and the next run's pid, recorded
-        durably right after its process starts, makes it durable: per job one transaction less
-        and one fsync that overlaps the next process's start (bench/).  A crash before the
-        result lands, or a power cut before that fsync, leaves the job processing, to be rescued
-        and run again, as a crash between the end of a process and its result always did."""
+        On SQLite that transaction commits without waiting for the disk, and the next run's pid,
+        recorded durably right after its process starts, makes it durable: per job one
+        transaction less and one fsync that overlaps the next process's start (bench/).  A crash
+        before the result lands, or a power cut before that fsync, leaves the job processing, to
+        be rescued and run again, as a crash between the end of a process and its result always
+        did.  On PostgreSQL it is one statement, durable when it commits, and the pid is recorded
+        a second into the run (``Store.pid_delay``), or with the result of a shorter run."""
         log.info("job %s run %d started: %s", job.id, job.runs, _one_line(job.command, 80))
         monitor = JobMonitor(self, job, float(cfg["lease-seconds"]))
         timeout, origin = timeout_of(job, cfg)
@@ -4209,7 +4220,7 @@ class Worker:
         self._unrecorded = PendingResult(job, state, result, dict(
             job_id=job.id, run=job.runs, worker_id=self.id, state=state, now=now, outcome=result.outcome,
             exit_code=result.exit_code, error=result.error, output=result.output, output_bytes=result.output_bytes,
-            retry_at=retry_at))
+            retry_at=retry_at, pid=monitor.pid))
         if self.stop_level:
             self.record_result()  # no next job to record it with
 
@@ -4257,6 +4268,7 @@ class JobMonitor:
         self.interval = max(0.05, min(lease / 3.0, 1.0))
         self.pid = None
         self.recorded = False  # the pid (and the previous result) are in the database
+        self.record_at = None  # when to record the pid (the store's pid_delay into the run)
         self.next_beat = time.time() + lease / 3.0
         self.flushed_at = time.time()
         self.checked_at = time.time()
@@ -4266,7 +4278,10 @@ class JobMonitor:
 
     def on_start(self, pid):
         self.pid = pid
-        self._record_pid()
+        delay = self.worker.store.pid_delay
+        self.record_at = time.monotonic() + delay
+        if delay <= 0:
+            self._record_pid()
 
     def _record_pid(self):
         try:
@@ -4281,7 +4296,7 @@ class JobMonitor:
         woken = self.worker.drain_wakeups()
         if self.worker.stop_level >= 2:
             return "stopped"
-        if not self.recorded and self.pid is not None:
+        if not self.recorded and self.pid is not None and time.monotonic() >= self.record_at:
             self._record_pid()
         if woken or now - self.checked_at >= 1.0:
             self.checked_at = now

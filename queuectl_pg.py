@@ -64,24 +64,39 @@ Design (docs/postgresql.md has the user's view):
   statements (psycopg prepares a statement run 5 times) halve the CPU of a
   claim and a finish on a direct connection; through a pooler (it refused the
   startup option, or a prepared statement failed) there are none.
-- **Few round trips, few index writes.**  An enqueue (of up to 5,000 jobs), a
-  claim, a heartbeat and a release are one statement each; the end of a run
-  is one pipelined transaction (two round trips).  ``jobs`` has no index on
-  ``lease_until``, so a heartbeat is an in-page (HOT) update.
-- **Counts without a hot row.**  A per-state counter row updated by every claim
-  and finish would serialise all workers on its row lock.  Instead, triggers
-  append the changes to ``job_count_deltas`` (inserts never conflict), and
-  ``counts()`` and the workers' periodic housekeeping fold the deltas into
-  ``job_counts`` (one folder at a time, under a try-lock).  ``counts()`` reads
-  the folded totals plus the deltas not yet folded, in one snapshot: exact,
-  and independent of the number of jobs.  Per-minute statistics and the
-  lifetime totals of ``/metrics`` are spread over 16 rows per key (the server
-  backend's pid mod 16) for the same reason, and summed when read.
+- **Few round trips, few rows.**  An enqueue (of up to 5,000 jobs), a claim,
+  a heartbeat and a release are one statement each.  A worker's usual step,
+  closing its run and claiming the next job (``finish_and_claim``), is one
+  statement too (SQL_FINISH_CLAIM) that writes the two job rows, the run's
+  attempt rows and one event row, nothing else, durable when it commits; so
+  the worker records the next run's pid (``started``) only a second into the
+  run (``pid_delay``), and a shorter run's with its result: one round trip
+  per job.  (SQLite does it the other way round: a finish-and-claim that does
+  not wait for the disk, made durable by the ``started`` right after.)  A run
+  whose end has more to do (webhooks, jobs waiting for it:
+  ``jobs.followup``) or a queue that is paused or limited takes the general
+  path: the end of a run as one pipelined transaction (two round trips), then
+  a claim.  ``jobs`` has no index on ``lease_until``, so a heartbeat is an
+  in-page (HOT) update.
+- **Counts and statistics without a hot row.**  A counter row updated by every
+  claim and finish would serialise all workers on its row lock.  Instead, a
+  run's end appends one row to ``job_events`` (when, queue, outcome, times,
+  and the count change), other state changes append theirs to
+  ``job_count_deltas`` by trigger (inserts never conflict), and ``counts()``
+  and the workers' periodic housekeeping fold both, set-based, into
+  ``job_counts``, the per-minute statistics and the lifetime totals of
+  ``/metrics`` (one folder at a time, under a try-lock).  Readers take the
+  folded rows plus the rows not folded yet, in one snapshot: exact, and
+  independent of the number of jobs.  Counts are kept per bucket: running
+  jobs count under ``pending`` and are counted live on the state index (about
+  one per worker), so a claim writes no count change at all.
 - **Dependencies across machines.**  An enqueue locks the jobs it depends on
-  (``FOR SHARE``) and the end of a job locks each dependent before releasing
-  or cancelling it, so a dependency that ends while its dependent is being
-  enqueued, or two dependencies that end at once, never leave a job waiting
-  forever.  Queue limits lock the queue's row while its running jobs are
+  (in id order) and marks them (``followup``), and the end of a job locks each
+  dependent before releasing or cancelling it, so a dependency that ends while
+  its dependent is being enqueued, or two dependencies that end at once, never
+  leave a job waiting forever; a one-statement finish that meets the mark
+  (it waited for the enqueue's lock, then re-read the row) leaves the end to
+  the general path.  Queue limits lock the queue's row while its running jobs are
   counted, so all machines together respect them; schedules are fired by
   whichever supervisor locks them first (``SKIP LOCKED``): one job per tick.
 """
@@ -573,7 +588,7 @@ done AS (
 attempt AS (
     UPDATE {s}.attempts a
     SET ended_at = done.at, exit_code = %(exit_code)s::integer, outcome = %(outcome)s, error = %(error)s::text,
-        output = %(output)s, output_bytes = %(output_bytes)s
+        output = %(output)s, output_bytes = %(output_bytes)s, pid = coalesce(a.pid, %(pid)s::integer)
     FROM done
     WHERE a.job_id = %(id)s AND a.n = %(n)s
 ),
@@ -586,17 +601,39 @@ worker AS (
 event AS (""" + _RUN_EVENT + """)
 SELECT done.*, (SELECT value FROM {s}.config WHERE key = 'webhook-url') AS global_webhook FROM done
 """
-# A worker's usual step, in one statement: close its run and claim the next due job.  It does
-# nothing (done = 0) unless the run is still this worker's and its end has nothing more to do: no
-# webhook (the job's own or the webhook-url setting), no job waiting for it (followup), no paused or
-# limited queue; the caller then takes the general path (finish, then claim).  With a job claimed,
-# the commit does not wait for the disk (synchronous_commit off for this transaction): the
-# worker's ``started`` for that job commits next and makes both durable, as on SQLite.
+# A worker's usual step, in one statement: close its run and claim the next due job.
+# - The claim goes first (`claimed`, right after the statement's snapshot): a claim that looked at
+#   the head of the queue later would more often meet a job another worker claimed since that
+#   snapshot, lock it while checking it again, and keep it locked, so that the worker finishing
+#   that job would wait for this statement to end.  It claims nothing (`claiming` false) when a
+#   queue is paused or limited (the claim must count running jobs: claim()), or when jobs wait
+#   for the run's job (`followup`: its end may release one, for this very claim).
+# - The run's end (`done`) needs the run to be still this worker's and its end to have nothing
+#   more to do: no webhook (the job's own, or the webhook-url setting), no job waiting for it
+#   (`followup`, read again on the locked row: an enqueue of a dependent marks it).  Otherwise
+#   done = 0 and the caller ends the run by the general path (finish).
+# Durable when it commits, so a worker records the next run's pid only a second into the run
+# (pid_delay), or with that run's result.
 SQL_FINISH_CLAIM = """
 WITH c AS MATERIALIZED (
     SELECT {clock} AS now, """ + CLOCK.replace("%(now)s", "%(claim_now)s") + """ AS claim_now,
-           EXISTS (SELECT 1 FROM {s}.queues WHERE paused OR max_running IS NOT NULL)
-           OR EXISTS (SELECT 1 FROM {s}.config WHERE key = 'webhook-url' AND value NOT IN ('null', '""', '')) AS slow
+           NOT EXISTS (SELECT 1 FROM {s}.queues WHERE paused OR max_running IS NOT NULL)
+           AND NOT coalesce((SELECT followup FROM {s}.jobs WHERE id = %(id)s), false) AS claiming,
+           EXISTS (SELECT 1 FROM {s}.config WHERE key = 'webhook-url' AND value NOT IN ('null', '""', '')) AS hooked
+),
+claimed AS (
+    UPDATE {s}.jobs j
+    SET state = 'processing', worker_id = %(worker)s, lease_until = c.claim_now + %(lease)s::float8,
+        attempts = j.attempts + 1, runs = j.runs + 1, started_at = c.claim_now, updated_at = c.claim_now,
+        finished_at = NULL
+    FROM c
+    WHERE j.seq = (SELECT seq FROM {s}.jobs
+                   WHERE (SELECT claiming FROM c) AND state IN ('pending', 'failed')
+                     AND run_at <= (SELECT claim_now FROM c)
+                   ORDER BY priority, run_at, seq
+                   LIMIT 1
+                   FOR UPDATE SKIP LOCKED)
+    RETURNING """ + _columns("j.") + """, c.claim_now AS clock
 ),
 done AS (
     UPDATE {s}.jobs j
@@ -605,7 +642,7 @@ done AS (
         finished_at = c.now, updated_at = c.now
     FROM c, (SELECT seq, run_at FROM {s}.jobs
              WHERE id = %(id)s AND runs = %(n)s AND worker_id = %(worker)s AND state = 'processing' AND NOT followup
-               AND NOT (SELECT slow FROM c)
+               AND (SELECT claiming AND NOT hooked FROM c)
              FOR UPDATE) old
     WHERE j.seq = old.seq
     RETURNING j.queue, j.state, j.started_at, old.run_at AS due_at, c.now AS at
@@ -613,25 +650,11 @@ done AS (
 attempt AS (
     UPDATE {s}.attempts a
     SET ended_at = done.at, exit_code = %(exit_code)s::integer, outcome = %(outcome)s, error = %(error)s::text,
-        output = %(output)s, output_bytes = %(output_bytes)s
+        output = %(output)s, output_bytes = %(output_bytes)s, pid = coalesce(a.pid, %(pid)s::integer)
     FROM done
     WHERE a.job_id = %(id)s AND a.n = %(n)s
 ),
 event AS (""" + _RUN_EVENT + """),
-claimed AS (
-    UPDATE {s}.jobs j
-    SET state = 'processing', worker_id = %(worker)s, lease_until = c.claim_now + %(lease)s::float8,
-        attempts = j.attempts + 1, runs = j.runs + 1, started_at = c.claim_now, updated_at = c.claim_now,
-        finished_at = NULL
-    FROM c
-    WHERE j.seq = (SELECT seq FROM {s}.jobs
-                   WHERE EXISTS (SELECT 1 FROM done) AND state IN ('pending', 'failed')
-                     AND run_at <= (SELECT claim_now FROM c)
-                   ORDER BY priority, run_at, seq
-                   LIMIT 1
-                   FOR UPDATE SKIP LOCKED)
-    RETURNING """ + _columns("j.") + """, c.claim_now AS clock
-),
 new_attempt AS (
     INSERT INTO {s}.attempts (job_id, n, worker_id, host, started_at)
     SELECT id, runs, %(worker)s, %(host)s, clock FROM claimed
@@ -641,13 +664,9 @@ worker AS (
     SET state = CASE WHEN EXISTS (SELECT 1 FROM claimed) THEN 'busy' ELSE 'idle' END,
         job_id = (SELECT id FROM claimed), heartbeat_at = greatest(w.heartbeat_at, c.claim_now)
     FROM c
-    WHERE w.id = %(worker)s AND EXISTS (SELECT 1 FROM done)
-),
-durable AS (
-    SELECT set_config('synchronous_commit', CASE WHEN EXISTS (SELECT 1 FROM claimed) THEN 'off'
-                                                 ELSE current_setting('synchronous_commit') END, true) AS v
+    WHERE w.id = %(worker)s AND c.claiming
 )
-SELECT (SELECT count(*) FROM done) AS done, (SELECT v FROM durable) AS durable, claimed.*
+SELECT c.claiming, claimed.*, (SELECT count(*) FROM done) AS done
 FROM c LEFT JOIN claimed ON true
 """
 SQL_RELEASE = """
@@ -1082,6 +1101,10 @@ class PostgresStore(StoreRules):
     ``$QUEUECTL_LISTEN_URL``, else ``url``).
     """
 
+    #: A claim is durable when it commits (SQL_FINISH_CLAIM included): a run's pid may wait a
+    #: second, and a shorter run's goes with its result, one round trip less per job.
+    pid_delay = 1.0
+
     def __init__(self, url, create=True, schema=None, clock="database", listen_url=None):
         if clock not in ("database", "caller"):
             raise ValueError("clock must be 'database' or 'caller'")
@@ -1418,17 +1441,17 @@ class PostgresStore(StoreRules):
         return row["n"] == 1
 
     def _finish_params(self, job_id, run, worker_id, state, now, outcome, exit_code=None, error=None,
-                       output="", output_bytes=0, retry_at=None):
+                       output="", output_bytes=0, retry_at=None, pid=None):
         retry_abs, retry_in = self._at(retry_at, now)
         return {"now": self._clock(now), "id": job_id, "n": run, "worker": worker_id,
                 "state": queuectl.finish_state(state).value, "exit_code": exit_code, "error": error,
                 "retry_at": retry_abs, "retry_in": retry_in, "outcome": outcome, "output": output or "",
-                "output_bytes": output_bytes or 0}
+                "output_bytes": output_bytes or 0, "pid": pid}
 
     def finish(self, job_id, run, worker_id, state, now, outcome, exit_code=None, error=None,
-               output="", output_bytes=0, retry_at=None):
+               output="", output_bytes=0, retry_at=None, pid=None):
         params = self._finish_params(job_id, run, worker_id, state, now, outcome, exit_code, error, output,
-                                     output_bytes, retry_at)
+                                     output_bytes, retry_at, pid)
         state = queuectl.JobState(params["state"])
         if state.value not in queuectl.FINAL_STATES:  # a retry ahead: one statement
             return self._one(self.sql.FINISH, params) is not None
@@ -1449,14 +1472,20 @@ class PostgresStore(StoreRules):
         return row is not None
 
     def finish_and_claim(self, finished, claim):
-        """One statement (SQL_FINISH_CLAIM) when it can; else the general path, finish then claim."""
-        if not claim.get("queues") and claim["worker_id"] == finished["worker_id"]:
-            params = dict(self._finish_params(**finished), claim_now=self._clock(claim["now"]), host=claim["host"],
-                          lease=float(claim["lease"]))
-            row = self._one(self.sql.FINISH_CLAIM, params)
-            if row["done"]:
-                return True, Job.from_row(row) if row["seq"] is not None else None
-        return self.finish(**finished), self.claim(**claim)
+        """One statement (SQL_FINISH_CLAIM) when it can; what it left undone by the general path:
+        finish (a run that is no longer this worker's, or whose end has more to do), claim (a
+        paused or limited queue, a run whose end may release a job, or nothing claimed while the
+        finish was left to the general path)."""
+        if claim.get("queues") or claim["worker_id"] != finished["worker_id"]:
+            return self.finish(**finished), self.claim(**claim)
+        params = dict(self._finish_params(**finished), claim_now=self._clock(claim["now"]), host=claim["host"],
+                      lease=float(claim["lease"]))
+        row = self._one(self.sql.FINISH_CLAIM, params)
+        if row["seq"] is not None:
+            return bool(row["done"]) or self.finish(**finished), Job.from_row(row)
+        if row["done"] and row["claiming"]:
+            return True, None  # nothing due
+        return self.finish(**finished), self.claim(**claim)  # (the finish may release a job for this claim)
 
     def release(self, job_id, run, worker_id, now, reason):
         row = self._one(self.sql.RELEASE, {"now": self._clock(now), "id": job_id, "n": run, "worker": worker_id,

@@ -11,16 +11,18 @@ server's settings, printed):
 - single enqueue: one job per ``enqueue()`` call (one transaction each);
 - batch enqueue: 1,000 jobs per call;
 - claim and complete: 1-4 processes, each making a worker's store calls for
-  every job until the queue is empty: ``started()`` (the run's pid, which
-  makes the claim durable) and ``finish_and_claim()`` (the result and the next
-  claim; on PostgreSQL one statement whose commit does not wait for the disk
-  when a job was claimed, since ``started()`` comes next and waits), as
-  queuectl's worker does.  No command is run: this is the store's share of a
-  job's cost;
+  every job until the queue is empty, as queuectl's worker does for jobs
+  shorter than a second: on SQLite ``started()`` (the run's pid; it makes the
+  claim durable) and ``finish_and_claim()`` (the result and the next claim,
+  committed without waiting for the disk); on PostgreSQL ``finish_and_claim()``
+  alone (one statement, durable at commit, the pid going with the result).
+  No command is run: this is the store's share of a job's cost;
 - the claim anchor, on PostgreSQL, run right after queuectl's in each round (so
   load that drifts hits both): a bare jobs table on the same server (id, state,
-  run_at, two timestamps; one partial index on due rows), the same job count and
-  processes, each looping a claim (``UPDATE ... WHERE id = (SELECT ... FOR UPDATE
+  run_at, two timestamps; one partial index on due rows), kept for the whole
+  run and emptied after each drain as queuectl's is, the same job count and
+  processes; before each drain, queuectl's tables and the anchor's are
+  vacuumed, so both start without dead rows; each looping a claim (``UPDATE ... WHERE id = (SELECT ... FOR UPDATE
   SKIP LOCKED LIMIT 1)``) and a completing ``UPDATE``, one transaction each
   (each commit waits for the disk): what a minimal queue costs, and queuectl's
   rate as a fraction of it;
@@ -150,17 +152,19 @@ def _busy_retry(call):
 
 def _drainer(db, n, start, done):
     """The store calls a worker makes for each job (queuectl.Worker): its first claim, then for each
-    job ``started`` (the run's pid; it makes the claim durable) and ``finish_and_claim`` (the run's
-    result and the next claim)."""
+    job ``started`` (the run's pid) when the store wants it at once (``pid_delay`` 0: SQLite, where
+    it makes the claim durable; PostgreSQL takes a run's pid with its result when the run is shorter
+    than a second, as these are) and ``finish_and_claim`` (the run's result and the next claim)."""
     store = queuectl.open_store(db)
     worker = "bench-%d" % n
     count = 0
     start.wait()
     j = _busy_retry(lambda: store.claim(worker, HOST, time.time(), LEASE))
     while j is not None:
-        _busy_retry(lambda: store.started(j.id, j.runs, os.getpid()))
+        if store.pid_delay <= 0:
+            _busy_retry(lambda: store.started(j.id, j.runs, os.getpid()))
         finished = dict(job_id=j.id, run=j.runs, worker_id=worker, state="completed", now=time.time(),
-                        outcome="completed", exit_code=0, output="", output_bytes=0)
+                        outcome="completed", exit_code=0, output="", output_bytes=0, pid=os.getpid())
         ok, j = _busy_retry(lambda: store.finish_and_claim(
             finished, dict(worker_id=worker, host=HOST, now=time.time(), lease=LEASE)))
         count += 1
@@ -225,6 +229,14 @@ def pg_write_counters(conn, schema):
     return {"wal": lsn, "commits": commits, "tables": tables}
 
 
+def vacuum_schema(conn, schema):
+    """VACUUM ANALYZE every table of ``schema``: each drain, queuectl's and the anchor's alike,
+    starts from tables with no dead rows left by the drains before it (autovacuum's timing would
+    otherwise favour whichever table it happened to visit)."""
+    for (table,) in conn.execute("SELECT tablename FROM pg_tables WHERE schemaname = %s", (schema,)).fetchall():
+        conn.execute('VACUUM ANALYZE "%s"."%s"' % (schema, table))
+
+
 def settled_counters(conn, schema, timeout=15.0):
     """pg_write_counters once the table statistics stop moving: a backend reports them at its
     exit or, idle, up to some seconds later, never at its commit."""
@@ -282,8 +294,10 @@ def claim_complete(backend, processes, jobs):
     if backend.name == "PostgreSQL":
         import queuectl_pg
 
-        stats, marks = _pg_connect(backend.db), {}
         schema = queuectl_pg.parse_url(backend.db)[1]
+        with _pg_connect(backend.db) as setup:
+            vacuum_schema(setup, schema)
+        stats, marks = _pg_connect(backend.db), {}
     try:
         results, elapsed = _drain(_drainer, backend.db, processes,
                                   lambda: stats and marks.update(before=settled_counters(stats, schema)))
@@ -313,12 +327,13 @@ def anchor_claim_complete(backend, processes, jobs):
     schema = queuectl_pg.parse_url(backend.db)[1]
     stats = _pg_connect(backend.db)
     try:
-        setup = _pg_connect(backend.db)
-        setup.execute("DROP TABLE IF EXISTS anchor_jobs")
-        for statement in ANCHOR_TABLE.split(";"):
-            setup.execute(statement)
+        setup = _pg_connect(backend.db)  # (closed before the window opens: it reports its writes at exit)
+        if setup.execute("SELECT to_regclass('anchor_jobs')").fetchone()[0] is None:
+            for statement in ANCHOR_TABLE.split(";"):  # (one table for the whole run, as queuectl's)
+                setup.execute(statement)
         setup.execute("INSERT INTO anchor_jobs (run_at) SELECT now() - interval '1 second' FROM generate_series(1, %s)",
                       (jobs,))
+        vacuum_schema(setup, schema)
         setup.close()
         marks = {}
         results, elapsed = _drain(_anchor_drainer, backend.db, processes,
@@ -326,9 +341,10 @@ def anchor_claim_complete(backend, processes, jobs):
         writes = write_delta(marks["before"], settled_counters(stats, schema), jobs)
         assert sum(c for c, _ in results) == jobs, results
         assert stats.execute("SELECT count(*) FROM anchor_jobs WHERE state = 'done'").fetchone()[0] == jobs
+        with _pg_connect(backend.db) as tidy:  # (as queuectl's jobs are deleted after their drain)
+            tidy.execute("DELETE FROM anchor_jobs")
         return {"rate": jobs / elapsed, "writes": writes}
     finally:
-        stats.execute("DROP TABLE IF EXISTS anchor_jobs")
         stats.close()
 
 

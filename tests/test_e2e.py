@@ -196,6 +196,20 @@ def test_kill9_of_busy_worker_rescues_job_and_kills_its_tree(run, db, workers, t
     assert len(worker_pids(db)) == 1 and worker_pids(db)[0] != worker_pid
 
 
+def test_a_runs_pid_is_recorded_while_a_long_run_goes_and_with_a_short_runs_result(run, db, workers, tmp_path):
+    """The pid rescue kills by: SQLite records it as the process starts (that write makes the claim
+    durable); PostgreSQL a second into the run, or with the result of a shorter run."""
+    run("enqueue", json.dumps({"id": "short", "priority": "high", "command": "echo $$ > %s/short.pid" % tmp_path}))
+    run("enqueue", json.dumps({"id": "long", "command": "echo $$ > %s/long.pid; sleep 300" % tmp_path}))
+    workers.start(1)
+    long_pid = read_pid(tmp_path / "long.pid")
+    wait_until(lambda: attempts_of(db, "long") and attempts_of(db, "long")[0][4] == long_pid, 10,
+               message="the long run's pid was not recorded while it ran")
+    assert attempts_of(db, "short")[0][4] == read_pid(tmp_path / "short.pid")
+    assert run("cancel", "long").rc == 0
+    wait_state(db, "long", "cancelled")
+
+
 def test_kill9_of_whole_worker_tree_rescued_by_new_workers(run, db, workers, tmp_path):
     run("enqueue", json.dumps({"id": "orphan", "command": "echo $$ > %s/p$QUEUECTL_ATTEMPT; sleep 300" % tmp_path}))
     run("enqueue", '{"id":"after","command":"true"}')

@@ -369,6 +369,7 @@ class StoreContract:
     def test_finish_and_claim_releases_a_dependent_for_the_same_claim(self, store):
         self.enqueue_one(store, id="a")
         self.enqueue_one(store, id="b", after=["a"])
+        self.enqueue_one(store, id="c", priority="low")
         self.claim(store)
         ok, job = store.finish_and_claim(self.finished("a"), self.claim_args())
         assert ok and job.id == "b"
@@ -417,6 +418,17 @@ class StoreContract:
         assert totals == {("q", "completed"): (1, 5.0), ("q", "failed"): (1, 0.5), ("r", "failed"): (1, 3.0)}
         assert store.counts() == store.counts()  # (reading folds: the same answer after)
         assert store.stats_by_queue(minute, minute) == (rows, hist)
+
+    def test_a_result_records_the_runs_pid_unless_one_is_recorded(self, store):
+        store.enqueue([spec(id=i) for i in "abc"], NOW)
+        a = self.claim(store)
+        assert store.finish("a", a.runs, "w1", "completed", NOW + 1, "completed", 0, pid=4241)
+        b = self.claim(store)
+        store.started("b", b.runs, 4242)
+        ok, c = store.finish_and_claim(self.finished("b", pid=9999), self.claim_args())
+        assert ok and c.id == "c"
+        assert store.finish_and_claim(self.finished("c"), self.claim_args()) == (True, None)
+        assert [store.attempt(j, 1).pid for j in "abc"] == [4241, 4242, None]
 
     def test_finish_and_claim_releases_a_dependent_enqueued_while_it_ran(self, store):
         self.enqueue_one(store, id="a")

@@ -368,7 +368,7 @@ def test_claims_and_finishes_of_different_jobs_never_wait_for_each_other(pg, pg_
             other.close()
         finish_open = hold_open(pg_url, pg.sql.FINISH, {
             "now": None, "id": "a", "n": 1, "worker": "w0", "state": "completed", "exit_code": 0, "error": None,
-            "retry_at": None, "retry_in": None, "outcome": "completed", "output": "", "output_bytes": 0})
+            "retry_at": None, "retry_in": None, "outcome": "completed", "output": "", "output_bytes": 0, "pid": None})
         try:
             pg.conn.execute("SET lock_timeout = '1s'")
             assert pg.counts()["completed"] == 1  # reads while both transactions are open
@@ -738,36 +738,25 @@ def test_a_dependency_that_ends_while_its_dependent_is_being_enqueued_releases_i
         enqueuer.close()
 
 
-def test_a_workers_usual_step_is_one_statement_whose_commit_waits_for_the_disk_only_when_nothing_follows(
-        pg, monkeypatch):
-    """finish_and_claim closes a run and claims the next in one statement, without the general path;
-    with a job claimed its commit does not wait for the disk (that job's `started` commits next, and
-    waits), with nothing claimed it keeps the server's synchronous_commit."""
+def test_a_workers_usual_step_is_one_statement_and_records_the_pid_with_the_result(pg, monkeypatch):
+    """finish_and_claim closes a run and claims the next in one statement, without the general path
+    (one round trip per job: the pid of a run shorter than pid_delay goes with its result)."""
     pg.enqueue([new_job(id="a", priority="high"), new_job(id="b")], time.time())
     run = pg.claim("w1", HOST, time.time(), LEASE)
-    server = pg._one("SELECT current_setting('synchronous_commit') AS v")["v"]
-    seen = []
-    one = pg._one
-
-    def spy(sql, params=None):
-        row = one(sql, params)
-        seen.append(row.get("durable"))
-        return row
-
-    monkeypatch.setattr(pg, "_one", spy)
     for general in ("finish", "claim"):
         monkeypatch.setattr(pg, general, lambda *a, **kw: pytest.fail("took the general path"))
 
-    def step(job):
+    def step(job, pid):
         return pg.finish_and_claim(dict(job_id=job.id, run=job.runs, worker_id="w1", state="completed",
-                                        now=time.time(), outcome="completed", exit_code=0),
+                                        now=time.time(), outcome="completed", exit_code=0, pid=pid),
                                    dict(worker_id="w1", host=HOST, now=time.time(), lease=LEASE))
 
-    ok, b = step(run)
+    ok, b = step(run, 4241)
     assert ok and b.id == "b"
-    pg.started("b", b.runs, 4242)
-    assert step(b) == (True, None)
-    assert seen == ["off", server] and server != "off"
+    pg.started("b", b.runs, 4242)  # (a run that lasted longer than pid_delay)
+    assert step(b, 9999) == (True, None)
+    assert [pg.attempt(j, 1).pid for j in ("a", "b")] == [4241, 4242]  # a recorded pid stays
+    assert pg.pid_delay > 0
 
 
 def test_a_dependency_that_ended_before_the_enqueue_committed_is_seen(pg, pg_url):
@@ -778,7 +767,7 @@ def test_a_dependency_that_ended_before_the_enqueue_committed_is_seen(pg, pg_url
         with finisher._cursor(transaction=True) as cur:  # the end of `a`, not committed yet
             cur.execute(finisher.sql.FINISH, {
                 "now": None, "id": "a", "n": run.runs, "worker": "w1", "state": "dead", "exit_code": 1, "error": "boom",
-                "retry_at": None, "retry_in": None, "outcome": "failed", "output": "", "output_bytes": 0})
+                "retry_at": None, "retry_in": None, "outcome": "failed", "output": "", "output_bytes": 0, "pid": None})
             enqueue = in_thread(lambda: pg.enqueue([new_job(id="b", after="a")], time.time()))
             wait_until(lambda: blocked_sessions(pg_url) == 1, 10, message="the enqueue did not wait for the finish")
         with pytest.raises(Conflict) as info:
