@@ -4279,8 +4279,10 @@ class JobMonitor:
     def on_start(self, pid):
         self.pid = pid
         delay = self.worker.store.pid_delay
-        self.record_at = time.monotonic() + delay
-        if delay <= 0:
+        if delay > 0:
+            self.record_at = time.time() + delay  # (on the clock of tick's now)
+        else:
+            self.record_at = float("-inf")
             self._record_pid()
 
     def _record_pid(self):
@@ -4296,7 +4298,7 @@ class JobMonitor:
         woken = self.worker.drain_wakeups()
         if self.worker.stop_level >= 2:
             return "stopped"
-        if not self.recorded and self.pid is not None and time.monotonic() >= self.record_at:
+        if not self.recorded and self.pid is not None and now >= self.record_at:
             self._record_pid()
         if woken or now - self.checked_at >= 1.0:
             self.checked_at = now

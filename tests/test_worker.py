@@ -619,6 +619,8 @@ def test_drain_wakeups_reports_a_signal_wakeup(make_worker):
 
 
 class FakeStore:
+    pid_delay = 0.0
+
     def __init__(self):
         self.calls = []
         self.heartbeat_answer = True
@@ -700,6 +702,18 @@ def test_the_monitor_records_the_pid_and_retries_when_busy():
     assert [c for c in store.calls if c[0] == "started"] == [("started", "j", 3, 4242)] * 2
     m.tick(NOW + 0.2, buf)
     assert names(store).count("started") == 2  # once recorded, never again
+
+
+def test_the_monitor_records_the_pid_after_the_stores_pid_delay(monkeypatch):
+    m, _, store = monitor()
+    store.pid_delay = 1.0  # (PostgreSQL: its claims are durable without it)
+    monkeypatch.setattr(time, "time", lambda: NOW)
+    m.on_start(4242)
+    buf = queuectl.OutputBuffer(1024)
+    assert m.tick(NOW + 0.99, buf) is None
+    assert "started" not in names(store) and m.recorded is False
+    m.tick(NOW + 1.0, buf)
+    assert [c for c in store.calls if c[0] == "started"] == [("started", "j", 3, 4242)] and m.recorded is True
 
 
 def test_the_monitor_renews_the_lease_every_third_of_it():
