@@ -479,6 +479,57 @@ def test_migration_names_the_job_of_every_stored_webhook_delivery(pg_url):
         store.close()
 
 
+def test_migration_to_run_events_keeps_counts_totals_and_marks_jobs_whose_end_has_followers(pg_url):
+    """A schema at version 2 (count deltas for every state change, statistics written by the
+    finish, a trigger for attempt totals), with jobs in every bucket, migrates: the counts are
+    rebuilt per bucket, the totals kept, and jobs with a webhook or a dependent are marked, so
+    that their end takes the general path."""
+    import psycopg
+
+    conninfo, schema = queuectl_pg.parse_url(pg_url)
+    q = '"%s"' % schema
+    with psycopg.connect(conninfo, autocommit=True) as conn:
+        conn.execute("CREATE SCHEMA %s" % q)
+        conn.execute(queuectl_pg.SQL_MIGRATIONS_TABLE.replace("{s}", q))
+        for v in (1, 2):
+            conn.execute(queuectl_pg.PG_SCHEMA[v - 1].replace("{s}", q))
+            conn.execute(queuectl_pg.SQL_RECORD_MIGRATION.replace("{s}", q), {"v": v})
+        now = time.time()
+        for job_id, state, webhook in (("a", "pending", None), ("b", "processing", None), ("c", "completed", None),
+                                       ("d", "waiting", None), ("e", "pending", "http://hooks.test/e")):
+            conn.execute("INSERT INTO %s.jobs (id, command, state, priority, max_retries, run_at, created_at, "
+                         "updated_at, webhook, worker_id, runs, attempts, started_at) VALUES (%%s, 'true', %%s, 2, 0, "
+                         "%%s, %%s, %%s, %%s, %%s, %%s, %%s, %%s)" % q,
+                         (job_id, state, now, now, now, webhook, "w1" if state == "processing" else None,
+                          int(state in ("processing", "completed")), int(state in ("processing", "completed")),
+                          now if state in ("processing", "completed") else None))
+        conn.execute("INSERT INTO %s.job_deps (job_id, depends_on) VALUES ('d', 'b')" % q)
+        conn.execute("INSERT INTO %s.attempts (job_id, n, worker_id, host, started_at) VALUES ('b', 1, 'w1', %%s, %%s),"
+                     " ('c', 1, 'w1', %%s, %%s)" % q, (HOST, now, HOST, now - 2))
+        conn.execute("UPDATE %s.attempts SET ended_at = %%s, outcome = 'completed' WHERE job_id = 'c'" % q, (now,))
+    def raw_counts_of():
+        return dict(db_rows(pg_url, "SELECT state, count(*) FROM jobs GROUP BY state"))
+
+    store = queuectl_pg.PostgresStore(pg_url)  # migrates
+    try:
+        totals = {(t["queue"], t["outcome"]): t["count"] for t in store.attempt_totals()}
+        assert totals == {("default", "completed"): 1}  # (written by the old trigger)
+        assert store.counts() == dict({st: 0 for st in queuectl.STATES}, **raw_counts_of())
+        assert store.counts()["processing"] == 1 and store.counts()["pending"] == 2
+        assert dict(db_rows(pg_url, "SELECT id, followup FROM jobs")) == {
+            "a": False, "b": True, "c": False, "d": False, "e": True}
+        ok, job = store.finish_and_claim(
+            dict(job_id="b", run=1, worker_id="w1", state="completed", now=time.time(), outcome="completed",
+                 exit_code=0), dict(worker_id="w1", host=HOST, now=time.time(), lease=LEASE))
+        assert ok and job is not None
+        assert store.get("d").state in ("pending", "processing")  # released by b's end
+        assert store.counts() == dict({st: 0 for st in queuectl.STATES}, **raw_counts_of())
+        totals = {(t["queue"], t["outcome"]): t["count"] for t in store.attempt_totals()}
+        assert totals == {("default", "completed"): 2}
+    finally:
+        store.close()
+
+
 def test_default_schema_and_schema_in_the_url(pg_url):
     assert queuectl_pg.parse_url("postgresql://u@h/db")[1] == "queuectl"
     conninfo, schema = queuectl_pg.parse_url("postgresql://u@h:5433/db?sslmode=require&schema=jobs_a")
