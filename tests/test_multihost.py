@@ -318,8 +318,9 @@ def test_same_pids_on_two_machines_never_rescue_or_kill_the_others_live_run(pg_u
     wait_until(lambda: alpha.job_pids(), 20, message="alpha did not start a job")
     (alpha_worker, alpha_started), = db_rows(pg_url, worker, ("alpha",))
     (alpha_job, alpha_pid), = db_rows(pg_url, run, ("alpha",))
-    # beta's processes start over pid_alive's 2 s tolerance later than alpha's (no event to wait for)
-    wait_until(lambda: time.time() > alpha_started + 3, 10)
+    # beta's processes start over pid_alive's 2 s tolerance later than alpha's (no event to wait for;
+    # a process's start time is read against the boot time, which the kernel gives in whole seconds)
+    wait_until(lambda: time.time() > alpha_started + 4, 10)
     beta.start(1)
     wait_until(lambda: beta.job_pids(), 20, message="beta did not start a job")
     (beta_worker, beta_started), = db_rows(pg_url, worker, ("beta",))
