@@ -497,37 +497,42 @@ SQL_INSERT_DEP = "INSERT INTO {s}.job_deps (job_id, depends_on) VALUES (%(id)s, 
 SQL_NOTIFY = "SELECT pg_notify(%(channel)s, '')"
 SQL_NOTIFY_CANCEL = "SELECT pg_notify(%(channel)s, 'cancel')"
 
-# Claims.  {pick} chooses the job: the next due one (the common case), or a given seq (queue limits).
-_CLAIM = """
-WITH c AS MATERIALIZED (SELECT {clock} AS now, {limited} AS limited),
-claimed AS (
+# A claim's CTEs, after a CTE ``c`` that has the time of the claim in column {at}: the job ({pick}:
+# the next due one, or a given seq), its new attempt, and the worker's state (when {when}).
+_CLAIMED = """claimed AS (
     UPDATE {s}.jobs j
-    SET state = 'processing', worker_id = %(worker)s, lease_until = c.now + %(lease)s::float8,
-        attempts = j.attempts + 1, runs = j.runs + 1, started_at = c.now, updated_at = c.now, finished_at = NULL
+    SET state = 'processing', worker_id = %(worker)s, lease_until = c.{at} + %(lease)s::float8,
+        attempts = j.attempts + 1, runs = j.runs + 1, started_at = c.{at}, updated_at = c.{at}, finished_at = NULL
     FROM c
     WHERE j.seq = {pick}
-    RETURNING """ + _columns("j.") + """, c.now AS clock
+    RETURNING """ + _columns("j.") + """, c.{at} AS clock
 ),
-attempt AS (
+new_attempt AS (
     INSERT INTO {s}.attempts (job_id, n, worker_id, host, started_at)
     SELECT id, runs, %(worker)s, %(host)s, clock FROM claimed
 ),
 worker AS (
     UPDATE {s}.workers w
     SET state = CASE WHEN EXISTS (SELECT 1 FROM claimed) THEN 'busy' ELSE 'idle' END,
-        job_id = (SELECT id FROM claimed), heartbeat_at = c.now
+        job_id = (SELECT id FROM claimed), heartbeat_at = greatest(w.heartbeat_at, c.{at})
     FROM c
-    WHERE w.id = %(worker)s AND NOT c.limited
-)
-SELECT c.limited, claimed.* FROM c LEFT JOIN claimed ON true
-"""
-# Paused queues or queues with a limit: the claim takes the slower path of claim() instead.
-SQL_CLAIM = _CLAIM.replace("{limited}", "EXISTS (SELECT 1 FROM {s}.queues WHERE paused OR max_running IS NOT NULL)")\
-    .replace("{pick}", """(SELECT seq FROM {s}.jobs
-                   WHERE NOT (SELECT limited FROM c) AND state IN ('pending', 'failed') AND run_at <= (SELECT now FROM c)
+    WHERE w.id = %(worker)s AND {when}
+)"""
+#: The next due job, when {go} (a boolean of ``c``).
+_PICK_DUE = """(SELECT seq FROM {s}.jobs
+                   WHERE (SELECT {go} FROM c) AND state IN ('pending', 'failed') AND run_at <= (SELECT {at} FROM c)
                    ORDER BY priority, run_at, seq
                    LIMIT 1
-                   FOR UPDATE SKIP LOCKED)""")
+                   FOR UPDATE SKIP LOCKED)"""
+# Claims: the common case in one statement; paused queues or queues with a limit make it claim
+# nothing (limited), and claim() takes the slower path, then claims a given seq.
+_CLAIM = """
+WITH c AS MATERIALIZED (SELECT {clock} AS now, {limited} AS limited),
+""" + _CLAIMED.replace("{at}", "now").replace("{when}", "NOT c.limited") + """
+SELECT c.limited, claimed.* FROM c LEFT JOIN claimed ON true
+"""
+SQL_CLAIM = _CLAIM.replace("{limited}", "EXISTS (SELECT 1 FROM {s}.queues WHERE paused OR max_running IS NOT NULL)")\
+    .replace("{pick}", _PICK_DUE.replace("{go}", "NOT limited").replace("{at}", "now"))
 SQL_CLAIM_SEQ = _CLAIM.replace("{limited}", "false").replace("{pick}", "%(seq)s")
 SQL_LIMITED_QUEUES = "SELECT name, max_running, paused FROM {s}.queues WHERE paused OR max_running IS NOT NULL"
 SQL_PICK = """
@@ -572,33 +577,36 @@ _RUN_EVENT = """
 """
 # Closing a run: the job row (fenced by owner and run number), its attempt, the worker's state and
 # the statistics in one statement; it returns the job (for webhooks) and whether jobs wait for it.
-SQL_FINISH = """
-WITH c AS MATERIALIZED (SELECT {clock} AS now),
-done AS (
+# A run's end, after a CTE ``c`` with its time (now): the job row, fenced by owner and run number
+# (and {fast}: more conditions), its attempt, and its event.
+_DONE = """done AS (
     UPDATE {s}.jobs j
     SET state = %(state)s, worker_id = NULL, lease_until = NULL, exit_code = %(exit_code)s::integer,
         last_error = %(error)s::text, run_at = coalesce(%(retry_at)s::float8, c.now + %(retry_in)s::float8, j.run_at),
         finished_at = c.now, updated_at = c.now
     FROM c, (SELECT seq, run_at FROM {s}.jobs
-             WHERE id = %(id)s AND runs = %(n)s AND worker_id = %(worker)s AND state = 'processing'
+             WHERE id = %(id)s AND runs = %(n)s AND worker_id = %(worker)s AND state = 'processing'{fast}
              FOR UPDATE) old
     WHERE j.seq = old.seq
     RETURNING """ + _columns("j.") + """, old.run_at AS due_at, c.now AS at
 ),
-attempt AS (
+ended AS (
     UPDATE {s}.attempts a
     SET ended_at = done.at, exit_code = %(exit_code)s::integer, outcome = %(outcome)s, error = %(error)s::text,
         output = %(output)s, output_bytes = %(output_bytes)s, pid = coalesce(a.pid, %(pid)s::integer)
     FROM done
     WHERE a.job_id = %(id)s AND a.n = %(n)s
 ),
+event AS (""" + _RUN_EVENT + """)"""
+SQL_FINISH = """
+WITH c AS MATERIALIZED (SELECT {clock} AS now),
+""" + _DONE.replace("{fast}", "") + """,
 worker AS (
     UPDATE {s}.workers w
     SET state = 'busy', job_id = CASE WHEN w.job_id = %(id)s THEN NULL ELSE w.job_id END,
         heartbeat_at = greatest(w.heartbeat_at, done.at)
     FROM done WHERE w.id = %(worker)s
-),
-event AS (""" + _RUN_EVENT + """)
+)
 SELECT done.*, (SELECT value FROM {s}.config WHERE key = 'webhook-url') AS global_webhook FROM done
 """
 # A worker's usual step, in one statement: close its run and claim the next due job.
@@ -621,51 +629,10 @@ WITH c AS MATERIALIZED (
            AND NOT coalesce((SELECT followup FROM {s}.jobs WHERE id = %(id)s), false) AS claiming,
            EXISTS (SELECT 1 FROM {s}.config WHERE key = 'webhook-url' AND value NOT IN ('null', '""', '')) AS hooked
 ),
-claimed AS (
-    UPDATE {s}.jobs j
-    SET state = 'processing', worker_id = %(worker)s, lease_until = c.claim_now + %(lease)s::float8,
-        attempts = j.attempts + 1, runs = j.runs + 1, started_at = c.claim_now, updated_at = c.claim_now,
-        finished_at = NULL
-    FROM c
-    WHERE j.seq = (SELECT seq FROM {s}.jobs
-                   WHERE (SELECT claiming FROM c) AND state IN ('pending', 'failed')
-                     AND run_at <= (SELECT claim_now FROM c)
-                   ORDER BY priority, run_at, seq
-                   LIMIT 1
-                   FOR UPDATE SKIP LOCKED)
-    RETURNING """ + _columns("j.") + """, c.claim_now AS clock
-),
-done AS (
-    UPDATE {s}.jobs j
-    SET state = %(state)s, worker_id = NULL, lease_until = NULL, exit_code = %(exit_code)s::integer,
-        last_error = %(error)s::text, run_at = coalesce(%(retry_at)s::float8, c.now + %(retry_in)s::float8, j.run_at),
-        finished_at = c.now, updated_at = c.now
-    FROM c, (SELECT seq, run_at FROM {s}.jobs
-             WHERE id = %(id)s AND runs = %(n)s AND worker_id = %(worker)s AND state = 'processing' AND NOT followup
-               AND (SELECT claiming AND NOT hooked FROM c)
-             FOR UPDATE) old
-    WHERE j.seq = old.seq
-    RETURNING j.queue, j.state, j.started_at, old.run_at AS due_at, c.now AS at
-),
-attempt AS (
-    UPDATE {s}.attempts a
-    SET ended_at = done.at, exit_code = %(exit_code)s::integer, outcome = %(outcome)s, error = %(error)s::text,
-        output = %(output)s, output_bytes = %(output_bytes)s, pid = coalesce(a.pid, %(pid)s::integer)
-    FROM done
-    WHERE a.job_id = %(id)s AND a.n = %(n)s
-),
-event AS (""" + _RUN_EVENT + """),
-new_attempt AS (
-    INSERT INTO {s}.attempts (job_id, n, worker_id, host, started_at)
-    SELECT id, runs, %(worker)s, %(host)s, clock FROM claimed
-),
-worker AS (
-    UPDATE {s}.workers w
-    SET state = CASE WHEN EXISTS (SELECT 1 FROM claimed) THEN 'busy' ELSE 'idle' END,
-        job_id = (SELECT id FROM claimed), heartbeat_at = greatest(w.heartbeat_at, c.claim_now)
-    FROM c
-    WHERE w.id = %(worker)s AND c.claiming
-)
+""" + _CLAIMED.replace("{at}", "claim_now").replace("{when}", "c.claiming").replace(
+    "{pick}", _PICK_DUE.replace("{go}", "claiming").replace("{at}", "claim_now")) + """,
+""" + _DONE.replace(
+    "{fast}", " AND NOT followup\n               AND (SELECT claiming AND NOT hooked FROM c)") + """
 SELECT c.claiming, claimed.*, (SELECT count(*) FROM done) AS done
 FROM c LEFT JOIN claimed ON true
 """
