@@ -63,7 +63,14 @@ Design (docs/postgresql.md has the user's view):
   options), no LISTEN, only transaction-level advisory locks.  Named prepared
   statements (psycopg prepares a statement run 5 times) halve the CPU of a
   claim and a finish on a direct connection; through a pooler (it refused the
-  startup option, or a prepared statement failed) there are none.
+  startup option, or a prepared statement failed) there are none.  A prepared
+  statement's plan is made once for all parameters, from each table's size at
+  that time: one made while ``attempts`` or ``jobs`` was nearly empty reads
+  the whole table for every job once the table has grown (seen: a worker's
+  step took 0.94 ms instead of 0.17 ms at 20,000 attempts), and autovacuum's
+  ANALYZE, which would renew it, may come a minute later.  So every
+  REPLAN_EVERY statements the store has its plans made again (``DISCARD
+  PLANS``): the planner sizes each table by its current number of pages.
 - **Few round trips, few rows.**  An enqueue (of up to 5,000 jobs), a claim,
   a heartbeat and a release are one statement each.  A worker's usual step,
   closing its run and claiming the next job (``finish_and_claim``), is one
@@ -135,6 +142,7 @@ SCHEMA_RE = re.compile(r"^[a-z_][a-z0-9_]{0,47}$")  # fits NOTIFY channel names 
 CONNECT_TIMEOUT = 10  # seconds, unless the URL says otherwise
 LISTEN_RETRY = 5.0  # seconds between attempts to re-open a broken LISTEN connection
 PREPARE_THRESHOLD = 5  # a statement run this often on a direct connection is prepared (psycopg's default)
+REPLAN_EVERY = 256  # statements between two re-plannings of the prepared ones (DISCARD PLANS)
 LISTEN_URL_ENV = "QUEUECTL_LISTEN_URL"  # where to LISTEN when the store's URL is a pooler's (default: that URL)
 ENQUEUE_CHUNK = 5000  # jobs per INSERT statement in a batch (one transaction in all)
 PIPELINE = psycopg.Pipeline.is_supported()  # several statements per round trip (libpq 14 or newer)
@@ -410,6 +418,13 @@ PG_SCHEMA = [
     INSERT INTO {s}.job_counts (state, n) SELECT {bucket_state}, count(*) FROM {s}.jobs GROUP BY 1;
     """.replace("{bucket_state}", "CASE state WHEN 'processing' THEN 'pending' ELSE state END")
        .replace("{bucket_new}", "CASE NEW.state WHEN 'processing' THEN 'pending' ELSE NEW.state END"),
+    # 4: one index less on jobs, whose claim and end each add an entry to every one of its indexes:
+    # seq (the order of creation, the tie-break of the ordered indexes) has no index of its own; a
+    # job is found by its id (unique, the replica identity).
+    """
+    ALTER TABLE {s}.jobs DROP CONSTRAINT jobs_pkey;
+    ALTER TABLE {s}.jobs REPLICA IDENTITY USING INDEX jobs_id_key;
+    """,
 ]
 
 SQL_MIGRATIONS_TABLE = """
@@ -498,13 +513,13 @@ SQL_NOTIFY = "SELECT pg_notify(%(channel)s, '')"
 SQL_NOTIFY_CANCEL = "SELECT pg_notify(%(channel)s, 'cancel')"
 
 # A claim's CTEs, after a CTE ``c`` that has the time of the claim in column {at}: the job ({pick}:
-# the next due one, or a given seq), its new attempt, and the worker's state (when {when}).
+# the next due one, or a given id), its new attempt, and the worker's state (when {when}).
 _CLAIMED = """claimed AS (
     UPDATE {s}.jobs j
     SET state = 'processing', worker_id = %(worker)s, lease_until = c.{at} + %(lease)s::float8,
         attempts = j.attempts + 1, runs = j.runs + 1, started_at = c.{at}, updated_at = c.{at}, finished_at = NULL
     FROM c
-    WHERE j.seq = {pick}
+    WHERE j.id = {pick}
     RETURNING """ + _columns("j.") + """, c.{at} AS clock
 ),
 new_attempt AS (
@@ -519,13 +534,13 @@ worker AS (
     WHERE w.id = %(worker)s AND {when}
 )"""
 #: The next due job, when {go} (a boolean of ``c``).
-_PICK_DUE = """(SELECT seq FROM {s}.jobs
+_PICK_DUE = """(SELECT id FROM {s}.jobs
                    WHERE (SELECT {go} FROM c) AND state IN ('pending', 'failed') AND run_at <= (SELECT {at} FROM c)
                    ORDER BY priority, run_at, seq
                    LIMIT 1
                    FOR UPDATE SKIP LOCKED)"""
 # Claims: the common case in one statement; paused queues or queues with a limit make it claim
-# nothing (limited), and claim() takes the slower path, then claims a given seq.
+# nothing (limited), and claim() takes the slower path, then claims a given id.
 _CLAIM = """
 WITH c AS MATERIALIZED (SELECT {clock} AS now, {limited} AS limited),
 """ + _CLAIMED.replace("{at}", "now").replace("{when}", "NOT c.limited") + """
@@ -533,10 +548,10 @@ SELECT c.limited, claimed.* FROM c LEFT JOIN claimed ON true
 """
 SQL_CLAIM = _CLAIM.replace("{limited}", "EXISTS (SELECT 1 FROM {s}.queues WHERE paused OR max_running IS NOT NULL)")\
     .replace("{pick}", _PICK_DUE.replace("{go}", "NOT limited").replace("{at}", "now"))
-SQL_CLAIM_SEQ = _CLAIM.replace("{limited}", "false").replace("{pick}", "%(seq)s")
+SQL_CLAIM_ID = _CLAIM.replace("{limited}", "false").replace("{pick}", "%(id)s")
 SQL_LIMITED_QUEUES = "SELECT name, max_running, paused FROM {s}.queues WHERE paused OR max_running IS NOT NULL"
 SQL_PICK = """
-SELECT seq, queue FROM {s}.jobs
+SELECT id, queue FROM {s}.jobs
 WHERE state IN ('pending', 'failed') AND run_at <= %(at)s
   AND queue <> ALL(%(blocked)s::text[]) AND (%(only)s::text[] IS NULL OR queue = ANY(%(only)s::text[]))
 ORDER BY priority, run_at, seq
@@ -575,20 +590,19 @@ _RUN_EVENT = """
            greatest(0, coalesce(started_at, at) - due_at), 'pending', state
     FROM done
 """
-# Closing a run: the job row (fenced by owner and run number), its attempt, the worker's state and
-# the statistics in one statement; it returns the job (for webhooks) and whether jobs wait for it.
 # A run's end, after a CTE ``c`` with its time (now): the job row, fenced by owner and run number
-# (and {fast}: more conditions), its attempt, and its event.
+# (and {fast}: more conditions), its attempt, and its event.  The UPDATE locks the row itself and
+# checks its conditions again on the newest version if another transaction changed it meanwhile (a
+# dependent's enqueue setting followup); the due time (for the event's wait) is read in the
+# statement's snapshot: nothing changes run_at while a run holds the job.
 _DONE = """done AS (
     UPDATE {s}.jobs j
     SET state = %(state)s, worker_id = NULL, lease_until = NULL, exit_code = %(exit_code)s::integer,
         last_error = %(error)s::text, run_at = coalesce(%(retry_at)s::float8, c.now + %(retry_in)s::float8, j.run_at),
         finished_at = c.now, updated_at = c.now
-    FROM c, (SELECT seq, run_at FROM {s}.jobs
-             WHERE id = %(id)s AND runs = %(n)s AND worker_id = %(worker)s AND state = 'processing'{fast}
-             FOR UPDATE) old
-    WHERE j.seq = old.seq
-    RETURNING """ + _columns("j.") + """, old.run_at AS due_at, c.now AS at
+    FROM c
+    WHERE j.id = %(id)s AND j.runs = %(n)s AND j.worker_id = %(worker)s AND j.state = 'processing'{fast}
+    RETURNING """ + _columns("j.") + """, (SELECT o.run_at FROM {s}.jobs o WHERE o.id = j.id) AS due_at, c.now AS at
 ),
 ended AS (
     UPDATE {s}.attempts a
@@ -598,6 +612,8 @@ ended AS (
     WHERE a.job_id = %(id)s AND a.n = %(n)s
 ),
 event AS (""" + _RUN_EVENT + """)"""
+# Closing a run by the general path: its end (_DONE) and the worker's state in one statement; it
+# returns the job (for webhooks) and the webhook-url setting.
 SQL_FINISH = """
 WITH c AS MATERIALIZED (SELECT {clock} AS now),
 """ + _DONE.replace("{fast}", "") + """,
@@ -632,7 +648,7 @@ WITH c AS MATERIALIZED (
 """ + _CLAIMED.replace("{at}", "claim_now").replace("{when}", "c.claiming").replace(
     "{pick}", _PICK_DUE.replace("{go}", "claiming").replace("{at}", "claim_now")) + """,
 """ + _DONE.replace(
-    "{fast}", " AND NOT followup\n               AND (SELECT claiming AND NOT hooked FROM c)") + """
+    "{fast}", " AND NOT j.followup AND c.claiming AND NOT c.hooked") + """
 SELECT c.claiming, claimed.*, (SELECT count(*) FROM done) AS done
 FROM c LEFT JOIN claimed ON true
 """
@@ -665,9 +681,11 @@ SELECT (SELECT count(*) FROM released) AS n, (SELECT count(*) FROM wake) AS woke
 """
 SQL_NOW = "SELECT {clock} AS now"
 SQL_ANY_EXPIRED = "SELECT 1 FROM {s}.jobs WHERE state = 'processing' AND lease_until < %(at)s LIMIT 1"
+# (attempts.job_id is in the database's default collation, jobs.id in "C": a join of the two names
+# the default one, or it cannot use the attempts index and reads the whole table.)
 SQL_LOST_JOBS = """
 SELECT j.seq, j.id, j.runs, j.rescues, j.queue, j.worker_id, j.lease_until, a.host, a.pid, a.started_at
-FROM {s}.jobs j LEFT JOIN {s}.attempts a ON a.job_id = j.id AND a.n = j.runs
+FROM {s}.jobs j LEFT JOIN {s}.attempts a ON a.job_id = j.id COLLATE "default" AND a.n = j.runs
 WHERE j.state = 'processing' AND (j.lease_until < %(at)s OR j.worker_id = ANY(%(dead)s::text[]))
 ORDER BY j.seq
 FOR UPDATE OF j SKIP LOCKED
@@ -677,7 +695,7 @@ UPDATE {s}.jobs
 SET state = %(state)s, worker_id = NULL, lease_until = NULL, attempts = greatest(attempts - 1, 0),
     rescues = rescues + 1, last_error = %(error)s, run_at = %(at)s, updated_at = %(at)s,
     finished_at = CASE WHEN %(state)s = 'dead' THEN %(at)s::float8 END
-WHERE seq = %(seq)s AND runs = %(n)s AND state = 'processing'
+WHERE id = %(id)s AND runs = %(n)s AND state = 'processing'
 """
 # (a lost run counts in the statistics with no run time; in the attempt totals when it has an attempt)
 SQL_LOSE_ATTEMPT = """
@@ -780,7 +798,7 @@ RETURNING j.id
 SQL_DEAD_IDS = "SELECT id FROM {s}.jobs WHERE state = 'dead' ORDER BY updated_at, seq"
 SQL_DELETE_JOBS = """
 WITH gone AS (DELETE FROM {s}.jobs WHERE state = ANY(%(states)s::text[]) RETURNING id),
-gone_attempts AS (DELETE FROM {s}.attempts a USING gone WHERE a.job_id = gone.id)
+gone_attempts AS (DELETE FROM {s}.attempts a USING gone WHERE a.job_id = gone.id COLLATE "default")
 SELECT id FROM gone
 """
 SQL_WAITING_ON = """
@@ -797,11 +815,11 @@ DELETE FROM {s}.job_deps d WHERE d.job_id = ANY(%(ids)s::text[])
 """
 SQL_PURGE = """
 WITH doomed AS (
-    SELECT seq, id FROM {s}.jobs WHERE state = %(state)s AND updated_at < %(before)s
+    SELECT id FROM {s}.jobs WHERE state = %(state)s AND updated_at < %(before)s
     ORDER BY updated_at LIMIT %(limit)s FOR UPDATE SKIP LOCKED
 ),
-gone AS (DELETE FROM {s}.jobs j USING doomed WHERE j.seq = doomed.seq RETURNING j.id),
-gone_attempts AS (DELETE FROM {s}.attempts a USING gone WHERE a.job_id = gone.id)
+gone AS (DELETE FROM {s}.jobs j USING doomed WHERE j.id = doomed.id RETURNING j.id),
+gone_attempts AS (DELETE FROM {s}.attempts a USING gone WHERE a.job_id = gone.id COLLATE "default")
 SELECT count(*) AS n FROM gone
 """
 
@@ -1101,6 +1119,7 @@ class PostgresStore(StoreRules):
         # Through a pooler in transaction mode (as far as can be told: it refused the startup option,
         # or a named prepared statement failed), the store's connection keeps no session state.
         self.pooled = False
+        self._statements = 0  # statements since the last DISCARD PLANS (direct connections)
         self._listen_warned = False  # the LISTEN connection seemed to go through a pooler (said once)
         self.conn = self._connect()
         self._migrate(create)
@@ -1206,6 +1225,10 @@ class PostgresStore(StoreRules):
         Any exception rolls the transaction back; psycopg errors are translated."""
         try:
             conn = self._connection()
+            self._statements += 1
+            if self._statements >= REPLAN_EVERY and not self.pooled:
+                self._statements = 0
+                conn.execute("DISCARD PLANS")
             if transaction:
                 with conn.transaction(), conn.cursor() as cur:
                     self._begin(cur)
@@ -1366,15 +1389,15 @@ class PostgresStore(StoreRules):
                 return Job.from_row(row) if row["seq"] is not None else None
         with self._cursor(transaction=True) as cur:
             limited = cur.execute(self.sql.LIMITED_QUEUES).fetchall()
-            seq = self._pick(cur, self._now(now, cur), limited, queues)
-            row = cur.execute(self.sql.CLAIM_SEQ, dict(params, seq=seq)).fetchone() if seq is not None else None
+            job_id = self._pick(cur, self._now(now, cur), limited, queues)
+            row = cur.execute(self.sql.CLAIM_ID, dict(params, id=job_id)).fetchone() if job_id is not None else None
             if row is None or row["seq"] is None:
                 cur.execute(self.sql.WORKER_STATE, {"now": params["now"], "state": "idle", "worker": worker_id})
                 return None
         return Job.from_row(row)
 
     def _pick(self, cur, at, limited, queues):
-        """The next due job's seq among the queues this worker may take from now: paused queues
+        """The next due job's id among the queues this worker may take from now: paused queues
         are left out, and a queue with a limit is locked while its running jobs are counted, so
         that workers on all machines together respect the limit."""
         blocked = [q["name"] for q in limited if q["paused"]]
@@ -1385,12 +1408,12 @@ class PostgresStore(StoreRules):
             if hit is None:
                 return None
             if hit["queue"] not in caps:
-                return hit["seq"]
+                return hit["id"]
             lock = cur.execute(self.sql.LOCK_QUEUE, {"queue": hit["queue"]}).fetchone()
             cap = lock["max_running"] if lock else None
             running = cur.execute(self.sql.RUNNING_IN_QUEUE, {"queue": hit["queue"]}).fetchone()["n"]
             if cap is None or running < cap:
-                return hit["seq"]
+                return hit["id"]
             blocked.append(hit["queue"])
 
     def started(self, job_id, run, pid):
@@ -1780,7 +1803,7 @@ class PostgresStore(StoreRules):
         return self._cur.execute(self.sql.LOST_JOBS, {"at": at, "dead": dead_workers}).fetchall()
 
     def _lose_run(self, row, at, state, why):
-        p = {"seq": row["seq"], "id": row["id"], "n": row["runs"], "at": at, "state": state, "error": why,
+        p = {"id": row["id"], "n": row["runs"], "at": at, "state": state, "error": why,
              "queue": row["queue"]}
         if self._cur.execute(self.sql.LOSE_JOB, p).rowcount != 1:
             return False

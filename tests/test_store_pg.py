@@ -810,6 +810,103 @@ def test_a_workers_usual_step_is_one_statement_and_records_the_pid_with_the_resu
     assert pg.pid_delay > 0
 
 
+def test_plans_made_while_the_tables_were_small_are_made_again_as_they_grow(pg, pg_url):
+    """A worker's statements are prepared: one plan for all parameters, sized on the tables as they
+    were then.  Made while ``attempts`` was nearly empty, the usual step would scan every attempt
+    for each job once the table has grown; the store has its plans made again every REPLAN_EVERY
+    statements, so they follow the tables' sizes."""
+    db_rows(pg_url, "VACUUM ANALYZE attempts")  # (as after a purge: the statistics say empty)
+    pg.enqueue([new_job(id="j%02d" % i) for i in range(40)], time.time())
+    plans = plans_of(pg)
+
+    def step(job):
+        plans.clear()
+        ok, nxt = pg.finish_and_claim(dict(job_id=job.id, run=job.runs, worker_id="w1", state="completed",
+                                           now=time.time(), outcome="completed", exit_code=0, pid=1),
+                                      dict(worker_id="w1", host=HOST, now=time.time(), lease=LEASE))
+        assert ok and nxt is not None
+        (plan,) = [p for p in plans if "claim_now" in p]
+        return nxt, plan
+
+    job = pg.claim("w1", HOST, time.time(), LEASE)
+    for _ in range(15):  # prepared at the 5th run; its own plan for each of the next 5, then one for all
+        job, plan = step(job)
+    assert "Seq Scan on attempts" in plan  # (the premise: so small a table is read whole)
+    db_rows(pg_url, "INSERT INTO attempts (job_id, n, started_at) SELECT 'x' || i, 1, 0 FROM generate_series(1, 20000) i")
+    job, plan = step(job)
+    assert "Seq Scan on attempts" in plan  # the same plan, until ...
+    assert pg.conn.execute("SELECT generic_plans FROM pg_prepared_statements WHERE statement LIKE '%%claim_now%%'"
+                           ).fetchone()["generic_plans"] > 1
+    for _ in range(queuectl_pg.REPLAN_EVERY):
+        pg.get(job.id)
+    job, plan = step(job)
+    assert "Index Scan using attempts_pkey on attempts" in plan and "Seq Scan on attempts" not in plan
+
+
+def plans_of(store):
+    """The plans of the statements ``store`` runs from now on, as the server runs them (auto_explain,
+    sent to this session as notices)."""
+    plans = []
+    store.conn.add_notice_handler(lambda d: plans.append(d.message_primary or ""))
+    for sql in ("LOAD 'auto_explain'", "SET auto_explain.log_min_duration = 0",
+                "SET auto_explain.log_level = 'notice'", "SET auto_explain.log_nested_statements = on"):
+        store.conn.execute(sql)
+    return plans
+
+
+def test_no_statement_of_a_worker_or_of_the_dashboard_reads_a_whole_big_table(pg_url):
+    """With 20,000 jobs and their attempts, the statements of claims, ends (both paths), a release,
+    a rescue, reads, pages and a purge find their rows through an index: none reads all of jobs
+    or attempts.  (A statement that looked a job up by seq, which has no index of its own, would;
+    so would a join of attempts.job_id, in the database's collation, with jobs.id, in "C", that
+    does not name the collation of the attempts index.)"""
+    store = queuectl_pg.PostgresStore(pg_url, clock="caller")
+    try:
+        now = time.time()
+        store.enqueue([spec(now, id="b%05d" % i) for i in range(20000)], now)
+        db_rows(pg_url, "UPDATE jobs SET state = 'completed', updated_at = CASE WHEN id < 'b01000' THEN %s ELSE %s END "
+                        "WHERE id < 'b18000'" % (now - 3600, now - 60))
+        db_rows(pg_url, "INSERT INTO attempts (job_id, n, started_at, ended_at, outcome) "
+                        "SELECT id, 1, %s, %s, 'completed' FROM jobs WHERE state = 'completed'" % (now - 61, now - 60))
+        db_rows(pg_url, "INSERT INTO schedules (name, cron, tz, spec, missed, overlap, next_run, last_job, created_at) "
+                        "VALUES ('nightly', '0 3 * * *', 'UTC', '{}', 'skip', 'skip', %s, 'b00005', %s)" % (now, now))
+        for table in ("jobs", "attempts", "schedules"):
+            db_rows(pg_url, "VACUUM ANALYZE " + table)
+        plans = plans_of(store)
+        t = now + 1
+        job = store.claim("w1", HOST, t, LEASE)
+        for _ in range(3):
+            ok, job = store.finish_and_claim(
+                dict(job_id=job.id, run=job.runs, worker_id="w1", state="completed", now=t, outcome="completed",
+                     exit_code=0, pid=1), dict(worker_id="w1", host=HOST, now=t, lease=LEASE))
+        store.heartbeat("w1", job.id, job.runs, t, LEASE, output=("out", 3))
+        store.started(job.id, job.runs, 4242)
+        assert store.finish(job.id, job.runs, "w1", "completed", t, "completed", exit_code=0)
+        job = store.claim("w1", HOST, t, LEASE)
+        assert store.release(job.id, job.runs, "w1", t, "stopped")
+        job = store.claim("w2", OTHER_HOST, t, LEASE)
+        assert store.rescue(t + LEASE + 30, HOST, always_alive, Recorder()) == [job.id]
+        store.get("b19000")
+        store.attempts("b00001")
+        store.list_jobs(limit=50)
+        store.list_jobs(state="pending", limit=50)
+        store.jobs_page(limit=50)
+        store.jobs_page(state="completed", limit=50, after=(now - 60, 10 ** 6))
+        store.jobs_page(id_prefix="b001", limit=50)
+        store.queue_page("default", limit=50)
+        store.scheduled_page(t, limit=50)
+        store.schedules()
+        store.counts()
+        store.data_version()
+        assert store.purge(["completed"], now - 1800, batch=50) == 1000
+    finally:
+        store.close()
+    ran = [p for p in plans if "Query Text" in p]
+    assert len(ran) > 20
+    whole = [p for p in ran if "Seq Scan on jobs " in p or "Seq Scan on attempts " in p]
+    assert not whole, "\n\n".join(whole)
+
+
 def test_a_dependency_that_ended_before_the_enqueue_committed_is_seen(pg, pg_url):
     pg.enqueue([new_job(id="a", max_retries=0)], time.time())
     run = pg.claim("w1", HOST, time.time(), LEASE)
@@ -835,9 +932,9 @@ def test_a_queue_limit_holds_for_workers_claiming_at_the_same_time(pg, pg_url):
     first = queuectl_pg.PostgresStore(pg_url)
     try:
         with first._cursor(transaction=True) as cur:  # a claim from the limited queue, not committed yet
-            seq = first._pick(cur, first._now(None, cur), cur.execute(first.sql.LIMITED_QUEUES).fetchall(), None)
-            claimed = cur.execute(first.sql.CLAIM_SEQ, {"now": None, "worker": "w1", "host": HOST, "lease": LEASE,
-                                                        "seq": seq}).fetchone()
+            job_id = first._pick(cur, first._now(None, cur), cur.execute(first.sql.LIMITED_QUEUES).fetchall(), None)
+            claimed = cur.execute(first.sql.CLAIM_ID, {"now": None, "worker": "w1", "host": HOST, "lease": LEASE,
+                                                       "id": job_id}).fetchone()
             assert claimed["queue"] == "q"
             second = in_thread(lambda: pg.claim("w2", OTHER_HOST, time.time(), LEASE))
             wait_until(lambda: blocked_sessions(pg_url) == 1, 10, message="the second claim did not wait")
