@@ -418,12 +418,14 @@ PG_SCHEMA = [
     INSERT INTO {s}.job_counts (state, n) SELECT {bucket_state}, count(*) FROM {s}.jobs GROUP BY 1;
     """.replace("{bucket_state}", "CASE state WHEN 'processing' THEN 'pending' ELSE state END")
        .replace("{bucket_new}", "CASE NEW.state WHEN 'processing' THEN 'pending' ELSE NEW.state END"),
-    # 4: one index less on jobs, whose claim and end each add an entry to every one of its indexes:
-    # seq (the order of creation, the tie-break of the ordered indexes) has no index of its own; a
-    # job is found by its id (unique, the replica identity).
+    # 4: two indexes less on jobs, whose claim and end each add an entry to every one of its
+    # indexes: seq (the order of creation, the tie-break of the ordered indexes) has no index of
+    # its own, a job is found by its id (unique, the replica identity); and the newest jobs of all
+    # states are read from jobs_state_updated, one range per state, merged (_NEWEST_FIRST).
     """
     ALTER TABLE {s}.jobs DROP CONSTRAINT jobs_pkey;
     ALTER TABLE {s}.jobs REPLICA IDENTITY USING INDEX jobs_id_key;
+    DROP INDEX {s}.jobs_updated;
     """,
 ]
 
@@ -781,7 +783,14 @@ FROM {s}.attempts WHERE job_id = %(id)s ORDER BY n
 SQL_ATTEMPTS_OUTPUT = "SELECT * FROM {s}.attempts WHERE job_id = %(id)s ORDER BY n"
 SQL_ATTEMPT_ONE = "SELECT * FROM {s}.attempts WHERE job_id = %(id)s AND n = %(n)s"
 SQL_ATTEMPT_LAST = "SELECT * FROM {s}.attempts WHERE job_id = %(id)s ORDER BY n DESC LIMIT 1"
-SQL_LIST_ALL = "SELECT " + _columns() + " FROM {s}.jobs ORDER BY updated_at DESC, seq DESC LIMIT %(limit)s"
+# Jobs of every state, newest change first (after a position, {after}), at most {limit}: one range of
+# jobs_state_updated per state, each bounded, merged in order (an index per state's worth of rows
+# read, not the table, and no index on updated_at alone for every claim and end to write to).
+_NEWEST_FIRST = "SELECT * FROM (" + " UNION ALL ".join(
+    "(SELECT {columns} FROM {s}.jobs WHERE state = '%s' AND {after} ORDER BY updated_at DESC, seq DESC LIMIT {limit})"
+    % state.value for state in queuectl.JobState) + ") newest ORDER BY updated_at DESC, seq DESC LIMIT {limit}"
+_AFTER = "(updated_at, seq) < (%(updated_at)s::float8, %(seq)s::bigint)"
+SQL_LIST_ALL = _NEWEST_FIRST.format(columns=_columns(), s="{s}", after="true", limit="%(limit)s")
 SQL_LIST_STATE = (
     "SELECT " + _columns() + " FROM {s}.jobs WHERE state = %(state)s ORDER BY updated_at DESC, seq DESC LIMIT %(limit)s"
 )
@@ -944,10 +953,7 @@ AND (%(supervisor)s::integer IS NULL OR supervisor_pid = %(supervisor)s::integer
 """
 
 # Dashboard reads: keyset pages on the (updated_at, seq) indexes, id-prefix search on the id index.
-SQL_PAGE_ALL = (
-    "SELECT " + _columns() + " FROM {s}.jobs WHERE (updated_at, seq) < (%(updated_at)s::float8, %(seq)s::bigint) "
-    "ORDER BY updated_at DESC, seq DESC LIMIT %(limit)s"
-)
+SQL_PAGE_ALL = _NEWEST_FIRST.format(columns=_columns(), s="{s}", after=_AFTER, limit="%(limit)s")
 SQL_PAGE_STATE = (
     "SELECT " + _columns() + " FROM {s}.jobs WHERE state = %(state)s "
     "AND (updated_at, seq) < (%(updated_at)s::float8, %(seq)s::bigint) ORDER BY updated_at DESC, seq DESC LIMIT %(limit)s"
@@ -968,9 +974,9 @@ SQL_SCHEDULED_PAGE = (  # one priority at a time: a range of the jobs_ready inde
     "AND run_at > {clock} AND (run_at, seq) > (%(run_at)s::float8, %(seq)s::bigint) AND state = 'pending' "
     "ORDER BY run_at, seq LIMIT %(limit)s"
 )
-SQL_QUEUE_PAGE = (  # the newest %(scan)s jobs (on the jobs_updated index), then those of the queue
-    "SELECT * FROM (SELECT " + _columns() + " FROM {s}.jobs WHERE (updated_at, seq) < (%(updated_at)s::float8, "
-    "%(seq)s::bigint) ORDER BY updated_at DESC, seq DESC LIMIT %(scan)s) x WHERE queue = %(queue)s LIMIT %(limit)s"
+SQL_QUEUE_PAGE = (  # the newest %(scan)s jobs, then those of the queue
+    "SELECT * FROM (" + _NEWEST_FIRST.format(columns=_columns(), s="{s}", after=_AFTER, limit="%(scan)s")
+    + ") x WHERE queue = %(queue)s LIMIT %(limit)s"
 )
 SQL_QUEUE_PAGE_STATE = (
     "SELECT * FROM (SELECT " + _columns() + " FROM {s}.jobs WHERE state = %(state)s AND (updated_at, seq) < "
@@ -978,8 +984,8 @@ SQL_QUEUE_PAGE_STATE = (
     "WHERE queue = %(queue)s LIMIT %(limit)s"
 )
 SQL_PAGE_NTH = (  # is there a job after the first %(scan)s from the position on?  (index only)
-    "SELECT seq FROM {s}.jobs WHERE (updated_at, seq) < (%(updated_at)s::float8, %(seq)s::bigint) "
-    "ORDER BY updated_at DESC, seq DESC LIMIT 1 OFFSET %(scan)s"
+    "SELECT seq FROM (" + _NEWEST_FIRST.format(columns="updated_at, seq", s="{s}", after=_AFTER, limit="%(scan)s + 1")
+    + ") x ORDER BY updated_at DESC, seq DESC LIMIT 1 OFFSET %(scan)s"
 )
 SQL_PAGE_NTH_STATE = (
     "SELECT seq FROM {s}.jobs WHERE state = %(state)s AND (updated_at, seq) < (%(updated_at)s::float8, "
@@ -998,7 +1004,8 @@ SELECT minute, outcome, sum(count)::bigint AS count, sum(run_sum) AS run_sum, su
 FROM """ + _STATS + """ GROUP BY minute, outcome ORDER BY minute, outcome
 """
 SQL_DATA_VERSION = """
-SELECT (SELECT max(updated_at) FROM {s}.jobs) AS updated,
+SELECT (SELECT max(updated_at) FROM (""" + _NEWEST_FIRST.format(
+    columns="updated_at, seq", s="{s}", after="true", limit="1") + """) x) AS updated,
        (SELECT count(*) FROM {s}.job_events) AS events,
        (SELECT max(lease_until) FROM {s}.jobs WHERE state = 'processing') AS leases,
        (SELECT count(*) FROM {s}.job_count_deltas) AS deltas,

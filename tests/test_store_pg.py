@@ -894,6 +894,7 @@ def test_no_statement_of_a_worker_or_of_the_dashboard_reads_a_whole_big_table(pg
         store.jobs_page(state="completed", limit=50, after=(now - 60, 10 ** 6))
         store.jobs_page(id_prefix="b001", limit=50)
         store.queue_page("default", limit=50)
+        store.queue_page("nightly", limit=50)  # (a queue with no job: the newest 2,000, then a look beyond)
         store.scheduled_page(t, limit=50)
         store.schedules()
         store.counts()
