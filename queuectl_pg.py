@@ -69,8 +69,9 @@ Design (docs/postgresql.md has the user's view):
   the whole table for every job once the table has grown (seen: a worker's
   step took 0.94 ms instead of 0.17 ms at 20,000 attempts), and autovacuum's
   ANALYZE, which would renew it, may come a minute later.  So every
-  REPLAN_EVERY statements the store has its plans made again (``DISCARD
-  PLANS``): the planner sizes each table by its current number of pages.
+  REPLAN_EVERY uses of its connection (a statement or a transaction) the
+  store has its plans made again (``DISCARD PLANS``): the planner sizes each
+  table by its current number of pages.
 - **Few round trips, few rows.**  An enqueue (of up to 5,000 jobs), a claim,
   a heartbeat and a release are one statement each.  A worker's usual step,
   closing its run and claiming the next job (``finish_and_claim``), is one
@@ -142,7 +143,7 @@ SCHEMA_RE = re.compile(r"^[a-z_][a-z0-9_]{0,47}$")  # fits NOTIFY channel names 
 CONNECT_TIMEOUT = 10  # seconds, unless the URL says otherwise
 LISTEN_RETRY = 5.0  # seconds between attempts to re-open a broken LISTEN connection
 PREPARE_THRESHOLD = 5  # a statement run this often on a direct connection is prepared (psycopg's default)
-REPLAN_EVERY = 256  # statements between two re-plannings of the prepared ones (DISCARD PLANS)
+REPLAN_EVERY = 256  # uses of the connection (a statement or a transaction) between two DISCARD PLANS
 LISTEN_URL_ENV = "QUEUECTL_LISTEN_URL"  # where to LISTEN when the store's URL is a pooler's (default: that URL)
 ENQUEUE_CHUNK = 5000  # jobs per INSERT statement in a batch (one transaction in all)
 PIPELINE = psycopg.Pipeline.is_supported()  # several statements per round trip (libpq 14 or newer)
@@ -952,7 +953,8 @@ SELECT wake FROM {s}.workers WHERE host = %(host)s AND (state = 'idle' OR NOT %(
 AND (%(supervisor)s::integer IS NULL OR supervisor_pid = %(supervisor)s::integer) LIMIT %(n)s
 """
 
-# Dashboard reads: keyset pages on the (updated_at, seq) indexes, id-prefix search on the id index.
+# Dashboard reads: keyset pages on (state, updated_at, seq) (all states: _NEWEST_FIRST), id-prefix
+# search on the id index.
 SQL_PAGE_ALL = _NEWEST_FIRST.format(columns=_columns(), s="{s}", after=_AFTER, limit="%(limit)s")
 SQL_PAGE_STATE = (
     "SELECT " + _columns() + " FROM {s}.jobs WHERE state = %(state)s "
@@ -1126,7 +1128,7 @@ class PostgresStore(StoreRules):
         # Through a pooler in transaction mode (as far as can be told: it refused the startup option,
         # or a named prepared statement failed), the store's connection keeps no session state.
         self.pooled = False
-        self._statements = 0  # statements since the last DISCARD PLANS (direct connections)
+        self._statements = 0  # uses of the connection since the last DISCARD PLANS (direct connections)
         self._listen_warned = False  # the LISTEN connection seemed to go through a pooler (said once)
         self.conn = self._connect()
         self._migrate(create)
