@@ -518,6 +518,11 @@ def test_migration_to_run_events_keeps_counts_totals_and_marks_jobs_whose_end_ha
         assert store.counts()["processing"] == 1 and store.counts()["pending"] == 2
         assert dict(db_rows(pg_url, "SELECT id, followup FROM jobs")) == {
             "a": False, "b": True, "c": False, "d": False, "e": True}
+        # (and version 4: jobs keeps the indexes of ids, due jobs, states and unique keys, no more)
+        assert sorted(r[0] for r in db_rows(pg_url, "SELECT indexname FROM pg_indexes WHERE schemaname = '%s' "
+                                                    "AND tablename = 'jobs'" % schema)) == [
+            "jobs_id_key", "jobs_ready", "jobs_state_updated", "jobs_unique_key"]
+        assert sorted(j.id for j in store.jobs_page(limit=10)[0]) == ["a", "b", "c", "d", "e"]
         ok, job = store.finish_and_claim(
             dict(job_id="b", run=1, worker_id="w1", state="completed", now=time.time(), outcome="completed",
                  exit_code=0), dict(worker_id="w1", host=HOST, now=time.time(), lease=LEASE))
