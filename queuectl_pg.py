@@ -422,7 +422,7 @@ PG_SCHEMA = [
     # 4: two indexes less on jobs, whose claim and end each add an entry to every one of its
     # indexes: seq (the order of creation, the tie-break of the ordered indexes) has no index of
     # its own, a job is found by its id (unique, the replica identity); and the newest jobs of all
-    # states are read from jobs_state_updated, one range per state, merged (_NEWEST_FIRST).
+    # states are read from jobs_state_updated, one range per state, merged (_newest_first).
     """
     ALTER TABLE {s}.jobs DROP CONSTRAINT jobs_pkey;
     ALTER TABLE {s}.jobs REPLICA IDENTITY USING INDEX jobs_id_key;
@@ -784,17 +784,25 @@ FROM {s}.attempts WHERE job_id = %(id)s ORDER BY n
 SQL_ATTEMPTS_OUTPUT = "SELECT * FROM {s}.attempts WHERE job_id = %(id)s ORDER BY n"
 SQL_ATTEMPT_ONE = "SELECT * FROM {s}.attempts WHERE job_id = %(id)s AND n = %(n)s"
 SQL_ATTEMPT_LAST = "SELECT * FROM {s}.attempts WHERE job_id = %(id)s ORDER BY n DESC LIMIT 1"
-# Jobs of every state, newest change first (after a position, {after}), at most {limit}: one range of
-# jobs_state_updated per state, each bounded, merged in order (an index per state's worth of rows
-# read, not the table, and no index on updated_at alone for every claim and end to write to).
-_NEWEST_FIRST = "SELECT * FROM (" + " UNION ALL ".join(
-    "(SELECT {columns} FROM {s}.jobs WHERE state = '%s' AND {after} ORDER BY updated_at DESC, seq DESC LIMIT {limit})"
-    % state.value for state in queuectl.JobState) + ") newest ORDER BY updated_at DESC, seq DESC LIMIT {limit}"
-_AFTER = "(updated_at, seq) < (%(updated_at)s::float8, %(seq)s::bigint)"
-SQL_LIST_ALL = _NEWEST_FIRST.format(columns=_columns(), s="{s}", after="true", limit="%(limit)s")
-SQL_LIST_STATE = (
-    "SELECT " + _columns() + " FROM {s}.jobs WHERE state = %(state)s ORDER BY updated_at DESC, seq DESC LIMIT %(limit)s"
-)
+_AFTER = "(updated_at, seq) < (%(updated_at)s::float8, %(seq)s::bigint)"  # (a page's position)
+
+
+def _newest_first(columns, limit, after="true", state="%(state)s"):
+    """Jobs newest change first (after a position: ``after``), at most ``limit``: a range of
+    jobs_state_updated.  For every state (``state`` None), one bounded range per state, merged in
+    order: about ``limit`` rows read, not the table, and no index on updated_at alone for every
+    claim and end to write to."""
+    def one(st):
+        return ("SELECT %s FROM {s}.jobs WHERE state = %s AND %s ORDER BY updated_at DESC, seq DESC LIMIT %s"
+                % (columns, st, after, limit))
+    if state is not None:
+        return one(state)
+    return ("SELECT * FROM (" + " UNION ALL ".join("(%s)" % one("'%s'" % st.value) for st in queuectl.JobState)
+            + ") newest ORDER BY updated_at DESC, seq DESC LIMIT " + limit)
+
+
+SQL_LIST_ALL = _newest_first(_columns(), "%(limit)s", state=None)
+SQL_LIST_STATE = _newest_first(_columns(), "%(limit)s")
 SQL_RETRY_DEAD = """
 WITH c AS MATERIALIZED (SELECT {clock} AS now)
 UPDATE {s}.jobs j
@@ -953,13 +961,10 @@ SELECT wake FROM {s}.workers WHERE host = %(host)s AND (state = 'idle' OR NOT %(
 AND (%(supervisor)s::integer IS NULL OR supervisor_pid = %(supervisor)s::integer) LIMIT %(n)s
 """
 
-# Dashboard reads: keyset pages on (state, updated_at, seq) (all states: _NEWEST_FIRST), id-prefix
-# search on the id index.
-SQL_PAGE_ALL = _NEWEST_FIRST.format(columns=_columns(), s="{s}", after=_AFTER, limit="%(limit)s")
-SQL_PAGE_STATE = (
-    "SELECT " + _columns() + " FROM {s}.jobs WHERE state = %(state)s "
-    "AND (updated_at, seq) < (%(updated_at)s::float8, %(seq)s::bigint) ORDER BY updated_at DESC, seq DESC LIMIT %(limit)s"
-)
+# Dashboard reads: keyset pages on (state, updated_at, seq) (_newest_first), id-prefix search on the
+# id index.
+SQL_PAGE_ALL = _newest_first(_columns(), "%(limit)s", _AFTER, state=None)
+SQL_PAGE_STATE = _newest_first(_columns(), "%(limit)s", _AFTER)
 SQL_PAGE_PREFIX = (  # ids sort bytewise (COLLATE "C"), as in SQLite: a prefix is a range of the id index
     "SELECT " + _columns() + " FROM {s}.jobs WHERE id >= %(start)s AND id < %(stop)s "
     "AND (%(state)s::text IS NULL OR state = %(state)s) ORDER BY id LIMIT %(limit)s"
@@ -976,23 +981,14 @@ SQL_SCHEDULED_PAGE = (  # one priority at a time: a range of the jobs_ready inde
     "AND run_at > {clock} AND (run_at, seq) > (%(run_at)s::float8, %(seq)s::bigint) AND state = 'pending' "
     "ORDER BY run_at, seq LIMIT %(limit)s"
 )
-SQL_QUEUE_PAGE = (  # the newest %(scan)s jobs, then those of the queue
-    "SELECT * FROM (" + _NEWEST_FIRST.format(columns=_columns(), s="{s}", after=_AFTER, limit="%(scan)s")
-    + ") x WHERE queue = %(queue)s LIMIT %(limit)s"
-)
-SQL_QUEUE_PAGE_STATE = (
-    "SELECT * FROM (SELECT " + _columns() + " FROM {s}.jobs WHERE state = %(state)s AND (updated_at, seq) < "
-    "(%(updated_at)s::float8, %(seq)s::bigint) ORDER BY updated_at DESC, seq DESC LIMIT %(scan)s) x "
-    "WHERE queue = %(queue)s LIMIT %(limit)s"
-)
-SQL_PAGE_NTH = (  # is there a job after the first %(scan)s from the position on?  (index only)
-    "SELECT seq FROM (" + _NEWEST_FIRST.format(columns="updated_at, seq", s="{s}", after=_AFTER, limit="%(scan)s + 1")
-    + ") x ORDER BY updated_at DESC, seq DESC LIMIT 1 OFFSET %(scan)s"
-)
-SQL_PAGE_NTH_STATE = (
-    "SELECT seq FROM {s}.jobs WHERE state = %(state)s AND (updated_at, seq) < (%(updated_at)s::float8, "
-    "%(seq)s::bigint) ORDER BY updated_at DESC, seq DESC LIMIT 1 OFFSET %(scan)s"
-)
+# (a queue's page: the newest %(scan)s jobs, then those of the queue; is there a job after the
+# first %(scan)s from the position on? (index only))
+SQL_QUEUE_PAGE, SQL_QUEUE_PAGE_STATE = (
+    "SELECT * FROM (" + _newest_first(_columns(), "%(scan)s", _AFTER, state)
+    + ") x WHERE queue = %(queue)s LIMIT %(limit)s" for state in (None, "%(state)s"))
+SQL_PAGE_NTH, SQL_PAGE_NTH_STATE = (
+    "SELECT seq FROM (" + _newest_first("updated_at, seq", "%(scan)s + 1", _AFTER, state)
+    + ") x ORDER BY updated_at DESC, seq DESC LIMIT 1 OFFSET %(scan)s" for state in (None, "%(state)s"))
 # The statistics read the folded rows and the events not folded yet (a fold may run meanwhile: in
 # one snapshot, a row is in one place or the other).
 _STATS = """(
@@ -1006,8 +1002,7 @@ SELECT minute, outcome, sum(count)::bigint AS count, sum(run_sum) AS run_sum, su
 FROM """ + _STATS + """ GROUP BY minute, outcome ORDER BY minute, outcome
 """
 SQL_DATA_VERSION = """
-SELECT (SELECT max(updated_at) FROM (""" + _NEWEST_FIRST.format(
-    columns="updated_at, seq", s="{s}", after="true", limit="1") + """) x) AS updated,
+SELECT (SELECT max(updated_at) FROM (""" + _newest_first("updated_at, seq", "1", state=None) + """) x) AS updated,
        (SELECT count(*) FROM {s}.job_events) AS events,
        (SELECT max(lease_until) FROM {s}.jobs WHERE state = 'processing') AS leases,
        (SELECT count(*) FROM {s}.job_count_deltas) AS deltas,

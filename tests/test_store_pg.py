@@ -815,6 +815,17 @@ def test_a_workers_usual_step_is_one_statement_and_records_the_pid_with_the_resu
     assert pg.pid_delay > 0
 
 
+def plans_of(store):
+    """The plans of the statements ``store`` runs from now on, as the server runs them (auto_explain,
+    sent to this session as notices)."""
+    plans = []
+    store.conn.add_notice_handler(lambda d: plans.append(d.message_primary or ""))
+    for sql in ("LOAD 'auto_explain'", "SET auto_explain.log_min_duration = 0",
+                "SET auto_explain.log_level = 'notice'", "SET auto_explain.log_nested_statements = on"):
+        store.conn.execute(sql)
+    return plans
+
+
 def test_plans_made_while_the_tables_were_small_are_made_again_as_they_grow(pg, pg_url):
     """A worker's statements are prepared: one plan for all parameters, sized on the tables as they
     were then.  Made while ``attempts`` was nearly empty, the usual step would scan every attempt
@@ -837,7 +848,8 @@ def test_plans_made_while_the_tables_were_small_are_made_again_as_they_grow(pg, 
     for _ in range(15):  # prepared at the 5th run; its own plan for each of the next 5, then one for all
         job, plan = step(job)
     assert "Seq Scan on attempts" in plan  # (the premise: so small a table is read whole)
-    db_rows(pg_url, "INSERT INTO attempts (job_id, n, started_at) SELECT 'x' || i, 1, 0 FROM generate_series(1, 20000) i")
+    db_rows(pg_url, "INSERT INTO attempts (job_id, n, started_at) "
+                    "SELECT 'x' || i, 1, 0 FROM generate_series(1, 20000) i")
     job, plan = step(job)
     assert "Seq Scan on attempts" in plan  # the same plan, until ...
     assert pg.conn.execute("SELECT generic_plans FROM pg_prepared_statements WHERE statement LIKE '%%claim_now%%'"
@@ -846,17 +858,6 @@ def test_plans_made_while_the_tables_were_small_are_made_again_as_they_grow(pg, 
         pg.get(job.id)
     job, plan = step(job)
     assert "Index Scan using attempts_pkey on attempts" in plan and "Seq Scan on attempts" not in plan
-
-
-def plans_of(store):
-    """The plans of the statements ``store`` runs from now on, as the server runs them (auto_explain,
-    sent to this session as notices)."""
-    plans = []
-    store.conn.add_notice_handler(lambda d: plans.append(d.message_primary or ""))
-    for sql in ("LOAD 'auto_explain'", "SET auto_explain.log_min_duration = 0",
-                "SET auto_explain.log_level = 'notice'", "SET auto_explain.log_nested_statements = on"):
-        store.conn.execute(sql)
-    return plans
 
 
 def test_no_statement_of_a_worker_or_of_the_dashboard_reads_a_whole_big_table(pg_url):
